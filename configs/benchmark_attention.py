@@ -1,0 +1,36 @@
+"""Attention benchmark: fwd+bwd time, peak memory and FLOPs per variant and size.
+
+  python -m experiments.benchmark_attention --config configs/benchmark_attention.py --workdir runs/bench
+  python -m experiments.benchmark_attention --config configs/benchmark_attention.py:quick --workdir /tmp/bench
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.variants = ("full", "full_chunked", "xla_baseline", "axial", "window",
+                     "window_shifted")
+  # 2D grids 16^2 .. 128^2 (256 .. 16384 tokens) and 3D grids 8^3, 16^3.
+  config.grids = ((16, 16), (32, 32), (64, 64), (128, 128), (8, 8, 8),
+                  (16, 16, 16))
+  config.batch_size = 4          # examples per call, ...
+  config.max_batch_tokens = 16384  # ... reduced so batch * tokens <= this
+  config.num_heads = 4
+  config.head_dim = 32
+  config.window_size = 8
+  config.chunk_size = 1024
+  config.dtype = "float32"
+  config.warmup = 1
+  config.repeats = 3
+  config.seed = 0
+  config.matmul_size = 2048
+  config.memory_budget_gb = 12.0  # rows above this XLA peak are reported as out_of_memory
+  if arg == "quick":
+    config.grids = ((8, 8), (16, 16), (4, 4, 4))
+    config.window_size = 4
+    config.chunk_size = 32
+    config.repeats = 1
+    config.matmul_size = 256
+  elif arg:
+    raise ValueError(f"unknown config variant {arg!r}; expected 'quick' or none")
+  return config

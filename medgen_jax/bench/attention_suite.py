@@ -1,0 +1,184 @@
+"""The attention benchmark: every variant at every size, one process, one run.
+
+Each row is forward+backward (gradients w.r.t. q, k and v) of one attention
+layer's core on `[batch, *grid, heads, head_dim]` inputs. Compile time, XLA's
+FLOP count and XLA's peak-memory estimate come from the same executable that is
+timed. A configuration whose peak memory would exceed the budget is reported as
+`out_of_memory` and never run.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medgen_jax import attention
+from medgen_jax.bench import timing
+
+VARIANTS = ("full", "full_chunked", "xla_baseline", "axial", "window",
+            "window_shifted")
+
+
+def _flat(x):
+  """[B, *grid, h, d] -> [B, N, h, d]."""
+  return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+def variant_fn(name: str, grid: tuple[int, ...], *, window_size: int,
+               chunk_size: int) -> Callable[..., jax.Array]:
+  """The attention core of variant `name` as f(q, k, v) -> out, same layout."""
+  if name == "full":
+    return lambda q, k, v: attention.full_attention(
+        _flat(q), _flat(k), _flat(v)).reshape(q.shape)
+  if name == "full_chunked":
+    return lambda q, k, v: attention.full_attention(
+        _flat(q), _flat(k), _flat(v), chunk_size=chunk_size).reshape(q.shape)
+  if name == "xla_baseline":
+    return lambda q, k, v: jax.nn.dot_product_attention(
+        _flat(q), _flat(k), _flat(v)).reshape(q.shape)
+  if name == "axial":
+    # An axial layer attends along every spatial axis in turn (rows, columns,
+    # and depth in 3D), so it is timed as that whole composition.
+    def axial(q, k, v):
+      out = q
+      for axis in range(len(grid)):
+        out = attention.axial_attention(out, k, v, axis=axis)
+      return out
+    return axial
+  window = tuple(min(window_size, g) for g in grid)
+  if name == "window":
+    return functools.partial(attention.window_attention, window_size=window)
+  if name == "window_shifted":
+    shift = tuple(w // 2 for w in window)
+    return functools.partial(attention.window_attention, window_size=window,
+                             shift=shift)
+  raise ValueError(f"unknown benchmark variant {name!r}; expected one of {VARIANTS}")
+
+
+def fwd_bwd(core: Callable[..., jax.Array]) -> Callable[..., Any]:
+  """Forward + backward of `core` with a fixed random cotangent."""
+  def loss(q, k, v, cotangent):
+    return jnp.sum(core(q, k, v).astype(jnp.float32) * cotangent)
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def batch_for(tokens: int, config) -> int:
+  return max(1, min(config.batch_size, config.max_batch_tokens // tokens))
+
+
+def run_row(name: str, grid: tuple[int, ...], config) -> dict[str, Any]:
+  tokens = math.prod(grid)
+  batch = batch_for(tokens, config)
+  shape = (batch, *grid, config.num_heads, config.head_dim)
+  row = dict(variant=name, grid=list(grid), tokens=tokens, batch=batch,
+             heads=config.num_heads, head_dim=config.head_dim)
+  try:
+    core = variant_fn(name, grid, window_size=config.window_size,
+                      chunk_size=config.chunk_size)
+  except ValueError as e:
+    return {**row, "status": "unsupported", "reason": str(e)}
+  keys = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+  dtype = jnp.dtype(config.dtype)
+  args = [jax.random.normal(k, shape, dtype) for k in keys[:3]]
+  args.append(jax.random.normal(keys[3], shape, jnp.float32))
+  try:
+    compiled, compile_s = timing.compile_fn(fwd_bwd(core), args)
+  except ValueError as e:  # e.g. a window that does not divide the grid
+    return {**row, "status": "unsupported", "reason": str(e)}
+  peak = timing.xla_peak_bytes(compiled)
+  row.update(compile_s=round(compile_s, 3), flops=timing.xla_flops(compiled),
+             peak_bytes=peak)
+  if peak is not None and peak > config.memory_budget_gb * 2**30:
+    return {**row, "status": "out_of_memory",
+            "reason": f"XLA peak {peak / 2**30:.1f} GiB > budget "
+                      f"{config.memory_budget_gb} GiB"}
+  times = timing.time_compiled(compiled, args, warmup=config.warmup,
+                               repeats=config.repeats)
+  row.update(status="ok", fwd_bwd_ms=round(float(np.median(times)), 3),
+             fwd_bwd_min_ms=round(min(times), 3))
+  if row["flops"]:
+    row["gflops_per_s"] = round(row["flops"] / (row["fwd_bwd_ms"] * 1e-3) / 1e9, 2)
+  return row
+
+
+def machine_description() -> dict[str, Any]:
+  return dict(backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()],
+              cpu_count=os.cpu_count(), platform=platform.platform(),
+              processor=platform.processor(), jax=jax.__version__)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  head = f"{'variant':<15}{'tokens':>7}{'batch':>6}{'fwd+bwd ms':>12}" \
+         f"{'peak MiB':>10}{'GFLOP':>9}{'GFLOP/s':>9}  status"
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    ms = f"{r['fwd_bwd_ms']:.1f}" if "fwd_bwd_ms" in r else "-"
+    peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "-"
+    gf = f"{r['flops'] / 1e9:.2f}" if r.get("flops") else "-"
+    rate = f"{r['gflops_per_s']:.1f}" if "gflops_per_s" in r else "-"
+    lines.append(f"{r['variant']:<15}{r['tokens']:>7}{r['batch']:>6}{ms:>12}"
+                 f"{peak:>10}{gf:>9}{rate:>9}  {r['status']}")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for name in VARIANTS:
+    ok = sorted((r for r in rows if r["variant"] == name and r["status"] == "ok"),
+                key=lambda r: r["tokens"])
+    if not ok:
+      continue
+    tokens = [r["tokens"] for r in ok]
+    axes[0].plot(tokens, [r["fwd_bwd_ms"] / r["batch"] for r in ok], "o-", label=name)
+    axes[1].plot(tokens, [r["peak_bytes"] / r["batch"] / 2**20 for r in ok], "o-",
+                 label=name)
+  for ax, label in zip(axes, ("fwd+bwd ms per example", "XLA peak MiB per example")):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run_benchmark(config, workdir: str) -> dict[str, Any]:
+  """Runs every (variant, grid) of `config`; writes results.json and plots."""
+  os.makedirs(workdir, exist_ok=True)
+  unknown = sorted(set(config.variants) - set(VARIANTS))
+  if unknown:
+    raise ValueError(f"unknown benchmark variants {unknown}; expected a subset "
+                     f"of {list(VARIANTS)}")
+  grids = [tuple(g) for g in config.grids]
+  results: dict[str, Any] = dict(machine=machine_description(),
+                                 config=config.to_dict())
+  results["matmul_gflops_per_s"] = round(
+      timing.matmul_gflops_per_s(config.matmul_size), 2)
+  rows = []
+  for grid in grids:
+    for name in config.variants:
+      rows.append(run_row(name, grid, config))
+      print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+  results["rows"] = rows
+  results.setdefault("train_step_mfu", None)
+  results.setdefault("swin_block_ms", None)
+  results.setdefault("torch_swin_block_ms", None)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  plot(rows, os.path.join(workdir, "attention_scaling.png"))
+  print(format_table(rows))
+  print(f"dense matmul roofline: {results['matmul_gflops_per_s']:.1f} GFLOP/s")
+  return results

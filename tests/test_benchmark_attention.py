@@ -1,0 +1,71 @@
+"""The attention benchmark runs end to end on its quick config and reports honestly."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import benchmark_attention as bench_config
+from medgen_jax import attention
+from medgen_jax.bench import attention_suite, timing
+
+
+def test_xla_flops_of_matmul_is_exact():
+  a = jnp.ones((64, 32))
+  b = jnp.ones((32, 16))
+  compiled, _ = timing.compile_fn(lambda x, y: x @ y, (a, b))
+  assert timing.xla_flops(compiled) == pytest.approx(2 * 64 * 32 * 16)
+
+
+@pytest.mark.parametrize("name", attention_suite.VARIANTS)
+def test_variant_core_matches_library(name):
+  # Every benchmarked core must compute the variant it is named after,
+  # otherwise the timings compare the wrong things.
+  grid = (8, 8)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q, k, v = (jax.random.normal(key, (1, *grid, 2, 8)) for key in keys)
+  core = attention_suite.variant_fn(name, grid, window_size=4, chunk_size=16)
+  flat = lambda x: x.reshape(1, -1, 2, 8)
+  if name in ("full", "full_chunked", "xla_baseline"):
+    ref = jax.nn.dot_product_attention(flat(q), flat(k), flat(v)).reshape(q.shape)
+  elif name == "axial":
+    ref = attention.axial_attention(attention.axial_attention(q, k, v, axis=0),
+                                    k, v, axis=1)
+  else:
+    ref = attention.window_attention(q, k, v, window_size=4,
+                                     shift=2 if name == "window_shifted" else 0)
+  np.testing.assert_allclose(core(q, k, v), ref, atol=1e-5)
+
+
+def test_quick_benchmark_writes_results(tmp_path):
+  config = bench_config.get_config("quick")
+  config.grids = ((8, 8),)
+  results = attention_suite.run_benchmark(config, str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+  assert {r["variant"] for r in saved["rows"]} == set(config.variants)
+  for row in saved["rows"]:
+    assert row["status"] == "ok", row
+    assert row["tokens"] == math.prod(row["grid"]) == 64
+    assert row["fwd_bwd_ms"] > 0 and row["peak_bytes"] > 0 and row["flops"] > 0
+  assert saved["matmul_gflops_per_s"] > 0
+  assert (tmp_path / "attention_scaling.png").stat().st_size > 0
+
+
+def test_memory_budget_reports_out_of_memory_without_running(tmp_path):
+  config = bench_config.get_config("quick")
+  config.grids = ((16, 16),)
+  config.variants = ("xla_baseline",)
+  config.memory_budget_gb = 1e-6
+  results = attention_suite.run_benchmark(config, str(tmp_path))
+  (row,) = results["rows"]
+  assert row["status"] == "out_of_memory" and "fwd_bwd_ms" not in row
+
+
+def test_unknown_variant_is_a_clear_error(tmp_path):
+  config = bench_config.get_config("quick")
+  config.variants = ("full", "flash_magic")
+  with pytest.raises(ValueError, match="flash_magic"):
+    attention_suite.run_benchmark(config, str(tmp_path))
