@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _check_features(name: str, x, min_samples: int = 1) -> np.ndarray:
+def check_features(name: str, x, min_samples: int = 1) -> np.ndarray:
+  """`x` as a finite numpy `[num_samples, dim]` array, or a ValueError naming it."""
   x = np.asarray(x)
   if x.ndim != 2:
     raise ValueError(f"{name} must be [num_samples, dim], got shape {x.shape}")
@@ -32,14 +33,15 @@ def _check_features(name: str, x, min_samples: int = 1) -> np.ndarray:
   return x
 
 
-def _check_same_dim(x: np.ndarray, y: np.ndarray) -> None:
+def check_same_dim(x: np.ndarray, y: np.ndarray) -> None:
+  """Raises a ValueError when two feature sets have different dims."""
   if x.shape[1] != y.shape[1]:
     raise ValueError(f"feature dims differ: {x.shape[1]} vs {y.shape[1]}")
 
 
 def gaussian_fit(features) -> tuple[np.ndarray, np.ndarray]:
   """Mean `[dim]` and unbiased covariance `[dim, dim]` (float64) of `[n, dim]`."""
-  x = _check_features("features", features, min_samples=2).astype(np.float64)
+  x = check_features("features", features, min_samples=2).astype(np.float64)
   return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
 
 
@@ -83,9 +85,9 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
 def frechet_distance(features1, features2) -> float:
   """Fréchet distance between Gaussian fits of `[n1, dim]` and `[n2, dim]`."""
-  x = _check_features("features1", features1, min_samples=2)
-  y = _check_features("features2", features2, min_samples=2)
-  _check_same_dim(x, y)
+  x = check_features("features1", features1, min_samples=2)
+  y = check_features("features2", features2, min_samples=2)
+  check_same_dim(x, y)
   return frechet_distance_from_stats(*gaussian_fit(x), *gaussian_fit(y))
 
 
@@ -122,9 +124,9 @@ def kernel_inception_distance(features1, features2, *, num_subsets: int = 100,
   Returns:
     (mean, std) of MMD^2 over subsets, python floats (unbiased: may be < 0).
   """
-  x = _check_features("features1", features1, min_samples=2)
-  y = _check_features("features2", features2, min_samples=2)
-  _check_same_dim(x, y)
+  x = check_features("features1", features1, min_samples=2)
+  y = check_features("features2", features2, min_samples=2)
+  check_same_dim(x, y)
   if num_subsets < 1:
     raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
   m = min(subset_size, x.shape[0], y.shape[0])
@@ -169,9 +171,9 @@ def nearest_neighbors(queries, reference, *, k: int = 1,
     distances `[num_queries, k]` ascending (float32) and indices
     `[num_queries, k]` (int) into `reference`.
   """
-  q = _check_features("queries", queries).astype(np.float32)
-  ref = _check_features("reference", reference).astype(np.float32)
-  _check_same_dim(q, ref)
+  q = check_features("queries", queries).astype(np.float32)
+  ref = check_features("reference", reference).astype(np.float32)
+  check_same_dim(q, ref)
   if not 1 <= k <= ref.shape[0]:
     raise ValueError(f"k must be in [1, {ref.shape[0]}] (reference size), got {k}")
   if chunk_size < 1:
@@ -193,9 +195,9 @@ def nearest_neighbors(queries, reference, *, k: int = 1,
 
 def pairwise_distances(x, y) -> np.ndarray:
   """Euclidean distances `[n, m]` between `[n, dim]` and `[m, dim]` (small sets)."""
-  x = _check_features("x", x).astype(np.float32)
-  y = _check_features("y", y).astype(np.float32)
-  _check_same_dim(x, y)
+  x = check_features("x", x).astype(np.float32)
+  y = check_features("y", y).astype(np.float32)
+  check_same_dim(x, y)
   sq = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :]
         - 2.0 * np.asarray(jnp.matmul(x, y.T, precision=jax.lax.Precision.HIGHEST)))
   return np.sqrt(np.clip(sq, 0.0, None))
