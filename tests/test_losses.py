@@ -1,0 +1,58 @@
+"""GAN losses and the R1 penalty against hand-computed values."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medgen_jax.train import losses
+
+
+def _softplus(x):
+  return math.log1p(math.exp(x))
+
+
+def test_nonsaturating_matches_hand_computed():
+  real, fake = jnp.array([2.0, -1.0]), jnp.array([0.5, -3.0])
+  # -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x).
+  want_d = (_softplus(-2.0) + _softplus(1.0)) / 2 + (_softplus(0.5) + _softplus(-3.0)) / 2
+  want_g = (_softplus(-0.5) + _softplus(3.0)) / 2
+  fns = losses.get_gan_loss("nonsaturating")
+  np.testing.assert_allclose(fns.d(real, fake), want_d, rtol=1e-6)
+  np.testing.assert_allclose(fns.g(fake), want_g, rtol=1e-6)
+
+
+def test_hinge_matches_hand_computed():
+  real, fake = jnp.array([2.0, 0.25]), jnp.array([-2.0, 0.5])
+  # relu(1 - real) = [0, 0.75]; relu(1 + fake) = [0, 1.5].
+  fns = losses.get_gan_loss("hinge")
+  np.testing.assert_allclose(fns.d(real, fake), 0.375 + 0.75, rtol=1e-6)
+  np.testing.assert_allclose(fns.g(fake), 0.75, rtol=1e-6)  # -mean(fake)
+
+
+def test_unknown_loss_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown loss.gan 'wgan'"):
+    losses.get_gan_loss("wgan")
+
+
+def test_r1_of_linear_discriminator_is_squared_weight_norm():
+  w = jnp.arange(12.0).reshape(2, 2, 3) / 10.0
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 3))
+  d_fn = lambda im: (jnp.sum(im * w, axis=(1, 2, 3)), "aux")
+  r1, logits, aux = losses.r1_penalty(d_fn, x)
+  np.testing.assert_allclose(r1, float(jnp.sum(w ** 2)), rtol=1e-6)
+  np.testing.assert_allclose(logits, jnp.sum(x * w, axis=(1, 2, 3)), rtol=1e-6)
+  assert aux == "aux"
+
+
+def test_r1_of_quadratic_discriminator_is_per_example():
+  # D(x) = sum(x^2) -> grad 2x, ||grad||^2 = 4 sum(x^2); mean over the batch.
+  x = jnp.array([[[[1.0]], [[2.0]]], [[[0.0]], [[3.0]]]])  # [2, 2, 1, 1]
+  r1, _, _ = losses.r1_penalty(lambda im: (jnp.sum(im ** 2, axis=(1, 2, 3)), None), x)
+  np.testing.assert_allclose(r1, (4 * 5 + 4 * 9) / 2, rtol=1e-6)
+
+
+def test_lazy_r1_weight_scales_by_interval():
+  assert losses.lazy_r1_weight(10.0, 16) == pytest.approx(80.0)
+  assert losses.lazy_r1_weight(1.0, 1) == pytest.approx(0.5)
