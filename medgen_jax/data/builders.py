@@ -1,0 +1,220 @@
+"""Shared machinery of the TFDS builders: config checks, naming, build().
+
+Each builder module (`builders_phantom`, `builders_folder`,
+`builders_medmnist`) exposes `plan(data_config) -> Plan`: everything needed to
+write the dataset, validated up front (bad input fails here, before TFDS
+creates any directory). `build(data_config)` turns a plan into array_record
+files under `data_dir/<name>/<config_name>/<version>` through TFDS's
+incomplete-directory mechanism (written to a temp dir, renamed on success), so a
+failed build never leaves a dataset that looks complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from medgen_jax.data.info import DatasetInfo
+
+SPLITS = ("train", "validation", "test")
+VERSION = "1.0.0"
+DEFAULT_DATA_DIR = os.path.join("~", ".cache", "medgen_jax", "tensorflow_datasets")
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 256
+
+log = logging.getLogger("medgen_jax.data")
+
+
+@dataclasses.dataclass
+class Plan:
+  """A validated description of one dataset build.
+
+  Attributes:
+    name: builder name ('ct_phantom', ...).
+    config_name: directory name of this configuration (a content hash: no
+      source path or subject name can appear in it).
+    features: TFDS FeaturesDict.
+    splits: split name -> zero-argument callable yielding (key, example).
+    info: medgen DatasetInfo of ALL stored channels (num_examples filled later).
+    summary: JSON-able facts for summary.json (no identifiers).
+  """
+  name: str
+  config_name: str
+  features: Any
+  splits: Mapping[str, Callable[[], Any]]
+  info: DatasetInfo
+  summary: dict[str, Any]
+
+
+def as_tuple(value) -> tuple:
+  """Accepts 'a,b', ('a', 'b') or a scalar (for command-line overrides)."""
+  if value is None:
+    return ()
+  if isinstance(value, str):
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+  if isinstance(value, (list, tuple)):
+    return tuple(value)
+  return (value,)
+
+
+def config_hash(fields: Mapping[str, Any]) -> str:
+  text = json.dumps(fields, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def data_dir(data_config) -> str:
+  return os.path.expanduser(data_config.get("data_dir") or DEFAULT_DATA_DIR)
+
+
+def validate_common(data_config) -> None:
+  """Checks shared by every builder; raises ValueError naming the field."""
+  builder_module(data_config.get("name"))
+  mode = data_config.get("mode", "2d")
+  if mode not in ("2d", "3d"):
+    raise ValueError(f"data.mode must be '2d' or '3d', got {mode!r}")
+  size = data_config.get("image_size", 64)
+  if not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+    raise ValueError(f"data.image_size must be an int in [{MIN_IMAGE_SIZE}, "
+                     f"{MAX_IMAGE_SIZE}], got {size!r}")
+  if mode == "3d":
+    depth = data_config.get("depth", 32)
+    if not isinstance(depth, int) or not 4 <= depth <= MAX_IMAGE_SIZE:
+      raise ValueError(f"data.depth must be an int in [4, {MAX_IMAGE_SIZE}] in 3d "
+                       f"mode, got {depth!r}")
+  lo, hi = as_tuple(data_config.get("ct_window", (-1000.0, 1000.0)))
+  if not float(lo) < float(hi):
+    raise ValueError(f"data.ct_window must be (lo, hi) with lo < hi, got {(lo, hi)}")
+  if not float(data_config.get("pet_max_suv", 10.0)) > 0:
+    raise ValueError("data.pet_max_suv must be > 0")
+
+
+BUILDER_MODULES = {"ct_phantom": "medgen_jax.data.builders_phantom",
+                   "medical_folder": "medgen_jax.data.builders_folder",
+                   "medmnist": "medgen_jax.data.builders_medmnist"}
+
+
+def builder_module(name: str):
+  """Registry lookup: builder name -> module with validate/config_name/plan."""
+  if name not in BUILDER_MODULES:
+    raise ValueError(f"data.name {name!r} unknown; expected one of "
+                     f"{sorted(BUILDER_MODULES)}")
+  return importlib.import_module(BUILDER_MODULES[name])
+
+
+def validate(data_config) -> None:
+  validate_common(data_config)
+  builder_module(data_config.name).validate(data_config)
+
+
+def builder_dir(data_config, config_name: str) -> str:
+  return os.path.join(data_dir(data_config), data_config.name, config_name, VERSION)
+
+
+def make_builder_class(name: str):
+  """A GeneratorBasedBuilder whose features and splits come from a Plan."""
+
+  class _Builder(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = []
+    # pylint: disable=protected-access
+
+    def __init__(self, *, plan: Plan, **kwargs):
+      self._plan = plan  # before super(): TFDS reads self.info while constructing.
+      super().__init__(config=tfds.core.BuilderConfig(name=plan.config_name),
+                       **kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, description=f"medgen_jax {name}",
+          features=self._plan.features,
+          metadata=tfds.core.MetadataDict(
+              medgen_info=self._plan.info.to_json(), summary=self._plan.summary))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # nothing is ever downloaded.
+      return {split: self._generate_examples(make)
+              for split, make in self._plan.splits.items()}
+
+    def _generate_examples(self, make):
+      yield from make()
+
+  _Builder.__name__ = "".join(p.title() for p in name.split("_"))
+  _Builder.name = name
+  return _Builder
+
+
+_BUILDER_CLASSES: dict[str, Any] = {}
+
+
+def _builder_class(name: str):
+  # TFDS registers builder classes by name: create each one only once.
+  if name not in _BUILDER_CLASSES:
+    _BUILDER_CLASSES[name] = make_builder_class(name)
+  return _BUILDER_CLASSES[name]
+
+
+def build(data_config, *, overwrite: bool = False) -> dict[str, Any]:
+  """Builds (if needed) the dataset `data_config` describes.
+
+  Returns:
+    The summary dict (splits with subjects/examples, shapes, intensity policy,
+    skipped files and why, builder_dir), also stored in the dataset metadata.
+  """
+  validate(data_config)
+  module = builder_module(data_config.name)
+  config_name = module.config_name(data_config)
+  path = builder_dir(data_config, config_name)
+  if overwrite or not os.path.exists(os.path.join(path, "dataset_info.json")):
+    plan = module.plan(data_config)
+    builder = _builder_class(data_config.name)(
+        plan=plan, data_dir=data_dir(data_config), file_format="array_record")
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(download_mode=mode))
+    log.info("built %s/%s", data_config.name, config_name)
+  return read_summary(path)
+
+
+def read_builder(path: str):
+  return tfds.builder_from_directory(path)
+
+
+def _metadata(path: str) -> dict[str, Any]:
+  with open(os.path.join(path, "metadata.json")) as f:
+    return json.load(f)
+
+
+def read_summary(path: str) -> dict[str, Any]:
+  builder = read_builder(path)
+  summary = dict(_metadata(path)["summary"])
+  summary["builder_dir"] = path
+  summary["num_examples"] = {s: int(v.num_examples)
+                             for s, v in builder.info.splits.items()}
+  return summary
+
+
+def read_info(path: str) -> DatasetInfo:
+  builder = read_builder(path)
+  info = DatasetInfo.from_json(_metadata(path)["medgen_info"])
+  counts = {s: int(v.num_examples) for s, v in builder.info.splits.items()}
+  return dataclasses.replace(info, num_examples=counts)
+
+
+def int64_id(opaque: str) -> int:
+  """An opaque hex id as a non-negative int64 (stored per example)."""
+  return int(opaque[:15], 16)
+
+
+def split_of(opaque: str, fractions) -> str:
+  """Deterministic subject-level split from the opaque id's hash."""
+  fractions = np.asarray(fractions, np.float64)
+  u = int(hashlib.sha256(f"split:{opaque}".encode()).hexdigest()[:13], 16) / 16**13
+  edges = np.cumsum(fractions / fractions.sum())
+  return SPLITS[int(np.searchsorted(edges, u, side="right"))]
