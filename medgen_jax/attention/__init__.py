@@ -1,0 +1,46 @@
+"""Attention library: pure variants, position encodings and linen layers.
+
+Layout everywhere: `[batch, *spatial, heads, head_dim]`, scores scaled by
+`1/sqrt(head_dim)`. Variants are chosen by name from `ATTENTION_VARIANTS`.
+"""
+from medgen_jax.attention.functional import (
+    ATTENTION_VARIANTS,
+    attention_weights,
+    axial_attention,
+    full_attention,
+    shifted_window_mask,
+    window_attention,
+    window_partition,
+    window_reverse,
+)
+from medgen_jax.attention.layers import (
+    CrossModalAttention,
+    Mlp,
+    MultiHeadAttention,
+    TransformerBlock,
+)
+from medgen_jax.attention.position import (
+    LearnedPositionEmbedding,
+    RelativePositionBias,
+    relative_position_index,
+    sinusoidal_position_encoding,
+)
+
+__all__ = [
+    "ATTENTION_VARIANTS",
+    "CrossModalAttention",
+    "LearnedPositionEmbedding",
+    "Mlp",
+    "MultiHeadAttention",
+    "RelativePositionBias",
+    "TransformerBlock",
+    "attention_weights",
+    "axial_attention",
+    "full_attention",
+    "relative_position_index",
+    "shifted_window_mask",
+    "sinusoidal_position_encoding",
+    "window_attention",
+    "window_partition",
+    "window_reverse",
+]

@@ -1,0 +1,273 @@
+"""Linen attention layers: projections around the pure attention variants.
+
+Modules own parameters only; the attention itself is a function from
+`ATTENTION_VARIANTS` with one signature, so adding a variant touches no layer.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medgen_jax.attention.functional import ATTENTION_VARIANTS, full_attention
+from medgen_jax.attention.position import RelativePositionBias
+from medgen_jax.conditioning import AttentionGate
+
+Array = jax.Array
+_WINDOWED = ("window", "window_shifted")
+
+
+def _window_tuple(window_size: int | Sequence[int], num: int) -> tuple[int, ...]:
+  if isinstance(window_size, int):
+    return (window_size,) * num
+  window = tuple(window_size)
+  if len(window) != num:
+    raise ValueError(f"window_size {window} needs one entry per spatial axis ({num})")
+  return window
+
+
+def resolve_shift(attention: str, window: Sequence[int],
+                  shift: int | Sequence[int] | None) -> tuple[int, ...]:
+  """Per-axis shift: explicit value, else window // 2 for 'window_shifted', else 0."""
+  if shift is None:
+    return tuple(w // 2 if attention == "window_shifted" else 0 for w in window)
+  return _window_tuple(shift, len(window))
+
+
+class MultiHeadAttention(nn.Module):
+  """Self- (or cross-) attention over `[batch, *spatial, channels]` tokens.
+
+  Attributes:
+    num_heads: heads; channels must be divisible by it.
+    attention: a key of `ATTENTION_VARIANTS`: 'full' (flattened grid), 'axial'
+      (every head attends along each spatial axis in turn and the per-axis
+      outputs are summed, so one layer sees the token's full row, column and,
+      in 3D, depth line), 'window' or 'window_shifted' (Swin).
+    window_size: int or per-axis window for the windowed variants.
+    shift: per-axis cyclic shift for windowed variants; None = window // 2 for
+      'window_shifted' and 0 for 'window'.
+    qk_norm: LayerNorm over head_dim on q and k (stabilises large logits).
+    chunk_size: memory-efficient blocks for 'full' / 'axial' (see `full_attention`).
+    use_relative_bias: learned Swin `RelativePositionBias` for windowed variants.
+    out_features: output channels (default: input channels).
+    dropout_rate: dropout on the output projection.
+    dtype: computation dtype; parameters stay `param_dtype`.
+  """
+  num_heads: int
+  attention: str = "full"
+  window_size: int | Sequence[int] = 8
+  shift: int | Sequence[int] | None = None
+  qk_norm: bool = False
+  chunk_size: int | Sequence[int] | None = None
+  use_relative_bias: bool = True
+  out_features: int | None = None
+  dropout_rate: float = 0.0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _check(self, x: Array, context: Array | None) -> None:
+    if self.attention not in ATTENTION_VARIANTS:
+      raise ValueError(f"unknown attention {self.attention!r}; valid names are "
+                       f"{sorted(ATTENTION_VARIANTS)}")
+    if x.ndim < 3:
+      raise ValueError(f"MultiHeadAttention expects x [batch, *spatial, channels]; "
+                       f"got shape {x.shape}")
+    if x.shape[-1] % self.num_heads:
+      raise ValueError(f"channels {x.shape[-1]} not divisible by num_heads {self.num_heads}")
+    spatial = x.shape[1:-1]
+    if self.attention != "full" and len(spatial) not in (2, 3):
+      raise ValueError(f"attention {self.attention!r} needs 2 or 3 spatial dims; "
+                       f"got x of shape {x.shape}")
+    if context is not None:
+      if self.attention != "full":
+        raise ValueError(f"context (cross-attention) needs attention='full'; "
+                         f"got {self.attention!r}")
+      if context.ndim != 3 or context.shape[0] != x.shape[0]:
+        raise ValueError(f"context must be [batch, tokens, channels] with batch "
+                         f"{x.shape[0]}; got shape {context.shape}")
+    if self.attention in _WINDOWED:
+      window = _window_tuple(self.window_size, len(spatial))
+      if any(w > s for w, s in zip(window, spatial)):
+        raise ValueError(f"window_size {window} is larger than the token grid {spatial}")
+      if any(s % w for w, s in zip(window, spatial)):
+        raise ValueError(f"token grid {spatial} is not divisible by window_size {window}")
+    elif self.shift not in (None, 0):
+      raise ValueError(f"shift={self.shift} only applies to windowed attention, not "
+                       f"{self.attention!r}")
+
+  @nn.compact
+  def __call__(self, x: Array, *, context: Array | None = None,
+               deterministic: bool) -> Array:
+    """x `[batch, *spatial, C]`, context `[batch, M, C_ctx]` or None -> `[batch, *spatial, C_out]`."""
+    self._check(x, context)
+    channels = x.shape[-1]
+    head_dim = channels // self.num_heads
+    dense = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+    source = x if context is None else context
+    q, k, v = dense("query")(x), dense("key")(source), dense("value")(source)
+    if self.qk_norm:
+      q = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
+      k = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
+    # Projected q/k are what attention maps are rendered from at inference.
+    self.sow("intermediates", "query", q)
+    self.sow("intermediates", "key", k)
+
+    if context is not None:
+      b = x.shape[0]
+      out = full_attention(q.reshape(b, -1, self.num_heads, head_dim), k, v,
+                           chunk_size=self.chunk_size).reshape(q.shape)
+    else:
+      bias, shift = None, None
+      if self.attention in _WINDOWED:
+        window = _window_tuple(self.window_size, x.ndim - 2)
+        shift = resolve_shift(self.attention, window, self.shift)
+        if self.use_relative_bias:
+          bias = RelativePositionBias(self.num_heads, window, name="relative_bias")()
+          bias = bias.astype(self.dtype)
+      out = ATTENTION_VARIANTS[self.attention](
+          q, k, v, window_size=self.window_size, shift=shift, bias=bias,
+          chunk_size=self.chunk_size)
+    out = nn.DenseGeneral(self.out_features or channels, axis=(-2, -1),
+                          use_bias=self.use_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="out")(out)
+    return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+
+
+class CrossModalAttention(nn.Module):
+  """Fuses two modalities: queries from x, keys/values from x and the context.
+
+  As in CT+PET fusion, each token of one modality attends over both token
+  sets. Missing context tokens (e.g. an absent PET scan) are masked out of the
+  softmax, never zero-filled.
+
+  Attributes mirror `MultiHeadAttention` (full attention only).
+  """
+  num_heads: int
+  qk_norm: bool = False
+  chunk_size: int | Sequence[int] | None = None
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context_tokens: Array, *,
+               context_mask: Array | None = None, deterministic: bool) -> Array:
+    """Args:
+      x: `[batch, *spatial, C]` (or `[batch, N, C]`) query-modality tokens.
+      context_tokens: `[batch, M, C]` other-modality tokens.
+      context_mask: bool `[batch, M]`, True where a context token is present.
+
+    Returns:
+      `[batch, *spatial, C]`.
+    """
+    if x.ndim < 3 or context_tokens.ndim != 3:
+      raise ValueError(f"CrossModalAttention expects x [batch, ..., C] and context_tokens "
+                       f"[batch, M, C]; got {x.shape} and {context_tokens.shape}")
+    b, c = x.shape[0], x.shape[-1]
+    if context_tokens.shape[0] != b or context_tokens.shape[-1] != c:
+      raise ValueError(f"context_tokens {context_tokens.shape} must match x {x.shape} in "
+                       f"batch and channels")
+    if context_mask is not None and context_mask.shape != context_tokens.shape[:2]:
+      raise ValueError(f"context_mask must be [batch, M] = {context_tokens.shape[:2]}; "
+                       f"got {context_mask.shape}")
+    if c % self.num_heads:
+      raise ValueError(f"channels {c} not divisible by num_heads {self.num_heads}")
+    head_dim = c // self.num_heads
+    tokens = x.reshape(b, -1, c)
+    both = jnp.concatenate([tokens, context_tokens.astype(tokens.dtype)], axis=1)
+    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name=name)
+    q, k, v = dense("query")(tokens), dense("key")(both), dense("value")(both)
+    if self.qk_norm:
+      q = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
+      k = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
+    self.sow("intermediates", "query", q)
+    self.sow("intermediates", "key", k)
+    mask = None
+    if context_mask is not None:
+      # x's own tokens are always visible, so no query row is ever fully masked.
+      keep = jnp.concatenate([jnp.ones(tokens.shape[:2], bool), context_mask.astype(bool)], 1)
+      mask = keep[:, None, None, :]
+    out = full_attention(q, k, v, mask=mask, chunk_size=self.chunk_size)
+    out = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="out")(out)
+    out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+    return out.reshape(x.shape[:-1] + (c,))
+
+
+class Mlp(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout, channels last."""
+  hidden: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    out_dim = x.shape[-1]
+    x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dense(out_dim, dtype=self.dtype)(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+def _modulate(x: Array, shift: Array, scale: Array) -> Array:
+  expand = lambda t: t.reshape((t.shape[0],) + (1,) * (x.ndim - 2) + (t.shape[-1],))
+  return x * (1.0 + expand(scale)) + expand(shift)
+
+
+def _gated(x: Array, gate: Array) -> Array:
+  return x * gate.reshape((gate.shape[0],) + (1,) * (x.ndim - 2) + (gate.shape[-1],))
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)).
+
+  With `cond` `[batch, D_cond]` the block is adaLN-Zero (DiT): the LayerNorms
+  lose their affine parameters and each branch is modulated and gated by an
+  `AttentionGate`; the gates start at zero, so a fresh block is the identity.
+
+  Attributes:
+    num_heads, attention, window_size, shift, qk_norm, chunk_size: see
+      `MultiHeadAttention` ('window_shifted' uses shift = window // 2).
+    mlp_ratio: MLP hidden width / channels.
+    dropout_rate: dropout in attention output and MLP.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention: str = "full"
+  window_size: int | Sequence[int] = 8
+  shift: int | Sequence[int] | None = None
+  dropout_rate: float = 0.0
+  qk_norm: bool = False
+  chunk_size: int | Sequence[int] | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array | None = None, *, deterministic: bool) -> Array:
+    """x `[batch, *spatial, C]`, cond `[batch, D_cond]` or None -> `[batch, *spatial, C]`."""
+    if cond is not None and (cond.ndim != 2 or cond.shape[0] != x.shape[0]):
+      raise ValueError(f"cond must be [batch, D_cond] with batch {x.shape[0]}; "
+                       f"got shape {cond.shape}")
+    channels = x.shape[-1]
+    affine = cond is None
+    norm = lambda name: nn.LayerNorm(use_scale=affine, use_bias=affine, dtype=self.dtype,
+                                     name=name)
+    attn = MultiHeadAttention(
+        self.num_heads, attention=self.attention, window_size=self.window_size,
+        shift=self.shift, qk_norm=self.qk_norm, chunk_size=self.chunk_size,
+        dropout_rate=self.dropout_rate, dtype=self.dtype, name="attention")
+    mlp = Mlp(int(round(self.mlp_ratio * channels)), self.dropout_rate, self.dtype, name="mlp")
+    if cond is None:
+      x = x + attn(norm("norm_attention")(x), deterministic=deterministic)
+      return x + mlp(norm("norm_mlp")(x), deterministic=deterministic)
+    shift, scale, gate = AttentionGate(channels, dtype=self.dtype, name="gate_attention")(cond)
+    h = _modulate(norm("norm_attention")(x), shift, scale)
+    x = x + _gated(attn(h, deterministic=deterministic), gate)
+    shift, scale, gate = AttentionGate(channels, dtype=self.dtype, name="gate_mlp")(cond)
+    h = _modulate(norm("norm_mlp")(x), shift, scale)
+    return x + _gated(mlp(h, deterministic=deterministic), gate)
