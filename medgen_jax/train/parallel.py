@@ -1,0 +1,202 @@
+"""Device layout: mesh, shardings and the jit / pmap / shard_map wrappers.
+
+This is the only module that knows about parallel modes. Every mode wraps the
+same pure `step.train_step`; the `Trainer` it returns hides the differences
+(state placement, batch layout, reading the state back) from the loop:
+
+- 'jit': state replicated as `NamedSharding(mesh, P())`, batch sharded on the
+  'data' mesh axis via the logical axis rules; XLA inserts the all-reduces.
+- 'pmap': state stacked on a leading device axis, batch reshaped to
+  `[devices, per_device, ...]`, `axis_name='data'`, explicit `lax.pmean`.
+- 'shard_map': `jax.shard_map` over the mesh with `P('data')` batch and `P()`
+  state, explicit `lax.pmean` over 'data'.
+
+The state is replicated (data parallelism); the 'seq' mesh axis is reserved for
+sequence-parallel attention and must be 1 outside 'jit'/'shard_map'.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from medgen_jax.data.info import DatasetInfo
+from medgen_jax.train import state as state_lib
+from medgen_jax.train import step as step_lib
+
+PARALLEL_MODES = ("jit", "pmap", "shard_map")
+MESH_AXES = ("data", "seq")
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed(parallel_config: Any) -> None:
+  """jax.distributed.initialize() when config.parallel.distributed (before any device use)."""
+  if not parallel_config.get("distributed", False):
+    return
+  # CPU collectives across processes need gloo; ignored by GPU/TPU backends.
+  # (Asking for the backend here would initialise it too early.)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if parallel_config.get("coordinator_address"):
+    kwargs = dict(coordinator_address=parallel_config.coordinator_address,
+                  num_processes=parallel_config.num_processes,
+                  process_id=parallel_config.process_id)
+  jax.distributed.initialize(**kwargs)  # no args: auto-detect on TPU pods / SLURM
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves -1 (all remaining devices) and checks the product equals num_devices."""
+  unknown = sorted(set(mesh_config) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"parallel.mesh has unknown axes {unknown}; expected {MESH_AXES}")
+  shape = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES}
+  rest = [a for a, n in shape.items() if n == -1]
+  if len(rest) > 1:
+    raise ValueError(f"parallel.mesh: at most one axis may be -1, got {shape}")
+  known = math.prod(n for n in shape.values() if n != -1)
+  if rest:
+    if known <= 0 or num_devices % known:
+      raise ValueError(f"parallel.mesh {shape}: {num_devices} devices cannot be split "
+                       f"with fixed axes of product {known}")
+    shape[rest[0]] = num_devices // known
+  if math.prod(shape.values()) != num_devices:
+    raise ValueError(f"parallel.mesh {shape}: product of mesh axes "
+                     f"{math.prod(shape.values())} != device count {num_devices}")
+  return shape
+
+
+def validate(parallel_config: Any, global_batch: int, num_devices: int) -> dict[str, int]:
+  """All parallel checks, before anything is compiled; returns the mesh shape."""
+  mode = parallel_config.mode
+  if mode not in PARALLEL_MODES:
+    raise ValueError(f"unknown parallel.mode {mode!r}; expected one of {PARALLEL_MODES}")
+  shape = mesh_shape(parallel_config.mesh, num_devices)
+  if mode == "pmap" and shape["seq"] != 1:
+    raise ValueError(f"parallel.mode 'pmap' is data parallel only: mesh.seq must be 1, "
+                     f"got {shape['seq']}")
+  if global_batch % shape[DATA_AXIS]:
+    raise ValueError(f"train.batch_size {global_batch} is not divisible by the "
+                     f"{shape[DATA_AXIS]} devices on the 'data' mesh axis")
+  if global_batch % jax.process_count():
+    raise ValueError(f"train.batch_size {global_batch} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  return shape
+
+
+def make_mesh(parallel_config: Any, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(parallel_config.mesh, len(devices))
+  grid = np.asarray(devices).reshape([shape[a] for a in MESH_AXES])
+  return Mesh(grid, MESH_AXES)
+
+
+def batch_partition_spec(parallel_config: Any) -> P:
+  """The batch's PartitionSpec from the logical axis rules ('batch' -> 'data')."""
+  rules = tuple(tuple(r) for r in parallel_config.get("logical_axis_rules",
+                                                      (("batch", DATA_AXIS),)))
+  return nn.logical_to_mesh_axes(("batch",), rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """A train step bound to a device layout.
+
+  Attributes:
+    mode: 'jit' | 'pmap' | 'shard_map'.
+    mesh: the device mesh.
+    init_state: () -> placed TrainState.
+    step: (placed state, placed batch) -> (placed state, metrics of scalars).
+    put_batch: process-local host batch (dict of `[local_batch, ...]` arrays) -> placed batch.
+    put_state: global TrainState (e.g. restored) -> placed state.
+    get_state: placed state -> global TrainState (for checkpoints and sampling).
+    state_sharding: NamedSharding tree for a global TrainState (restore target).
+    abstract_state: ShapeDtypeStruct tree of the TrainState.
+  """
+  mode: str
+  mesh: Mesh
+  init_state: Callable[[], Any]
+  step: Callable[[Any, Any], tuple[Any, dict]]
+  put_batch: Callable[[Mapping[str, np.ndarray]], Any]
+  put_state: Callable[[Any], Any]
+  get_state: Callable[[Any], Any]
+  state_sharding: Any
+  abstract_state: Any
+
+
+def build_trainer(config: Any, models: state_lib.Models, info: DatasetInfo,
+                  devices=None) -> Trainer:
+  """Mesh + shardings + the wrapped train step for config.parallel.mode."""
+  pcfg = config.parallel
+  devices = jax.devices() if devices is None else devices
+  validate(pcfg, config.train.batch_size, len(devices))
+  mesh = make_mesh(pcfg, devices)
+  init = state_lib.make_init_fn(models, info, latent_dim=config.model.latent_dim,
+                                seed=config.train.seed)
+  # Shapes first, then shardings, then a jitted init that lays the state out.
+  abstract = jax.eval_shape(init)
+  replicated = NamedSharding(mesh, P())
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  init_placed = jax.jit(init, out_shardings=state_sharding)
+  step = functools.partial(step_lib.train_step, models=models, config=config)
+  batch_sharding = NamedSharding(mesh, batch_partition_spec(pcfg))
+
+  def put_global_batch(batch):
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def put_state_named(state):
+    return jax.device_put(state, state_sharding)
+
+  if pcfg.mode == "jit":
+    jitted = jax.jit(lambda s, b: step(s, b, None, axis_name=None),
+                     in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, replicated), donate_argnums=0)
+    return Trainer("jit", mesh, init_placed, jitted, put_global_batch, put_state_named,
+                   lambda s: s, state_sharding, abstract)
+
+  if pcfg.mode == "shard_map":
+    mapped = jax.shard_map(lambda s, b: step(s, b, None, axis_name=DATA_AXIS), mesh=mesh,
+                           in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
+    jitted = jax.jit(mapped, donate_argnums=0)
+    return Trainer("shard_map", mesh, init_placed, jitted, put_global_batch,
+                   put_state_named, lambda s: s, state_sharding, abstract)
+
+  # pmap: one replica per local device; pmean spans all processes' devices.
+  local = jax.local_devices()
+  n_local = len(local)
+  pmapped = jax.pmap(lambda s, b: step(s, b, None, axis_name=DATA_AXIS),
+                     axis_name=DATA_AXIS, devices=local if jax.process_count() == 1 else None,
+                     donate_argnums=0)
+
+  def put_state_pmap(state):
+    host = jax.device_get(state)
+    return jax.tree.map(lambda x: _replicate(x, local), host)
+
+  def put_batch_pmap(batch):
+    return {k: np.asarray(v).reshape((n_local, -1) + np.shape(v)[1:]) for k, v in batch.items()}
+
+  def step_pmap(pstate, pbatch):
+    pstate, metrics = pmapped(pstate, pbatch)
+    return pstate, jax.tree.map(lambda m: m[0], metrics)
+
+  def get_state_pmap(pstate):
+    return jax.device_put(jax.tree.map(lambda x: x[0], pstate), state_sharding)
+
+  return Trainer("pmap", mesh, lambda: put_state_pmap(init_placed()), step_pmap,
+                 put_batch_pmap, put_state_pmap, get_state_pmap, state_sharding, abstract)
+
+
+def _replicate(x: np.ndarray, devices) -> jax.Array:
+  """A pmap-ready array: x stacked once per device, each slice on its device."""
+  x = np.asarray(x)
+  stacked_shape = (len(devices),) + x.shape
+  sharding = jax.sharding.PmapSharding.default(stacked_shape, 0, devices)
+  return jax.make_array_from_single_device_arrays(
+      stacked_shape, sharding, [jax.device_put(x[None], d) for d in devices])

@@ -1,0 +1,163 @@
+"""One pure GAN training step: a discriminator update, then a generator update.
+
+`train_step` knows nothing about devices. Bound with `functools.partial`, the
+same function runs under `jit` (global batch, `axis_name=None`) or under
+`pmap` / `shard_map` (per-device batch, `axis_name='data'`, gradients averaged
+with `lax.pmean`); see `medgen_jax.train.parallel`.
+
+Randomness is drawn for the *global* batch and sliced per device, so latent
+noise and augmentation of example i are the same in every parallel mode and
+the modes produce the same parameters. (Model-internal 'dropout' streams are
+folded with the device index instead, so those, e.g. condition dropout, match
+the single-device run only in distribution.)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from medgen_jax.train import augment as augment_lib
+from medgen_jax.train import ema as ema_lib
+from medgen_jax.train import losses
+from medgen_jax.train.state import Models, TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def _apply(module, params, model_state, *args, train: bool, rngs):
+  """module.apply that threads non-param collections (e.g. spectral norm stats)."""
+  variables = {"params": params, **model_state}
+  if train and model_state:
+    out, updates = module.apply(variables, *args, train=True, rngs=rngs,
+                                mutable=list(model_state))
+    return out, {**model_state, **updates}
+  return module.apply(variables, *args, train=train, rngs=rngs), model_state
+
+
+def _local_slice(tree: Any, axis_name: str | None, local_batch: int) -> Any:
+  """This device's rows of arrays drawn for the global batch (identity under jit)."""
+  if axis_name is None:
+    return tree
+  start = lax.axis_index(axis_name) * local_batch
+  return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, local_batch, axis=0), tree)
+
+
+def _device_key(key: jax.Array, axis_name: str | None) -> jax.Array:
+  return key if axis_name is None else jax.random.fold_in(key, lax.axis_index(axis_name))
+
+
+def _pmean(tree: Any, axis_name: str | None) -> Any:
+  if axis_name is None:
+    return tree
+  return jax.tree.map(
+      lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def conditions_of(batch: Batch) -> dict[str, jax.Array]:
+  """The condition entries of a batch: every entry except 'image'.
+
+  The loop keeps only 'image' and the DatasetInfo condition fields.
+  """
+  return {k: v for k, v in batch.items() if k != "image"}
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
+               models: Models, config: Any,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One D update (with lazy R1 on steps divisible by r1_every), one G update, EMA.
+
+  Args:
+    state: the current TrainState (replicated across devices).
+    batch: 'image' `[batch, *spatial, C]` in [-1, 1] plus condition arrays
+      `[batch]`; the per-device part under pmap/shard_map.
+    rng: step key; None uses fold_in(state.rng, state.step).
+    models: networks and optimisers (static).
+    config: the experiment ConfigDict (static; reads model.latent_dim and loss).
+    axis_name: mesh axis the batch is split over, or None under jit.
+
+  Returns:
+    (new state, metrics): scalar d_loss, g_loss, r1, d_real, d_fake,
+    d_grad_norm, g_grad_norm and bool is_finite.
+  """
+  lcfg = config.loss
+  gan = losses.get_gan_loss(lcfg.gan)
+  policy = lcfg.augment
+  if rng is None:
+    rng = jax.random.fold_in(state.rng, state.step)
+  real = batch["image"]
+  cond = conditions_of(batch)
+  local_b, spatial = real.shape[0], real.shape[1:-1]
+  global_b = local_b * (1 if axis_name is None else lax.axis_size(axis_name))
+  keys = jax.random.split(rng, 8)
+  G, D = models.generator, models.discriminator
+
+  # Global draws, then this device's rows: identical results in every mode.
+  z_d, z_g = (jax.random.normal(k, (global_b, config.model.latent_dim)) for k in keys[:2])
+  aug = [augment_lib.sample_params(k, policy, global_b, spatial) for k in keys[2:5]]
+  z_d, z_g, aug_real, aug_fake_d, aug_fake_g = _local_slice(
+      (z_d, z_g, *aug), axis_name, local_b)
+  drop_gd, drop_g, drop_d = (_device_key(k, axis_name) for k in keys[5:8])
+
+  # Discriminator update.
+  fake, g_state = _apply(G, state.g_params, state.g_state, z_d, cond, train=True,
+                         rngs={"dropout": drop_gd})
+  fake = lax.stop_gradient(fake)
+  real_aug = augment_lib.apply_params(real, aug_real, policy)
+  fake_aug = augment_lib.apply_params(fake, aug_fake_d, policy)
+  use_r1 = lcfg.r1_gamma > 0 and lcfg.r1_every > 0
+  r1_weight = losses.lazy_r1_weight(lcfg.r1_gamma, lcfg.r1_every) if use_r1 else 0.0
+
+  def d_objective(d_params, with_r1: bool):
+    def d_real(x):
+      return _apply(D, d_params, state.d_state, x, cond, train=True, rngs={"dropout": drop_d})
+    if with_r1:
+      r1, real_logits, d_state = losses.r1_penalty(d_real, real_aug)
+    else:
+      (real_logits, d_state), r1 = d_real(real_aug), jnp.zeros((), jnp.float32)
+    fake_logits, d_state = _apply(D, d_params, d_state, fake_aug, cond, train=True,
+                                  rngs={"dropout": drop_d})
+    loss = gan.d(real_logits, fake_logits)
+    aux = dict(d_loss=loss, r1=r1, d_real=jnp.mean(real_logits),
+               d_fake=jnp.mean(fake_logits))
+    return loss + r1_weight * r1, (aux, d_state)
+
+  def d_grads(with_r1: bool):
+    return jax.grad(d_objective, has_aux=True)(state.d_params, with_r1)
+
+  if use_r1:
+    d_grad, (d_metrics, d_state) = lax.cond(
+        state.step % lcfg.r1_every == 0, lambda: d_grads(True), lambda: d_grads(False))
+  else:
+    d_grad, (d_metrics, d_state) = d_grads(False)
+  d_grad, d_metrics, d_state = _pmean((d_grad, d_metrics, d_state), axis_name)
+  d_updates, d_opt_state = models.d_tx.update(d_grad, state.d_opt_state, state.d_params)
+  d_params = optax.apply_updates(state.d_params, d_updates)
+
+  # Generator update against the updated discriminator.
+  def g_objective(g_params):
+    fake, new_g_state = _apply(G, g_params, g_state, z_g, cond, train=True,
+                               rngs={"dropout": drop_g})
+    fake_aug = augment_lib.apply_params(fake, aug_fake_g, policy)
+    logits, new_d_state = _apply(D, d_params, d_state, fake_aug, cond, train=True,
+                                 rngs={"dropout": drop_d})
+    return gan.g(logits), (new_g_state, new_d_state)
+
+  (g_loss, (g_state, d_state)), g_grad = jax.value_and_grad(g_objective, has_aux=True)(
+      state.g_params)
+  g_grad, g_loss, g_state, d_state = _pmean((g_grad, g_loss, g_state, d_state), axis_name)
+  g_updates, g_opt_state = models.g_tx.update(g_grad, state.g_opt_state, state.g_params)
+  g_params = optax.apply_updates(state.g_params, g_updates)
+
+  metrics = dict(d_metrics, g_loss=g_loss, d_grad_norm=optax.global_norm(d_grad),
+                 g_grad_norm=optax.global_norm(g_grad))
+  metrics["is_finite"] = jnp.all(jnp.isfinite(jnp.stack(list(metrics.values()))))
+  new_state = state.replace(
+      step=state.step + 1, g_params=g_params, g_state=g_state, d_params=d_params,
+      d_state=d_state, ema_params=ema_lib.ema_update(state.ema_params, g_params,
+                                                     lcfg.ema_decay),
+      g_opt_state=g_opt_state, d_opt_state=d_opt_state)
+  return new_state, metrics
