@@ -53,13 +53,18 @@ class Plan:
 
 
 def as_tuple(value) -> tuple:
-  """Accepts 'a,b', ('a', 'b') or a scalar (for command-line overrides)."""
+  """Accepts 'a,b', ('a', 'b'), ('a,b',) or a scalar.
+
+  config_flags turns `--config.modalities=t1,t2` on a tuple field into
+  ('t1,t2',), so comma strings inside sequences are split as well.
+  """
   if value is None:
     return ()
   if isinstance(value, str):
     return tuple(v.strip() for v in value.split(",") if v.strip())
   if isinstance(value, (list, tuple)):
-    return tuple(value)
+    return tuple(x for v in value
+                 for x in (as_tuple(v) if isinstance(v, str) else (v,)))
   return (value,)
 
 

@@ -25,10 +25,10 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".npy", ".png", ".dcm")
 class BadFileError(ValueError):
   """An input file that cannot be read (corrupt, truncated, unsupported)."""
 
-  def __init__(self, path: str, problem: str):
-    super().__init__(f"{path}: {problem}")
+  def __init__(self, path: str, problem: str, detail: str = ""):
+    super().__init__(f"{path}: {problem}" + (f" ({detail})" if detail else ""))
     self.path = path
-    self.problem = problem
+    self.problem = problem  # never contains the path: safe for summaries.
 
 
 @dataclasses.dataclass
@@ -67,8 +67,8 @@ def read_nifti(path: str) -> Volume:
     img = nib.as_closest_canonical(nib.load(path))  # RAS+
     data = np.asarray(img.dataobj, dtype=np.float32)
   except Exception as e:  # nibabel raises many types for broken files.
-    raise BadFileError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})"
-                       ) from None
+    raise BadFileError(path, "not a readable NIfTI file",
+                       f"{type(e).__name__}: {e}") from None
   zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
   if data.ndim == 4 and data.shape[3] == 1:
     data = data[..., 0]
@@ -92,8 +92,8 @@ def read_dicom_series(paths: Sequence[str]) -> Volume:
       ds = pydicom.dcmread(path)
       pixels = ds.pixel_array.astype(np.float32)
     except Exception as e:  # truncated files raise from pydicom or numpy.
-      raise BadFileError(path, f"not a readable DICOM image ({type(e).__name__})"
-                         ) from None
+      raise BadFileError(path, "not a readable DICOM image",
+                         f"{type(e).__name__}: {e}") from None
     if pixels.ndim != 2:
       raise BadFileError(path, f"expected one 2D slice per file, got {pixels.shape}")
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
@@ -107,15 +107,15 @@ def read_dicom_series(paths: Sequence[str]) -> Volume:
     slices.append((float(position @ normal), pixels * slope + intercept, spacing, path))
   shapes = {s[1].shape for s in slices}
   if len(shapes) > 1:
-    raise BadFileError(os.path.dirname(paths[0]),
-                       f"DICOM series mixes slice shapes {sorted(shapes)}")
+    raise ValueError(f"{os.path.dirname(paths[0])}: DICOM series mixes slice "
+                     f"shapes {sorted(shapes)}; cannot stack it into a volume")
   slices.sort(key=lambda s: s[0])
   positions = np.array([s[0] for s in slices])
   if len(slices) > 1:
     steps = np.diff(positions)
     if np.any(steps <= 0):
-      raise BadFileError(os.path.dirname(paths[0]),
-                         "DICOM series has duplicate slice positions")
+      raise ValueError(f"{os.path.dirname(paths[0])}: DICOM series has duplicate "
+                       "slice positions (two series mixed in one folder?)")
     dz = float(np.median(steps))
   else:
     dz = 1.0
@@ -133,7 +133,7 @@ def read_png(path: str) -> Volume:
         img = img.convert("L")
       arr = np.asarray(img, np.float32)
   except Exception as e:
-    raise BadFileError(path, f"not a readable PNG ({type(e).__name__})") from None
+    raise BadFileError(path, "not a readable PNG", f"{type(e).__name__}: {e}") from None
   return Volume(arr[None], (1.0, 1.0, 1.0), is_2d=True)
 
 
@@ -141,8 +141,8 @@ def read_npy(path: str) -> Volume:
   try:
     arr = np.load(path, allow_pickle=False)
   except Exception as e:
-    raise BadFileError(path, f"not a readable .npy array ({type(e).__name__})"
-                       ) from None
+    raise BadFileError(path, "not a readable .npy array",
+                       f"{type(e).__name__}: {e}") from None
   if arr.ndim not in (2, 3) or not np.issubdtype(arr.dtype, np.number):
     raise BadFileError(path, f"expected a numeric [H, W] or [Z, H, W] array, got "
                        f"{arr.dtype} {arr.shape}")

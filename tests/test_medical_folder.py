@@ -1,0 +1,181 @@
+"""medical_folder builds from tiny NIfTI / DICOM / NPY folders the tests write."""
+import csv
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from configs import data_folder
+from medgen_jax import data
+from medgen_jax.data import builders, readers
+
+IDENTIFIERS = {"PatientName": "Doe^Jane", "PatientID": "MRN7781234",
+               "PatientBirthDate": "19510314", "AccessionNumber": "ACC99812",
+               "InstitutionName": "St Elsewhere Hospital",
+               "ReferringPhysicianName": "House^Gregory", "StudyID": "STUDY4471"}
+
+
+def write_nifti(path, zyx: np.ndarray, spacing=(2.0, 1.0, 1.0)):
+  """Writes a [Z, H, W] array (our reader's convention) as RAS NIfTI."""
+  xyz = np.transpose(zyx[:, ::-1, ::-1], (2, 1, 0))
+  affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+  nib.save(nib.Nifti1Image(xyz.astype(np.float32), affine), str(path))
+
+
+def write_dicom_series(folder, hu: np.ndarray, *, slope=1.0, intercept=-1024.0,
+                       tags=None, shuffle_names=True):
+  """Writes [Z, H, W] HU as one DICOM file per slice (file order scrambled)."""
+  os.makedirs(folder, exist_ok=True)
+  z = hu.shape[0]
+  order = np.random.default_rng(0).permutation(z) if shuffle_names else range(z)
+  for file_index, k in enumerate(order):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = os.path.join(folder, f"IM{file_index:04d}.dcm")
+    ds = FileDataset(path, {}, file_meta=meta, preamble=b"\0" * 128)
+    for key, value in (tags or {}).items():
+      setattr(ds, key, value)
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = hu.shape[1:]
+    ds.PixelSpacing = [0.8, 0.8]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0.0, 0.0, 2.5 * float(k)]
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    stored = np.round((hu[k] - intercept) / slope).astype(np.uint16)
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def ct_volume(seed, shape=(6, 20, 24)):
+  """A body-like block: -1000 HU air around a 40 HU box with a 600 HU core."""
+  rng = np.random.default_rng(seed)
+  v = np.full(shape, -1000.0, np.float32)
+  v[:, 4:-4, 4:-4] = 40.0
+  v[:, 8:12, 10:14] = 600.0
+  return v + rng.integers(-3, 4, shape)
+
+
+def folder_config(source, out, **overrides):
+  c = data_folder.get_config("quick")
+  c.source_dir, c.data_dir = str(source), str(out)
+  c.split_fractions = (0.6, 0.2, 0.2)
+  c.foreground_only = False
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_dicom_reader_sorts_slices_and_rescales(tmp_path):
+  hu = np.stack([np.full((4, 5), 100.0 * k - 500) for k in range(5)])
+  write_dicom_series(tmp_path / "s", hu, slope=2.0, intercept=-1024.0)
+  vol = readers.read_source(sorted(str(p) for p in (tmp_path / "s").iterdir()))
+  np.testing.assert_allclose(vol.array, hu)
+  assert vol.spacing_mm == (2.5, 0.8, 0.8)
+
+
+def test_nifti_reader_roundtrip_orientation(tmp_path):
+  v = np.random.default_rng(0).normal(size=(3, 5, 7)).astype(np.float32)
+  write_nifti(tmp_path / "a.nii.gz", v, spacing=(3.0, 1.5, 1.25))
+  vol = readers.read_source([str(tmp_path / "a.nii.gz")])
+  np.testing.assert_allclose(vol.array, v, rtol=1e-6)
+  assert vol.spacing_mm == (3.0, 1.5, 1.25)
+
+
+def test_flat_nifti_and_dicom_2d_with_labels(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  names = [f"sub{i:02d}" for i in range(6)]
+  for i, n in enumerate(names[:3]):
+    write_nifti(src / f"{n}.nii.gz", ct_volume(i))
+  for i, n in enumerate(names[3:]):
+    write_dicom_series(src / n, ct_volume(10 + i))
+  with open(tmp_path / "labels.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["subject", "diagnosis", "age"])
+    for i, n in enumerate(names):
+      w.writerow([n, ["healthy", "tumour"][i % 2], 30 + 10 * i])
+  c = folder_config(src, tmp_path / "out", labels_csv=str(tmp_path / "labels.csv"))
+  summary = data.build(c)
+  assert sum(summary["subjects"].values()) == 6
+  assert sum(summary["examples"].values()) == 6 * 6  # every slice kept.
+  info = data.load_info(c)
+  assert info.image_shape == (16, 16, 1)
+  assert [(f.name, f.kind) for f in info.conditions] == [
+      ("diagnosis", "categorical"), ("age", "continuous")]
+  assert info.condition("diagnosis").class_names == ("healthy", "tumour")
+  assert info.condition("age").value_range == (30.0, 80.0)
+  # Every stored example carries its own subject's labels, and the image
+  # round-trips to HU: the 600 HU core survives the resize.
+  ages, diagnoses = [], []
+  for split in summary["subjects"]:
+    arrays = data.load_arrays(c, split=split)
+    hu = info.to_physical(arrays["image"])
+    assert hu.min() == pytest.approx(-1000, abs=5) and hu.max() > 500
+    ages += list(arrays["age"])
+    diagnoses += list(arrays["diagnosis"])
+  expect = {30 + 10 * i: i % 2 for i in range(6)}
+  assert sorted(set(ages)) == sorted(expect)
+  for a, d in zip(ages, diagnoses):
+    assert expect[int(a)] == d
+
+
+def test_paired_modalities_3d_and_subject_split(tmp_path):
+  src = tmp_path / "src"
+  for i in range(5):
+    d = src / f"case{i}"
+    d.mkdir(parents=True)
+    t1 = np.zeros((10, 12, 12), np.float32)
+    t1[2:8, 3:9, 3:9] = 100.0 + 10.0 * np.arange(6)[:, None, None] + i
+    write_nifti(d / "t1.nii.gz", t1)
+    np.save(d / "t2.npy", 2 * t1)  # NPY channel on the same grid.
+  c = folder_config(src, tmp_path / "out", mode="3d", modalities=("t1,t2",))
+  summary = data.build(c)
+  info = data.load_info(c)
+  assert info.image_shape == (8, 16, 16, 2)
+  assert info.extra["intensity_policy"] == {"t1": "percentile", "t2": "percentile"}
+  subjects = {}
+  for split in summary["subjects"]:
+    it, _ = data.load_dataset(c, split=split, batch_size=1, seed=0, shuffle=False,
+                              num_epochs=1)
+    for batch in it:
+      # Percentile normalisation makes both channels identical here (t2 = 2 t1).
+      np.testing.assert_allclose(batch["image"][..., 0], batch["image"][..., 1],
+                                 atol=1e-5)
+      assert batch["image"].min() == -1.0 and batch["image"].max() > 0.5
+  # Splits are disjoint sets of subjects that cover every subject.
+  src_builder = builders.read_builder(summary["builder_dir"])
+  for split in summary["subjects"]:
+    ds = src_builder.as_data_source(split=split)
+    subjects[split] = {int(ds[i]["subject"]) for i in range(len(ds))}
+  all_ids = [s for v in subjects.values() for s in v]
+  assert len(all_ids) == len(set(all_ids)) == 5
+
+
+def test_build_dataset_cli_writes_summary(tmp_path):
+  import subprocess
+  import sys
+  src = tmp_path / "src"
+  src.mkdir()
+  for i in range(3):
+    write_nifti(src / f"p{i}.nii", ct_volume(i))
+  out = tmp_path / "out"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run(
+      [sys.executable, "-m", "experiments.build_dataset", "--config",
+       "configs/data_folder.py:quick", f"--config.source_dir={src}",
+       f"--config.data_dir={out}", "--config.mode=3d", "--config.modalities=ct"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["image_shape"] == [8, 16, 16, 1]
+  assert sum(summary["subjects"].values()) == 3
+  assert "HU" in summary["intensity_policy"]["ct"]
