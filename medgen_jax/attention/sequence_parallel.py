@@ -1,0 +1,406 @@
+"""Sequence (context) parallel attention with `shard_map`: ring and all-to-all.
+
+For volumes too large for one device the token axis is sharded over a `seq`
+mesh axis. Two exact schemes live here:
+
+* `ring_attention`: full attention. Each device keeps its query shard and
+  passes key/value blocks around the ring with `lax.ppermute`; after
+  `P = axis_size` hops every query has seen every key. Softmax is accumulated
+  online (running max, denominator and numerator in float32), so no device
+  ever holds more than one `[N/P, N/P]` block of logits. The backward pass is
+  a custom VJP that makes a second trip around the ring, recomputing each block
+  from the stored logsumexp, and carries dK/dV along with K/V so each ends up on
+  the device that owns it.
+* `all_to_all_axial_attention`: attention along one spatial axis. Along an axis
+  that is not sharded it is purely local. Along the sharded axis one
+  `lax.all_to_all` trades the sharding of that axis for a sharding of the heads
+  (or of another spatial axis), local axial attention runs on complete lines,
+  and a second `all_to_all` restores the layout.
+
+`ring_attention` / `all_to_all_axial_attention` are called inside `shard_map`
+on local shards; `sequence_parallel_full_attention` /
+`sequence_parallel_axial_attention` wrap them for global arrays and a `Mesh`.
+See docs/scaling.md for how these map onto a pod and what they cost.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from medgen_jax.attention.functional import axial_attention
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Ring attention (inside shard_map).
+# ---------------------------------------------------------------------------
+
+
+def _vma(x: Array) -> frozenset:
+  """Mesh axes along which `x` varies inside shard_map (empty outside / unchecked)."""
+  return frozenset(getattr(jax.typeof(x), "vma", frozenset()))
+
+
+def _match_vma(cotangent: Array, primal: Array) -> Array:
+  """Makes a hand-written cotangent vary over exactly the mesh axes its primal does.
+
+  A primal replicated over an axis (e.g. a bias shared by all data shards)
+  receives a contribution from every shard: its cotangent is their sum, which
+  is what autodiff's transpose of the implicit broadcast would give.
+  """
+  extra = tuple(sorted(_vma(cotangent) - _vma(primal), key=str))
+  if extra:
+    cotangent = lax.psum(cotangent, extra)
+  missing = tuple(sorted(_vma(primal) - _vma(cotangent), key=str))
+  if missing:
+    cotangent = lax.pcast(cotangent, missing, to="varying")
+  return cotangent
+
+
+def _ring_perm(size: int) -> list[tuple[int, int]]:
+  # Device i sends to i + 1, so after t hops device i holds block (i - t) % size.
+  return [(i, (i + 1) % size) for i in range(size)]
+
+
+def _block_logits(q, k_blk, bias, src, scale):
+  """float32 logits `[B, h, Nq, Mk]` of the local queries vs key block `src`."""
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k_blk, preferred_element_type=jnp.float32)
+  s = s * scale
+  if bias is not None:
+    if bias.shape[3] > 1:
+      block = k_blk.shape[2]
+      bias = lax.dynamic_slice_in_dim(bias, src * block, block, axis=3)
+    s = s + bias.astype(jnp.float32)
+  return s
+
+
+def _ring_forward(axis_name, q, k, v, bias):
+  """q/k/v `[B, h, N_local, d]` -> out `[B, h, N_local, d]` (q dtype), lse `[B, h, N_local]`."""
+  size = lax.axis_size(axis_name)
+  idx = lax.axis_index(axis_name)
+  perm = _ring_perm(size)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+
+  def attend(t, k_blk, v_blk, row_max, row_sum, acc):
+    s = _block_logits(q, k_blk, bias, (idx - t) % size, scale)
+    new_max = jnp.maximum(row_max, s.max(axis=-1))
+    p = jnp.exp(s - new_max[..., None])
+    correction = jnp.exp(row_max - new_max)
+    row_sum = correction * row_sum + p.sum(axis=-1)
+    acc = correction[..., None] * acc + jnp.einsum(
+        "bhqk,bhkd->bhqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+    return new_max, row_sum, acc
+
+  def hop(t, carry):
+    k_blk, v_blk, row_max, row_sum, acc = carry
+    row_max, row_sum, acc = attend(t, k_blk, v_blk, row_max, row_sum, acc)
+    # The next block's transfer does not depend on this block's maths, so XLA
+    # can overlap the two.
+    k_blk, v_blk = lax.ppermute((k_blk, v_blk), axis_name, perm)
+    return k_blk, v_blk, row_max, row_sum, acc
+
+  # Derived from q (not jnp.zeros) so the carry varies over q's mesh axes.
+  stats = jnp.zeros_like(q[..., 0], dtype=jnp.float32)
+  init = (k, v, stats - jnp.inf, stats, jnp.zeros_like(q, dtype=jnp.float32))
+  k_blk, v_blk, row_max, row_sum, acc = lax.fori_loop(0, size - 1, hop, init)
+  row_max, row_sum, acc = attend(size - 1, k_blk, v_blk, row_max, row_sum, acc)
+  out = (acc / row_sum[..., None]).astype(q.dtype)
+  return out, row_max + jnp.log(row_sum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(axis_name, q, k, v, bias):
+  return _ring_forward(axis_name, q, k, v, bias)[0]
+
+
+def _ring_fwd(axis_name, q, k, v, bias):
+  out, lse = _ring_forward(axis_name, q, k, v, bias)
+  return out, (q, k, v, bias, out, lse)
+
+
+def _ring_bwd(axis_name, res, dout):
+  """Second trip around the ring; dK/dV travel with K/V and arrive home at the end."""
+  q, k, v, bias, out, lse = res
+  size = lax.axis_size(axis_name)
+  idx = lax.axis_index(axis_name)
+  perm = _ring_perm(size)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+  def grads(t, k_blk, v_blk, dk_blk, dv_blk, dq, dbias):
+    src = (idx - t) % size
+    s = _block_logits(q, k_blk, bias, src, scale)
+    p = jnp.exp(s - lse[..., None])
+    dv_blk = dv_blk + jnp.einsum("bhqk,bhqd->bhkd", p.astype(dout.dtype), dout,
+                                 preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", dout, v_blk, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None])
+    if dbias is not None:
+      dbias = _accumulate_bias_grad(dbias, ds, src)
+    ds = ds * scale
+    dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k_blk.dtype), k_blk,
+                         preferred_element_type=jnp.float32)
+    dk_blk = dk_blk + jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), q,
+                                 preferred_element_type=jnp.float32)
+    return dk_blk, dv_blk, dq, dbias
+
+  def hop(t, carry):
+    k_blk, v_blk, dk_blk, dv_blk, dq, dbias = carry
+    dk_blk, dv_blk, dq, dbias = grads(t, k_blk, v_blk, dk_blk, dv_blk, dq, dbias)
+    k_blk, v_blk, dk_blk, dv_blk = lax.ppermute((k_blk, v_blk, dk_blk, dv_blk), axis_name, perm)
+    return k_blk, v_blk, dk_blk, dv_blk, dq, dbias
+
+  zeros_k = jnp.zeros_like(k, dtype=jnp.float32)
+  dbias0 = None if bias is None else jnp.zeros_like(bias, dtype=jnp.float32)
+  init = (k, v, zeros_k, zeros_k, jnp.zeros_like(q, dtype=jnp.float32), dbias0)
+  k_blk, v_blk, dk, dv, dq, dbias = lax.fori_loop(0, size - 1, hop, init)
+  dk, dv, dq, dbias = grads(size - 1, k_blk, v_blk, dk, dv, dq, dbias)
+  # After size - 1 hops the accumulators hold the block of device idx + 1: one
+  # more hop takes them home.
+  dk, dv = lax.ppermute((dk, dv), axis_name, perm)
+  cts = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+  cts = tuple(_match_vma(ct, x) for ct, x in zip(cts, (q, k, v)))
+  if dbias is not None:
+    dbias = _match_vma(dbias.astype(bias.dtype), bias)
+  return cts + (dbias,)
+
+
+def _accumulate_bias_grad(dbias: Array, ds: Array, src) -> Array:
+  """Adds dlogits of key block `src` into dbias, summing over its broadcast axes."""
+  sum_axes = tuple(a for a in range(4) if dbias.shape[a] == 1 and ds.shape[a] != 1)
+  contrib = ds.sum(axis=sum_axes, keepdims=True) if sum_axes else ds
+  if dbias.shape[3] == 1:
+    return dbias + contrib
+  start = src * ds.shape[3]
+  current = lax.dynamic_slice_in_dim(dbias, start, ds.shape[3], axis=3)
+  return lax.dynamic_update_slice_in_dim(dbias, current + contrib, start, axis=3)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
+                   bias: Array | None = None) -> Array:
+  """Exact full attention over a sequence sharded along mesh axis `axis_name`.
+
+  Call inside `shard_map`; every argument is this device's shard. Device i
+  holds the i-th contiguous slice of queries and keys. Values and gradients
+  equal those of unsharded softmax attention (scale `1/sqrt(head_dim)`).
+
+  Args:
+    q: `[batch, q_local, heads, head_dim]`.
+    k: `[batch, kv_local, heads, head_dim]` (kv_local may differ from q_local).
+    v: `[batch, kv_local, heads, head_dim]`.
+    axis_name: the mesh axis the token dimension is sharded over.
+    bias: optional, added to the scaled logits of this device's query rows
+      against ALL keys: broadcastable to `[batch, heads, q_local, kv_local * P]`
+      with P the size of `axis_name` (the key axis is 1 or global). Use a large
+      negative bias (not -inf) to mask.
+
+  Returns:
+    `[batch, q_local, heads, head_dim]` in q's dtype.
+  """
+  chex.assert_rank([q, k, v], 4)
+  if k.shape != v.shape:
+    raise ValueError(f"ring_attention: k and v shapes differ: {k.shape} vs {v.shape}")
+  if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"ring_attention: q {q.shape} and k {k.shape} must agree on "
+                     "batch, heads and head_dim")
+  b, n, h, _ = q.shape
+  if bias is not None:
+    kv_global = k.shape[1] * lax.axis_size(axis_name)
+    bias = jnp.asarray(bias)
+    if bias.ndim > 4:
+      raise ValueError(f"ring_attention: bias must have rank <= 4; got {bias.shape}")
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    for have, want in zip(bias.shape, (b, h, n, kv_global)):
+      if have not in (1, want):
+        raise ValueError(
+            f"ring_attention: bias of shape {bias.shape} does not broadcast to "
+            f"[batch, heads, q_local, kv_global] = {(b, h, n, kv_global)}")
+  to_heads_first = lambda x: x.transpose(0, 2, 1, 3)  # block products become batched matmuls
+  out = _ring(axis_name, to_heads_first(q), to_heads_first(k), to_heads_first(v), bias)
+  return to_heads_first(out)
+
+
+# ---------------------------------------------------------------------------
+# Axial attention over a sharded spatial axis (inside shard_map).
+# ---------------------------------------------------------------------------
+
+
+def _normalize_axis(axis: int, num: int, what: str) -> int:
+  if not -num <= axis < num:
+    raise ValueError(f"{what} {axis} out of range for {num} spatial dims")
+  return axis % num
+
+
+def _num_spatial(x: Array, name: str) -> int:
+  num = x.ndim - 3
+  if num not in (2, 3):
+    raise ValueError(f"{name} expects [batch, H, W, heads, head_dim] or "
+                     f"[batch, D, H, W, heads, head_dim]; got shape {x.shape}")
+  return num
+
+
+def _split_axis(q: Array, k: Array, sharded: int, size: int) -> int:
+  """Array axis to shard while the sharded spatial axis is gathered.
+
+  Heads first (attention is independent per head, and they keep every line
+  whole); otherwise any other spatial axis that P divides.
+  """
+  heads_axis = q.ndim - 2
+  if q.shape[heads_axis] % size == 0:
+    return heads_axis
+  for a in range(q.ndim - 3):
+    if a != sharded and q.shape[1 + a] % size == 0 and k.shape[1 + a] % size == 0:
+      return 1 + a
+  raise ValueError(
+      f"all_to_all_axial_attention: to gather spatial axis {sharded} over {size} "
+      f"devices, the heads ({q.shape[heads_axis]}) or another local spatial axis "
+      f"(shape {q.shape[1:-2]}) must be divisible by {size}")
+
+
+def all_to_all_axial_attention(q: Array, k: Array, v: Array, *, axis: int,
+                               axis_name: str, sharded_axis: int = 0,
+                               chunk_size: int | None = None) -> Array:
+  """Axial attention on spatial shards; all-to-all when attending along the sharded axis.
+
+  Call inside `shard_map`. The arrays are this device's contiguous slice of
+  spatial axis `sharded_axis`, sharded over mesh axis `axis_name`.
+
+  Args:
+    q, k, v: `[batch, *spatial_local, heads, head_dim]`, 2 or 3 spatial axes
+      (k/v may differ from q in length along `axis` only).
+    axis: spatial axis to attend along (0 = first spatial axis).
+    axis_name: mesh axis that shards spatial axis `sharded_axis`.
+    sharded_axis: which spatial axis is sharded.
+    chunk_size: forwarded to `axial_attention`.
+
+  Returns:
+    Same shape, dtype and sharding as q.
+  """
+  num = _num_spatial(q, "all_to_all_axial_attention")
+  axis = _normalize_axis(axis, num, "all_to_all_axial_attention: axis")
+  sharded_axis = _normalize_axis(sharded_axis, num, "all_to_all_axial_attention: sharded_axis")
+  size = lax.axis_size(axis_name)
+  if axis != sharded_axis or size == 1:
+    # Every line along `axis` is already whole on this device.
+    return axial_attention(q, k, v, axis=axis, chunk_size=chunk_size)
+  split = _split_axis(q, k, sharded_axis, size)
+  gathered = 1 + sharded_axis
+  # tiled all_to_all: chunk j of `split` goes to device j, and the received
+  # chunks are concatenated along `gathered` in device order, which is the
+  # global order of a contiguous sharding.
+  gather = lambda x: lax.all_to_all(x, axis_name, split, gathered, tiled=True)
+  out = axial_attention(gather(q), gather(k), gather(v), axis=axis, chunk_size=chunk_size)
+  return lax.all_to_all(out, axis_name, gathered, split, tiled=True)
+
+
+# ---------------------------------------------------------------------------
+# Wrappers over global arrays and a Mesh.
+# ---------------------------------------------------------------------------
+
+
+def _axis_size(mesh: Mesh, name: str | None, what: str) -> int:
+  if name is None:
+    return 1
+  if name not in mesh.shape:
+    raise ValueError(f"{what} {name!r} is not an axis of the mesh {dict(mesh.shape)}"
+                     + ("; pass batch_axis=None for no batch sharding" if what == "batch_axis" else ""))
+  return mesh.shape[name]
+
+
+def _check_divisible(length: int, size: int, what: str, axis_desc: str) -> None:
+  if length % size:
+    raise ValueError(f"{what}: {axis_desc} of length {length} is not divisible by "
+                     f"the {size} devices it is sharded over")
+
+
+def _place(x: Array, mesh: Mesh, spec: P) -> Array:
+  # JAX 0.10's shard_map checks that inputs already carry its in_specs.
+  return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh,
+                                     seq_axis: str = "seq",
+                                     batch_axis: str | None = "data",
+                                     bias: Array | None = None) -> Array:
+  """Full attention with tokens sharded over `seq_axis` (ring) and batch over `batch_axis`.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`.
+    k, v: `[batch, kv_len, heads, head_dim]`.
+    mesh: device mesh holding `seq_axis` (and `batch_axis` unless None).
+    seq_axis: mesh axis that shards q_len and kv_len.
+    batch_axis: mesh axis that shards batch, or None to replicate it.
+    bias: optional, broadcastable to `[batch, heads, q_len, kv_len]`; sharded
+      along its query axis.
+
+  Returns:
+    `[batch, q_len, heads, head_dim]`, sharded `P(batch_axis, seq_axis)`.
+  """
+  chex.assert_rank([q, k, v], 4)
+  name = "sequence_parallel_full_attention"
+  seq = _axis_size(mesh, seq_axis, "seq_axis")
+  data = _axis_size(mesh, batch_axis, "batch_axis")
+  _check_divisible(q.shape[0], data, name, "batch")
+  _check_divisible(q.shape[1], seq, name, "q tokens")
+  _check_divisible(k.shape[1], seq, name, "kv tokens")
+  spec = P(batch_axis, seq_axis)
+  args = [_place(x, mesh, spec) for x in (q, k, v)]
+  in_specs = [spec] * 3
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if bias.ndim > 4:
+      raise ValueError(f"{name}: bias must have rank <= 4; got {bias.shape}")
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    bias_spec = P(batch_axis if bias.shape[0] > 1 else None, None,
+                  seq_axis if bias.shape[2] > 1 else None, None)
+    args.append(_place(bias, mesh, bias_spec))
+    in_specs.append(bias_spec)
+  attend = lambda q, k, v, bias=None: ring_attention(q, k, v, axis_name=seq_axis, bias=bias)
+  return jax.shard_map(attend, mesh=mesh, in_specs=tuple(in_specs), out_specs=spec)(*args)
+
+
+def sequence_parallel_axial_attention(q: Array, k: Array, v: Array, *, axis: int, mesh: Mesh,
+                                      seq_axis: str = "seq", sharded_spatial_axis: int = 0,
+                                      batch_axis: str | None = "data",
+                                      chunk_size: int | None = None) -> Array:
+  """Axial attention with one spatial axis sharded over `seq_axis`.
+
+  Args:
+    q, k, v: `[batch, *spatial, heads, head_dim]`, 2 or 3 spatial axes.
+    axis: spatial axis to attend along (0 = first spatial axis).
+    mesh: device mesh holding `seq_axis` (and `batch_axis` unless None).
+    seq_axis: mesh axis that shards spatial axis `sharded_spatial_axis`.
+    sharded_spatial_axis: which spatial axis is sharded (0 = depth in 3D,
+      height in 2D).
+    batch_axis: mesh axis that shards batch, or None to replicate it.
+    chunk_size: forwarded to `axial_attention`.
+
+  Returns:
+    Same shape as q, sharded like the inputs:
+    `P(batch_axis, ..., seq_axis at the sharded spatial axis)`.
+  """
+  name = "sequence_parallel_axial_attention"
+  num = _num_spatial(q, name)
+  sharded = _normalize_axis(sharded_spatial_axis, num, f"{name}: sharded_spatial_axis")
+  _normalize_axis(axis, num, f"{name}: axis")
+  seq = _axis_size(mesh, seq_axis, "seq_axis")
+  data = _axis_size(mesh, batch_axis, "batch_axis")
+  _check_divisible(q.shape[0], data, name, "batch")
+  for x, what in ((q, "q"), (k, "k")):
+    _check_divisible(x.shape[1 + sharded], seq, name, f"{what} spatial axis {sharded}")
+  spec = P(batch_axis, *(seq_axis if a == sharded else None for a in range(sharded + 1)))
+  args = [_place(x, mesh, spec) for x in (q, k, v)]
+  attend = functools.partial(all_to_all_axial_attention, axis=axis, axis_name=seq_axis,
+                             sharded_axis=sharded, chunk_size=chunk_size)
+  return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(*args)
