@@ -151,6 +151,8 @@ def make_builder_class(name: str):
 
   _Builder.__name__ = "".join(p.title() for p in name.split("_"))
   _Builder.name = name
+  _Builder.MANUAL_DOWNLOAD_INSTRUCTIONS = getattr(
+      builder_module(name), "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   return _Builder
 
 

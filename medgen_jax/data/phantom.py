@@ -82,29 +82,36 @@ def _ellipse(x, y, cx, cy, a, b, rot=0.0):
   return (u / a) ** 2 + (v / b) ** 2 <= 1.0
 
 
-def _nodules(rng, lesion: int, anatomy, z_mm, spacing):
-  """Sphere centres/diameters inside a lung; centres snap to voxel centres."""
+def _nodules(rng, lesion: int, lungs: np.ndarray, sampling: tuple[float, ...]):
+  """Nodule voxel centres and diameters, each sphere wholly inside the lung.
+
+  Centres are drawn among lung voxels whose distance to the nearest non-lung
+  voxel exceeds the radius plus one voxel, so the rasterised sphere is never
+  cut by the pleura and its size matches the nominal diameter.
+
+  Args:
+    rng: generator.
+    lesion: class index (0 none, 1 small, 2 large).
+    lungs: bool [H, W] or [D, H, W] lung mask.
+    sampling: voxel spacing (mm) per axis of `lungs`.
+
+  Returns:
+    [(centre index tuple, diameter_mm)].
+  """
   if lesion == 0:
     return []
   count = 1 if lesion == 2 else int(rng.integers(1, 3))
   lo, hi = SMALL_DIAMETER_MM if lesion == 1 else LARGE_DIAMETER_MM
+  depth = ndimage.distance_transform_edt(lungs, sampling=sampling)
   out = []
   for _ in range(count):
     d = float(rng.uniform(lo, hi))
-    side = rng.choice((-1.0, 1.0))
-    la = anatomy["lung_a"] * anatomy["body_a"] * 0.8  # narrowest z.
-    lb = anatomy["lung_b"] * anatomy["body_b"] * 0.8
-    # Radial position leaving a margin of one radius + 2 voxels to the pleura.
-    margin = d / 2 + 2 * spacing
-    rad = np.sqrt(rng.uniform(0, 1)) * max(0.0, 1 - margin / min(la, lb))
-    ang = rng.uniform(0, 2 * np.pi)
-    cx = side * anatomy["lung_x"] * anatomy["body_a"] + rad * la * np.cos(ang)
-    cy = -0.05 * anatomy["body_b"] + rad * lb * np.sin(ang)
-    cz = z_mm[int(rng.integers(0, len(z_mm)))] if len(z_mm) > 1 else z_mm[0]
-    # Snap to the voxel grid so even a sub-voxel nodule covers its centre voxel.
-    cx = (np.floor(cx / spacing) + 0.5) * spacing
-    cy = (np.floor(cy / spacing) + 0.5) * spacing
-    out.append((cx, cy, float(cz), d))
+    room = depth > d / 2 + max(sampling)
+    if not room.any():  # lung too small here: the largest nodule that fits.
+      room = depth >= depth.max()
+      d = float(np.clip(2 * (depth.max() - max(sampling)), lo, d))
+    candidates = np.argwhere(room)
+    out.append((tuple(candidates[rng.integers(len(candidates))]), d))
   return out
 
 
@@ -220,9 +227,15 @@ def render(anatomy: dict[str, float], *, image_size: int, z_mm: np.ndarray,
     groups = list(enumerate(np.broadcast_to(lesion, z_mm.shape).tolist()))
   diameter = np.zeros(len(groups), np.float32)
   for g, (plane, les) in enumerate(groups):
-    zs = z_mm if plane is None else z_mm[plane:plane + 1]
-    for cx, cy, cz, d in _nodules(rng, les, a, zs, spacing):
+    if plane is None:
+      found = _nodules(rng, les, lungs, (z_spacing_mm, spacing, spacing))
+    else:
+      found = [((plane,) + c, d) for c, d in _nodules(rng, les, lungs[plane],
+                                                      (spacing, spacing))]
+    for (iz, iy, ix), d in found:
+      cx, cy = float(coords[ix]), float(coords[iy])
       if plane is None:
+        cz = float(z[iz, 0, 0])
         sphere = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= (d / 2) ** 2
       else:  # the nodule's equator lies on this plane.
         sphere = np.zeros_like(mask)
