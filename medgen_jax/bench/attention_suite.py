@@ -149,7 +149,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     ax.set_xlabel("tokens")
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
-  axes[0].legend(fontsize=8)
+  if axes[0].lines:
+    axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
