@@ -74,12 +74,14 @@ def auto_mesh(shape, names):
 
 def check_ring():
   rng = np.random.default_rng(0)
-  # data x seq, batch sharded too.
+  # data x seq, batch sharded too; the bias is shared by batch and heads, so
+  # its gradient sums over both and over the data shards.
   mesh = auto_mesh((2, 4), ("data", "seq"))
   q, k, v = (randn(rng, (2, 32, 2, 8)) for _ in range(3))
-  fn = lambda q, k, v: sp.sequence_parallel_full_attention(q, k, v, mesh=mesh)
-  check_same(fn, dense_attention, (q, k, v), expected_spec=P("data", "seq"),
-             label="ring data=2 seq=4")
+  bias = randn(rng, (1, 1, 32, 32))
+  fn = lambda q, k, v, b: sp.sequence_parallel_full_attention(q, k, v, mesh=mesh, bias=b)
+  check_same(fn, dense_attention, (q, k, v, bias), expected_spec=P("data", "seq"),
+             label="ring data=2 seq=4 + shared bias")
 
   # seq only, odd batch, cross-attention (kv_len != q_len) and a learned-style
   # bias shared across the batch whose gradient is checked as well.

@@ -46,7 +46,11 @@ Array = jax.Array
 
 def _vma(x: Array) -> frozenset:
   """Mesh axes along which `x` varies inside shard_map (empty outside / unchecked)."""
-  return frozenset(getattr(jax.typeof(x), "vma", frozenset()))
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # JAX 0.10: ManualAxisType(varying=...)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", frozenset()))  # earlier releases
 
 
 def _match_vma(cotangent: Array, primal: Array) -> Array:
@@ -63,6 +67,14 @@ def _match_vma(cotangent: Array, primal: Array) -> Array:
   if missing:
     cotangent = lax.pcast(cotangent, missing, to="varying")
   return cotangent
+
+
+def _vary_like(x: Array, *others: Array) -> Array:
+  """Makes `x` vary over every mesh axis that any of `others` varies over."""
+  missing = frozenset().union(*map(_vma, others)) - _vma(x)
+  if missing:
+    x = lax.pcast(x, tuple(sorted(missing, key=str)), to="varying")
+  return x
 
 
 def _ring_perm(size: int) -> list[tuple[int, int]]:
@@ -159,7 +171,10 @@ def _ring_bwd(axis_name, res, dout):
     return k_blk, v_blk, dk_blk, dv_blk, dq, dbias
 
   zeros_k = jnp.zeros_like(k, dtype=jnp.float32)
-  dbias0 = None if bias is None else jnp.zeros_like(bias, dtype=jnp.float32)
+  # dbias accumulates dlogits, which vary wherever q, k or dout do (e.g. over
+  # the data axis for a bias shared by all data shards).
+  dbias0 = (None if bias is None
+            else _vary_like(jnp.zeros_like(bias, dtype=jnp.float32), q, k, v, dout))
   init = (k, v, zeros_k, zeros_k, jnp.zeros_like(q, dtype=jnp.float32), dbias0)
   k_blk, v_blk, dk, dv, dq, dbias = lax.fori_loop(0, size - 1, hop, init)
   dk, dv, dq, dbias = grads(size - 1, k_blk, v_blk, dk, dv, dq, dbias)
