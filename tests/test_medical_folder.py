@@ -179,3 +179,113 @@ def test_build_dataset_cli_writes_summary(tmp_path):
   assert summary["image_shape"] == [8, 16, 16, 1]
   assert sum(summary["subjects"].values()) == 3
   assert "HU" in summary["intensity_policy"]["ct"]
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def _no_complete_dataset(out):
+  """Nothing under `out` looks like a finished dataset."""
+  for _, _, files in os.walk(out):
+    assert "dataset_info.json" not in files
+
+
+def _flat_nifti(src, n=4, start=0):
+  src.mkdir(parents=True, exist_ok=True)
+  for i in range(start, start + n):
+    write_nifti(src / f"s{i}.nii.gz", ct_volume(i))
+
+
+def test_empty_folder_fails(tmp_path):
+  (tmp_path / "src").mkdir()
+  (tmp_path / "src" / "notes.txt").write_text("nothing here")
+  with pytest.raises(ValueError, match="no subjects found"):
+    data.build(folder_config(tmp_path / "src", tmp_path / "out"))
+  _no_complete_dataset(tmp_path / "out")
+
+
+def test_missing_source_dir_fails(tmp_path):
+  with pytest.raises(ValueError, match="is not a directory"):
+    data.build(folder_config(tmp_path / "nope", tmp_path / "out"))
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+  src = tmp_path / "src"
+  _flat_nifti(src, 4)
+  good = (src / "s0.nii.gz").read_bytes()
+  (src / "s1.nii.gz").write_bytes(good[: len(good) // 2])  # truncated.
+  write_dicom_series(src / "dcm", ct_volume(7))
+  first = sorted((src / "dcm").iterdir())[0]
+  first.write_bytes(first.read_bytes()[:200])  # truncated DICOM.
+  summary = data.build(folder_config(src, tmp_path / "out"))
+  assert sum(summary["subjects"].values()) == 3
+  assert summary["skipped_counts"] == {"not a readable NIfTI file": 1,
+                                       "not a readable DICOM image": 1}
+  assert {s["subject"] for s in summary["skipped"]} == {
+      readers.opaque_id("s1", data_folder.get_config().id_salt),
+      readers.opaque_id("dcm", data_folder.get_config().id_salt)}
+
+
+def test_all_corrupt_fails(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "a.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+  with pytest.raises(ValueError, match="every subject was skipped"):
+    data.build(folder_config(src, tmp_path / "out"))
+  _no_complete_dataset(tmp_path / "out")
+
+
+def test_nan_voxels_fail_naming_the_file(tmp_path):
+  src = tmp_path / "src"
+  _flat_nifti(src, 3)
+  v = ct_volume(5)
+  v[2, 3, 3] = np.nan
+  v[1, 1, 1] = np.inf
+  write_nifti(src / "s9.nii.gz", v)
+  with pytest.raises(ValueError, match=r"s9\.nii\.gz: 2 NaN/inf voxels"):
+    data.build(folder_config(src, tmp_path / "out"))
+  _no_complete_dataset(tmp_path / "out")
+
+
+def test_unalignable_shapes_fail(tmp_path):
+  src = tmp_path / "src"
+  (src / "a").mkdir(parents=True)
+  write_nifti(src / "a" / "t1.nii.gz", ct_volume(0, (6, 20, 24)))
+  write_nifti(src / "a" / "t2.nii.gz", ct_volume(0, (6, 20, 20)))
+  with pytest.raises(ValueError, match="paired modalities have different shapes"):
+    data.build(folder_config(src, tmp_path / "out", modalities=("t1", "t2")))
+  _no_complete_dataset(tmp_path / "out")
+  # A DICOM series mixing slice sizes cannot be stacked.
+  src2 = tmp_path / "src2"
+  write_dicom_series(src2 / "p", ct_volume(0, (3, 8, 8)))
+  write_dicom_series(src2 / "p" / "..", ct_volume(0, (1, 8, 10)), shuffle_names=False)
+  os.rename(src2 / "IM0000.dcm", src2 / "p" / "IM9999.dcm")
+  with pytest.raises(ValueError, match="mixes slice shapes"):
+    data.build(folder_config(src2, tmp_path / "out2"))
+  # A 2D PNG cannot become a 3D volume.
+  from PIL import Image
+  src3 = tmp_path / "src3"
+  src3.mkdir()
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(src3 / "x.png")
+  with pytest.raises(ValueError, match=r"x\.png: a 2D image cannot be resampled"):
+    data.build(folder_config(src3, tmp_path / "out3", mode="3d"))
+
+
+def test_csv_unknown_subjects_fail(tmp_path):
+  src = tmp_path / "src"
+  _flat_nifti(src, 3)
+  (tmp_path / "l.csv").write_text("subject,age\ns0,40\ns1,50\nghost,60\n")
+  with pytest.raises(ValueError, match=r"l\.csv: 1 row\(s\) name subjects not found"):
+    data.build(folder_config(src, tmp_path / "out", labels_csv=str(tmp_path / "l.csv")))
+  _no_complete_dataset(tmp_path / "out")
+
+
+def test_csv_unseen_class_fails(tmp_path):
+  src = tmp_path / "src"
+  _flat_nifti(src, 3)
+  (tmp_path / "l.csv").write_text("subject,dx\ns0,healthy\ns1,tumour\ns2,other\n")
+  c = folder_config(src, tmp_path / "out", labels_csv=str(tmp_path / "l.csv"))
+  c.class_names = {"dx": "healthy,tumour"}
+  with pytest.raises(ValueError, match=r"l\.csv:4: column 'dx' value 'other'"):
+    data.build(c)
+  _no_complete_dataset(tmp_path / "out")
