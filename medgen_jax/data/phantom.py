@@ -76,6 +76,8 @@ def sample_anatomy(rng: np.random.Generator) -> dict[str, float]:
 
 def _ellipse(x, y, cx, cy, a, b, rot=0.0):
   """Boolean ellipse mask; arguments broadcast over [Z, H, W]."""
+  if rot == 0.0:  # the common axis-aligned case, without the rotation.
+    return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1.0
   c, s = np.cos(rot), np.sin(rot)
   u = (x - cx) * c + (y - cy) * s
   v = -(x - cx) * s + (y - cy) * c
@@ -173,14 +175,20 @@ def render(anatomy: dict[str, float], *, image_size: int, z_mm: np.ndarray,
   # Ribs: short bony ellipses on the chest-wall ring whose angles drift with z.
   ring_a = ba - a["fat"] - 0.5 * a["muscle"]
   ring_b = bb - a["fat"] - 0.5 * a["muscle"]
-  theta = (a["rib_phase"] + np.arange(10)[:, None, None, None] * 2 * np.pi / 10
-           + z / 60.0)  # [rib, Z, 1, 1]
+  # Only voxels near the ring can be rib: evaluate the 10 rib ellipses there.
+  band = (_ellipse(x, y, 0, 0, ring_a + 8.0, ring_b + 8.0)
+          & ~_ellipse(x, y, 0, 0, ring_a - 8.0, ring_b - 8.0))
+  iz, iy, ix = np.nonzero(band)
+  theta = (a["rib_phase"] + np.arange(10)[:, None] * 2 * np.pi / 10
+           + z_mm[iz][None, :] / 60.0)  # [rib, band voxels]
   c, s = np.cos(theta), np.sin(theta)
-  dx, dy = x - ring_a * c, y - ring_b * s
+  dx, dy = coords[ix] - ring_a[iz, 0, 0] * c, coords[iy] - ring_b[iz, 0, 0] * s
   u, v = (dx * c + dy * s) ** 2, (dy * c - dx * s) ** 2
   visible = np.abs(s) > 0.3  # no ribs right at the sternum or the spine.
-  ribs = ((u / 49.0 + v / 20.25 <= 1) & visible).any(0)
-  rib_marrow = ((u / 16.0 + v / 4.0 <= 1) & visible).any(0)
+  ribs = np.zeros(band.shape, bool)
+  rib_marrow = np.zeros(band.shape, bool)
+  ribs[iz, iy, ix] = ((u / 49.0 + v / 20.25 <= 1) & visible).any(0)
+  rib_marrow[iz, iy, ix] = ((u / 16.0 + v / 4.0 <= 1) & visible).any(0)
   lungs &= chest & ~heart & ~aorta & ~spine & ~ribs
 
   tissue = np.zeros(body.shape, np.uint8)
