@@ -79,12 +79,14 @@ def check_ring():
   mesh = auto_mesh((2, 4), ("data", "seq"))
   q, k, v = (randn(rng, (2, 32, 2, 8)) for _ in range(3))
   bias = randn(rng, (1, 1, 32, 32))
-  fn = lambda q, k, v, b: sp.sequence_parallel_full_attention(q, k, v, mesh=mesh, bias=b)
+  # 8 local queries in chunks of 4: two inner steps per hop.
+  fn = lambda q, k, v, b: sp.sequence_parallel_full_attention(q, k, v, mesh=mesh, bias=b,
+                                                              chunk_size=4)
   check_same(fn, dense_attention, (q, k, v, bias), expected_spec=P("data", "seq"),
-             label="ring data=2 seq=4 + shared bias")
+             label="ring data=2 seq=4 + shared bias, chunk 4")
 
-  # seq only, odd batch, cross-attention (kv_len != q_len) and a learned-style
-  # bias shared across the batch whose gradient is checked as well.
+  # seq only, odd batch, cross-attention (kv_len != q_len) and a per-head bias
+  # shared across the batch, unchunked.
   mesh = auto_mesh((8,), ("seq",))
   q = randn(rng, (3, 32, 2, 8))
   k, v = randn(rng, (3, 16, 2, 8)), randn(rng, (3, 16, 2, 8))
@@ -145,6 +147,9 @@ def check_errors():
       x, x, x, mesh=mesh, batch_axis=None), "not divisible")
   expect_value_error(lambda: sp.sequence_parallel_full_attention(
       x, x, x, mesh=mesh), "batch_axis=None")
+  z = jnp.zeros((1, 24, 2, 4))  # 3 local queries per device
+  expect_value_error(lambda: sp.sequence_parallel_full_attention(
+      z, z, z, mesh=mesh, batch_axis=None, chunk_size=2), "positive divisor")
   # 3 heads and spatial sizes 8, 4: nothing else splits 8 ways.
   y = jnp.zeros((1, 8, 4, 3, 4))
   expect_value_error(lambda: sp.sequence_parallel_axial_attention(

@@ -82,8 +82,15 @@ def _ring_perm(size: int) -> list[tuple[int, int]]:
   return [(i, (i + 1) % size) for i in range(size)]
 
 
+def _rows(x: Array | None, start, size: int) -> Array | None:
+  """Query rows [start, start + size) of a `[B, h, N, ...]` array (all of a broadcast one)."""
+  if x is None or x.shape[2] == 1:
+    return x
+  return lax.dynamic_slice_in_dim(x, start, size, axis=2)
+
+
 def _block_logits(q, k_blk, bias, src, scale):
-  """float32 logits `[B, h, Nq, Mk]` of the local queries vs key block `src`."""
+  """float32 logits `[B, h, Nq, Mk]` of queries `q` vs key block `src` (bias rows pre-sliced)."""
   s = jnp.einsum("bhqd,bhkd->bhqk", q, k_blk, preferred_element_type=jnp.float32)
   s = s * scale
   if bias is not None:
@@ -94,90 +101,112 @@ def _block_logits(q, k_blk, bias, src, scale):
   return s
 
 
-def _ring_forward(axis_name, q, k, v, bias):
-  """q/k/v `[B, h, N_local, d]` -> out `[B, h, N_local, d]` (q dtype), lse `[B, h, N_local]`."""
+def _ring_forward(axis_name, q_chunk, q, k, v, bias):
+  """q/k/v `[B, h, N_local, d]` -> out `[B, h, N_local, d]` (q dtype), lse `[B, h, N_local]`.
+
+  Per hop, queries are processed `q_chunk` rows at a time, so at most
+  `[B, h, q_chunk, kv_local]` logits are live.
+  """
   size = lax.axis_size(axis_name)
   idx = lax.axis_index(axis_name)
   perm = _ring_perm(size)
   scale = 1.0 / math.sqrt(q.shape[-1])
+  num_chunks = q.shape[2] // q_chunk
 
-  def attend(t, k_blk, v_blk, row_max, row_sum, acc):
-    s = _block_logits(q, k_blk, bias, (idx - t) % size, scale)
-    new_max = jnp.maximum(row_max, s.max(axis=-1))
-    p = jnp.exp(s - new_max[..., None])
-    correction = jnp.exp(row_max - new_max)
-    row_sum = correction * row_sum + p.sum(axis=-1)
-    acc = correction[..., None] * acc + jnp.einsum(
-        "bhqk,bhkd->bhqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
-    return new_max, row_sum, acc
+  def attend(t, k_blk, v_blk, state):
+    src = (idx - t) % size
+
+    def chunk(i, state):
+      start = i * q_chunk
+      row_max, row_sum, acc = (_rows(x, start, q_chunk) for x in state)
+      s = _block_logits(_rows(q, start, q_chunk), k_blk, _rows(bias, start, q_chunk), src, scale)
+      new_max = jnp.maximum(row_max, s.max(axis=-1))
+      p = jnp.exp(s - new_max[..., None])
+      correction = jnp.exp(row_max - new_max)
+      row_sum = correction * row_sum + p.sum(axis=-1)
+      acc = correction[..., None] * acc + jnp.einsum(
+          "bhqk,bhkd->bhqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+      return tuple(lax.dynamic_update_slice_in_dim(whole, part, start, axis=2)
+                   for whole, part in zip(state, (new_max, row_sum, acc)))
+
+    return lax.fori_loop(0, num_chunks, chunk, state)
 
   def hop(t, carry):
-    k_blk, v_blk, row_max, row_sum, acc = carry
-    row_max, row_sum, acc = attend(t, k_blk, v_blk, row_max, row_sum, acc)
+    k_blk, v_blk, state = carry
+    state = attend(t, k_blk, v_blk, state)
     # The next block's transfer does not depend on this block's maths, so XLA
     # can overlap the two.
     k_blk, v_blk = lax.ppermute((k_blk, v_blk), axis_name, perm)
-    return k_blk, v_blk, row_max, row_sum, acc
+    return k_blk, v_blk, state
 
   # Derived from q (not jnp.zeros) so the carry varies over q's mesh axes.
   stats = jnp.zeros_like(q[..., 0], dtype=jnp.float32)
-  init = (k, v, stats - jnp.inf, stats, jnp.zeros_like(q, dtype=jnp.float32))
-  k_blk, v_blk, row_max, row_sum, acc = lax.fori_loop(0, size - 1, hop, init)
-  row_max, row_sum, acc = attend(size - 1, k_blk, v_blk, row_max, row_sum, acc)
+  state = (stats - jnp.inf, stats, jnp.zeros_like(q, dtype=jnp.float32))
+  k_blk, v_blk, state = lax.fori_loop(0, size - 1, hop, (k, v, state))
+  row_max, row_sum, acc = attend(size - 1, k_blk, v_blk, state)
   out = (acc / row_sum[..., None]).astype(q.dtype)
   return out, row_max + jnp.log(row_sum)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(axis_name, q, k, v, bias):
-  return _ring_forward(axis_name, q, k, v, bias)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring(axis_name, q_chunk, q, k, v, bias):
+  return _ring_forward(axis_name, q_chunk, q, k, v, bias)[0]
 
 
-def _ring_fwd(axis_name, q, k, v, bias):
-  out, lse = _ring_forward(axis_name, q, k, v, bias)
+def _ring_fwd(axis_name, q_chunk, q, k, v, bias):
+  out, lse = _ring_forward(axis_name, q_chunk, q, k, v, bias)
   return out, (q, k, v, bias, out, lse)
 
 
-def _ring_bwd(axis_name, res, dout):
+def _ring_bwd(axis_name, q_chunk, res, dout):
   """Second trip around the ring; dK/dV travel with K/V and arrive home at the end."""
   q, k, v, bias, out, lse = res
   size = lax.axis_size(axis_name)
   idx = lax.axis_index(axis_name)
   perm = _ring_perm(size)
   scale = 1.0 / math.sqrt(q.shape[-1])
+  num_chunks = q.shape[2] // q_chunk
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
-  def grads(t, k_blk, v_blk, dk_blk, dv_blk, dq, dbias):
+  def grads(t, k_blk, v_blk, acc):
     src = (idx - t) % size
-    s = _block_logits(q, k_blk, bias, src, scale)
-    p = jnp.exp(s - lse[..., None])
-    dv_blk = dv_blk + jnp.einsum("bhqk,bhqd->bhkd", p.astype(dout.dtype), dout,
-                                 preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", dout, v_blk, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[..., None])
-    if dbias is not None:
-      dbias = _accumulate_bias_grad(dbias, ds, src)
-    ds = ds * scale
-    dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k_blk.dtype), k_blk,
-                         preferred_element_type=jnp.float32)
-    dk_blk = dk_blk + jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), q,
-                                 preferred_element_type=jnp.float32)
-    return dk_blk, dv_blk, dq, dbias
+
+    def chunk(i, acc):
+      dk_blk, dv_blk, dq, dbias = acc
+      start = i * q_chunk
+      qi, doi = _rows(q, start, q_chunk), _rows(dout, start, q_chunk)
+      s = _block_logits(qi, k_blk, _rows(bias, start, q_chunk), src, scale)
+      p = jnp.exp(s - _rows(lse, start, q_chunk)[..., None])
+      dv_blk = dv_blk + jnp.einsum("bhqk,bhqd->bhkd", p.astype(doi.dtype), doi,
+                                   preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bhqd,bhkd->bhqk", doi, v_blk, preferred_element_type=jnp.float32)
+      ds = p * (dp - _rows(delta, start, q_chunk)[..., None])
+      if dbias is not None:
+        dbias = _accumulate_bias_grad(dbias, ds, start, src * k_blk.shape[2])
+      ds = ds * scale
+      dq_i = _rows(dq, start, q_chunk) + jnp.einsum(
+          "bhqk,bhkd->bhqd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=jnp.float32)
+      dq = lax.dynamic_update_slice_in_dim(dq, dq_i, start, axis=2)
+      dk_blk = dk_blk + jnp.einsum("bhqk,bhqd->bhkd", ds.astype(qi.dtype), qi,
+                                   preferred_element_type=jnp.float32)
+      return dk_blk, dv_blk, dq, dbias
+
+    return lax.fori_loop(0, num_chunks, chunk, acc)
 
   def hop(t, carry):
-    k_blk, v_blk, dk_blk, dv_blk, dq, dbias = carry
-    dk_blk, dv_blk, dq, dbias = grads(t, k_blk, v_blk, dk_blk, dv_blk, dq, dbias)
+    k_blk, v_blk, (dk_blk, dv_blk, dq, dbias) = carry
+    dk_blk, dv_blk, dq, dbias = grads(t, k_blk, v_blk, (dk_blk, dv_blk, dq, dbias))
     k_blk, v_blk, dk_blk, dv_blk = lax.ppermute((k_blk, v_blk, dk_blk, dv_blk), axis_name, perm)
-    return k_blk, v_blk, dk_blk, dv_blk, dq, dbias
+    return k_blk, v_blk, (dk_blk, dv_blk, dq, dbias)
 
   zeros_k = jnp.zeros_like(k, dtype=jnp.float32)
   # dbias accumulates dlogits, which vary wherever q, k or dout do (e.g. over
   # the data axis for a bias shared by all data shards).
   dbias0 = (None if bias is None
             else _vary_like(jnp.zeros_like(bias, dtype=jnp.float32), q, k, v, dout))
-  init = (k, v, zeros_k, zeros_k, jnp.zeros_like(q, dtype=jnp.float32), dbias0)
-  k_blk, v_blk, dk, dv, dq, dbias = lax.fori_loop(0, size - 1, hop, init)
-  dk, dv, dq, dbias = grads(size - 1, k_blk, v_blk, dk, dv, dq, dbias)
+  acc = (zeros_k, zeros_k, jnp.zeros_like(q, dtype=jnp.float32), dbias0)
+  k_blk, v_blk, acc = lax.fori_loop(0, size - 1, hop, (k, v, acc))
+  dk, dv, dq, dbias = grads(size - 1, k_blk, v_blk, acc)
   # After size - 1 hops the accumulators hold the block of device idx + 1: one
   # more hop takes them home.
   dk, dv = lax.ppermute((dk, dv), axis_name, perm)
@@ -188,22 +217,20 @@ def _ring_bwd(axis_name, res, dout):
   return cts + (dbias,)
 
 
-def _accumulate_bias_grad(dbias: Array, ds: Array, src) -> Array:
-  """Adds dlogits of key block `src` into dbias, summing over its broadcast axes."""
+def _accumulate_bias_grad(dbias: Array, ds: Array, q_start, k_start) -> Array:
+  """Adds the dlogits block at (q_start, k_start) into dbias, summing over broadcast axes."""
   sum_axes = tuple(a for a in range(4) if dbias.shape[a] == 1 and ds.shape[a] != 1)
   contrib = ds.sum(axis=sum_axes, keepdims=True) if sum_axes else ds
-  if dbias.shape[3] == 1:
-    return dbias + contrib
-  start = src * ds.shape[3]
-  current = lax.dynamic_slice_in_dim(dbias, start, ds.shape[3], axis=3)
-  return lax.dynamic_update_slice_in_dim(dbias, current + contrib, start, axis=3)
+  start = (0, 0, q_start if dbias.shape[2] > 1 else 0, k_start if dbias.shape[3] > 1 else 0)
+  current = lax.dynamic_slice(dbias, start, contrib.shape)
+  return lax.dynamic_update_slice(dbias, current + contrib, start)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
-                   bias: Array | None = None) -> Array:
+                   bias: Array | None = None, chunk_size: int | None = None) -> Array:
   """Exact full attention over a sequence sharded along mesh axis `axis_name`.
 
   Call inside `shard_map`; every argument is this device's shard. Device i
@@ -219,6 +246,9 @@ def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
       against ALL keys: broadcastable to `[batch, heads, q_local, kv_local * P]`
       with P the size of `axis_name` (the key axis is 1 or global). Use a large
       negative bias (not -inf) to mask.
+    chunk_size: queries per inner step (must divide q_local); None = all of
+      them. Each hop materialises `[batch, heads, chunk_size, kv_local]`
+      float32 logits, so large shards need a chunk (e.g. 512-2048).
 
   Returns:
     `[batch, q_local, heads, head_dim]` in q's dtype.
@@ -230,6 +260,10 @@ def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
     raise ValueError(f"ring_attention: q {q.shape} and k {k.shape} must agree on "
                      "batch, heads and head_dim")
   b, n, h, _ = q.shape
+  q_chunk = n if chunk_size is None else int(chunk_size)
+  if q_chunk < 1 or n % q_chunk:
+    raise ValueError(f"ring_attention: chunk_size {chunk_size} must be a positive divisor "
+                     f"of the local query length {n}")
   if bias is not None:
     kv_global = k.shape[1] * lax.axis_size(axis_name)
     bias = jnp.asarray(bias)
@@ -242,7 +276,7 @@ def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
             f"ring_attention: bias of shape {bias.shape} does not broadcast to "
             f"[batch, heads, q_local, kv_global] = {(b, h, n, kv_global)}")
   to_heads_first = lambda x: x.transpose(0, 2, 1, 3)  # block products become batched matmuls
-  out = _ring(axis_name, to_heads_first(q), to_heads_first(k), to_heads_first(v), bias)
+  out = _ring(axis_name, q_chunk, to_heads_first(q), to_heads_first(k), to_heads_first(v), bias)
   return to_heads_first(out)
 
 
@@ -347,7 +381,8 @@ def _place(x: Array, mesh: Mesh, spec: P) -> Array:
 def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh,
                                      seq_axis: str = "seq",
                                      batch_axis: str | None = "data",
-                                     bias: Array | None = None) -> Array:
+                                     bias: Array | None = None,
+                                     chunk_size: int | None = None) -> Array:
   """Full attention with tokens sharded over `seq_axis` (ring) and batch over `batch_axis`.
 
   Args:
@@ -358,6 +393,7 @@ def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh
     batch_axis: mesh axis that shards batch, or None to replicate it.
     bias: optional, broadcastable to `[batch, heads, q_len, kv_len]`; sharded
       along its query axis.
+    chunk_size: queries per inner step of each hop (see `ring_attention`).
 
   Returns:
     `[batch, q_len, heads, head_dim]`, sharded `P(batch_axis, seq_axis)`.
@@ -381,7 +417,8 @@ def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh
                   seq_axis if bias.shape[2] > 1 else None, None)
     args.append(_place(bias, mesh, bias_spec))
     in_specs.append(bias_spec)
-  attend = lambda q, k, v, bias=None: ring_attention(q, k, v, axis_name=seq_axis, bias=bias)
+  attend = lambda q, k, v, bias=None: ring_attention(q, k, v, axis_name=seq_axis, bias=bias,
+                                                     chunk_size=chunk_size)
   return jax.shard_map(attend, mesh=mesh, in_specs=tuple(in_specs), out_specs=spec)(*args)
 
 
