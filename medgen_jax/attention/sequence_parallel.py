@@ -413,6 +413,10 @@ def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh
     if bias.ndim > 4:
       raise ValueError(f"{name}: bias must have rank <= 4; got {bias.shape}")
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    target = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    if any(have not in (1, want) for have, want in zip(bias.shape, target)):
+      raise ValueError(f"{name}: bias of shape {bias.shape} does not broadcast to "
+                       f"[batch, heads, q_len, kv_len] = {target}")
     bias_spec = P(batch_axis if bias.shape[0] > 1 else None, None,
                   seq_axis if bias.shape[2] > 1 else None, None)
     args.append(_place(bias, mesh, bias_spec))
