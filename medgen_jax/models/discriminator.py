@@ -1,0 +1,171 @@
+"""ResNet discriminator with projection conditioning (Miyato & Koyama, 2018).
+
+logit(x, y) = w . phi(x) + sum_f <embed_f(y_f), phi(x)> + sum_g c_g <v_g, phi(x)>
+
+phi(x) are the pooled features of a downsampling residual CNN, f runs over
+categorical conditions (embed_f a learned table) and g over continuous ones
+(c_g the value rescaled to [-1, 1]). An unknown condition (-1 / NaN)
+contributes nothing, so the discriminator falls back to unconditional.
+
+Spectral normalisation (flax `nn.SpectralNorm`) keeps its power-iteration
+vectors `u` and `sigma` in the 'batch_stats' collection. The training step
+must call `D.apply({'params': p, 'batch_stats': s}, x, c, train=True,
+mutable=['batch_stats'])` and keep the returned 'batch_stats'; with
+`train=False` the stored estimate is used and nothing changes. Gradients do
+not flow through the power iteration (flax stops them).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medgen_jax.data.info import CATEGORICAL, ConditionField
+from medgen_jax.models.layers import conv
+from medgen_jax.models.variants import parse_dtype
+
+Dtype = Any
+
+_MIN_SIDE = 4  # downsample until the smallest axis is this long
+_MAX_MULT = 8  # widths d_width * 2**i, capped at d_width * _MAX_MULT
+
+
+def _avg_pool(x: jnp.ndarray) -> jnp.ndarray:
+  ndim = x.ndim - 2
+  return nn.avg_pool(x, (2,) * ndim, (2,) * ndim)
+
+
+class _Wrap(nn.Module):
+  """Applies `layer`, spectrally normalised when `spectral_norm`."""
+  layer: nn.Module
+  spectral_norm: bool
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    if self.spectral_norm:
+      return nn.SpectralNorm(self.layer)(x, update_stats=train)
+    return self.layer(x)
+
+
+class DBlock(nn.Module):
+  """Pre-activation residual block that halves every spatial axis.
+
+  Attributes:
+    features: output channels.
+    first: the input block (no activation before the first conv, as in
+      SNGAN's optimized block: the raw image is not rectified).
+    downsample: average-pool x2 at the end.
+    spectral_norm: wrap every conv in `nn.SpectralNorm`.
+    dtype: compute dtype.
+  """
+  features: int
+  first: bool = False
+  downsample: bool = True
+  spectral_norm: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """x: [B, *spatial, C] -> [B, *spatial / 2, features]."""
+    ndim = x.ndim - 2
+    sn = lambda layer: _Wrap(layer, self.spectral_norm)
+    h = x if self.first else nn.leaky_relu(x, 0.2)
+    h = sn(conv(self.features, ndim, dtype=self.dtype))(h, train=train)
+    h = nn.leaky_relu(h, 0.2)
+    h = sn(conv(self.features, ndim, dtype=self.dtype))(h, train=train)
+    if self.downsample:
+      h = _avg_pool(h)
+      # Pool before the 1x1 conv: the same linear map at 1/2**ndim the cost.
+      x = _avg_pool(x)
+    if x.shape[-1] != self.features:
+      x = sn(conv(self.features, ndim, 1, dtype=self.dtype))(x, train=train)
+    return x + h
+
+
+class ResNetDiscriminator(nn.Module):
+  """Downsampling residual CNN -> one logit per image, projection-conditioned.
+
+  Attributes:
+    conditions: condition fields (from `DatasetInfo.conditions`).
+    width: channels of the first block; doubles per downsampling up to
+      8x.
+    spectral_norm: spectral normalisation of every weight ('batch_stats').
+    dtype: compute dtype (params stay float32; the logit is float32).
+  """
+  conditions: tuple[ConditionField, ...] = ()
+  width: int = 32
+  spectral_norm: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, conditions: Mapping[str, jnp.ndarray],
+               *, train: bool) -> jnp.ndarray:
+    """Scores images.
+
+    Args:
+      images: [B, *spatial, C] in [-1, 1], 2 or 3 spatial dims.
+      conditions: name -> [B]; int32 class (-1 unknown) or float32 value
+        (NaN unknown), one entry per field in `self.conditions`.
+      train: update the spectral-norm power iteration ('batch_stats').
+
+    Returns:
+      logits [B], float32.
+    """
+    chex.assert_rank(images, {4, 5})
+    missing = [f.name for f in self.conditions if f.name not in conditions]
+    if missing:
+      raise ValueError(f"discriminator: conditions {missing} missing; got "
+                       f"{sorted(conditions)}")
+    spatial = images.shape[1:-1]
+    num_down = max(0, (min(spatial) // _MIN_SIDE).bit_length() - 1)
+    x = images.astype(self.dtype)
+    for i in range(num_down):
+      x = DBlock(self.width * min(2 ** i, _MAX_MULT), first=i == 0,
+                 spectral_norm=self.spectral_norm, dtype=self.dtype)(x, train=train)
+    x = DBlock(self.width * min(2 ** num_down, _MAX_MULT), first=num_down == 0,
+               downsample=False, spectral_norm=self.spectral_norm,
+               dtype=self.dtype)(x, train=train)
+    # Sum pooling as in SNGAN: with spectral norm the logit scale is set by
+    # the features, not diluted by the number of positions.
+    features = jnp.sum(nn.leaky_relu(x, 0.2), axis=tuple(range(1, x.ndim - 1)))
+    features = features.astype(jnp.float32)
+    self.sow("intermediates", "features", features)
+    sn = lambda layer: _Wrap(layer, self.spectral_norm)
+    logits = sn(nn.Dense(1, name="linear"))(features, train=train)[:, 0]
+    return logits + self._projection(features, conditions, train=train)
+
+  def _projection(self, features: jnp.ndarray,
+                  conditions: Mapping[str, jnp.ndarray], *,
+                  train: bool) -> jnp.ndarray:
+    """sum over fields of <embedding of the condition, features>: [B]."""
+    total = jnp.zeros(features.shape[:1], jnp.float32)
+    dim = features.shape[-1]
+    for field in self.conditions:
+      value = jnp.asarray(conditions[field.name])
+      chex.assert_shape(value, features.shape[:1])
+      if field.kind == CATEGORICAL:
+        known = value >= 0
+        table = nn.Embed(field.num_classes, dim, name=f"embed_{field.name}")
+        emb = _Wrap(table, self.spectral_norm)(
+            jnp.where(known, value, 0).astype(jnp.int32), train=train)
+        term = jnp.sum(emb * features, axis=-1)
+      else:
+        lo, hi = field.value_range
+        known = ~jnp.isnan(value)
+        scaled = (jnp.where(known, value, lo) - lo) / (hi - lo) * 2.0 - 1.0
+        direction = nn.Dense(1, use_bias=False, name=f"project_{field.name}")
+        term = scaled * _Wrap(direction, self.spectral_norm)(
+            features, train=train)[:, 0]
+      total = total + jnp.where(known, term, 0.0)
+    return total
+
+
+def build_resnet_discriminator(model_config, info) -> ResNetDiscriminator:
+  """ResNetDiscriminator from `config.model` and a `DatasetInfo`."""
+  return ResNetDiscriminator(
+      conditions=tuple(info.conditions), width=int(model_config.d_width),
+      spectral_norm=bool(model_config.spectral_norm),
+      dtype=parse_dtype(model_config.dtype))
