@@ -11,6 +11,7 @@ failed build never leaves a dataset that looks complete.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -121,10 +122,15 @@ def builder_dir(data_config, config_name: str) -> str:
   return os.path.join(data_dir(data_config), data_config.name, config_name, VERSION)
 
 
-def make_builder_class(name: str):
-  """A GeneratorBasedBuilder whose features and splits come from a Plan."""
+def make_builder_class(builder_name: str):
+  """A GeneratorBasedBuilder whose features and splits come from a Plan.
 
-  class _Builder(tfds.core.GeneratorBasedBuilder):
+  Not added to TFDS's global registry (reading goes through
+  `tfds.builder_from_directory`), so it cannot clash with other datasets.
+  """
+
+  class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    name = builder_name
     VERSION = tfds.core.Version(VERSION)
     BUILDER_CONFIGS = []
     # pylint: disable=protected-access
@@ -136,7 +142,7 @@ def make_builder_class(name: str):
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self, description=f"medgen_jax {name}",
+          builder=self, description=f"medgen_jax {builder_name}",
           features=self._plan.features,
           metadata=tfds.core.MetadataDict(
               medgen_info=self._plan.info.to_json(), summary=self._plan.summary))
@@ -149,21 +155,15 @@ def make_builder_class(name: str):
     def _generate_examples(self, make):
       yield from make()
 
-  _Builder.__name__ = "".join(p.title() for p in name.split("_"))
-  _Builder.name = name
+  _Builder.__name__ = "".join(p.title() for p in builder_name.split("_"))
   _Builder.MANUAL_DOWNLOAD_INSTRUCTIONS = getattr(
-      builder_module(name), "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+      builder_module(builder_name), "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   return _Builder
 
 
-_BUILDER_CLASSES: dict[str, Any] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _builder_class(name: str):
-  # TFDS registers builder classes by name: create each one only once.
-  if name not in _BUILDER_CLASSES:
-    _BUILDER_CLASSES[name] = make_builder_class(name)
-  return _BUILDER_CLASSES[name]
+  return make_builder_class(name)
 
 
 def build(data_config, *, overwrite: bool = False) -> dict[str, Any]:
