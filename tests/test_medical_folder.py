@@ -289,3 +289,27 @@ def test_csv_unseen_class_fails(tmp_path):
   with pytest.raises(ValueError, match=r"l\.csv:4: column 'dx' value 'other'"):
     data.build(c)
   _no_complete_dataset(tmp_path / "out")
+
+
+def test_failure_while_writing_leaves_no_complete_dataset(tmp_path, monkeypatch):
+  """A crash after TFDS started writing: its incomplete dir is removed."""
+  from medgen_jax.data import builders_folder
+  src = tmp_path / "src"
+  _flat_nifti(src, 4)
+  real_load, calls = builders_folder._load, []
+
+  def flaky(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 5:  # the 4 checks in plan() pass, writing then fails.
+      raise OSError("disk full")
+    return real_load(*args, **kwargs)
+
+  monkeypatch.setattr(builders_folder, "_load", flaky)
+  with pytest.raises(OSError, match="disk full"):
+    data.build(folder_config(src, tmp_path / "out"))
+  _no_complete_dataset(tmp_path / "out")
+  leftovers = [d for _, dirs, _ in os.walk(tmp_path / "out") for d in dirs
+               if d.startswith("incomplete")]
+  assert not leftovers
+  monkeypatch.setattr(builders_folder, "_load", real_load)
+  assert sum(data.build(folder_config(src, tmp_path / "out"))["subjects"].values()) == 4
