@@ -65,7 +65,8 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     sigma1, sigma2: covariances `[dim, dim]` (symmetric PSD, may be singular).
 
   Returns:
-    ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1^{1/2} sigma2 sigma1^{1/2})^{1/2}),
+    ||mu1 - mu2||^2 + tr(sigma1 + sigma2
+                         - 2 (sigma1^{1/2} sigma2 sigma1^{1/2})^{1/2}),
     a python float, computed in float64.
   """
   mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)

@@ -237,9 +237,10 @@ def _batched_apply(model: FeatureNet, params, images, batch_size: int):
   images = _check_images(images)
   kernel = params["Conv_0"]["kernel"]  # [*window, C_in, C_out]
   if images.ndim != kernel.ndim or images.shape[-1] != kernel.shape[-2]:
-    raise ValueError(f"extractor expects [N, {', '.join(['...'] * (kernel.ndim - 2))}"
-                     f", {kernel.shape[-2]}] images (its training rank and "
-                     f"channels), got shape {images.shape}")
+    spatial = ", ".join(["..."] * (kernel.ndim - 2))
+    raise ValueError(f"extractor expects [N, {spatial}, {kernel.shape[-2]}] "
+                     f"images (its training rank and channels), got shape "
+                     f"{images.shape}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   n = images.shape[0]
@@ -258,7 +259,7 @@ def _batched_apply(model: FeatureNet, params, images, batch_size: int):
 
 def extract_features(model: FeatureNet, params, images, *,
                      batch_size: int = 256) -> np.ndarray:
-  """Penultimate features `[N, feature_dim]` of images `[N, *spatial, C]` in [-1, 1]."""
+  """Penultimate features `[N, feature_dim]` of `[N, *spatial, C]` in [-1, 1]."""
   return _batched_apply(model, params, images, batch_size)[0]
 
 
@@ -323,9 +324,9 @@ def load_extractor(path: str | os.PathLike) -> tuple[FeatureNet, dict, dict]:
       for d in spec["fields"])
   model = FeatureNet(fields=fields, widths=tuple(spec["widths"]),
                      feature_dim=spec["feature_dim"])
+  dummy = jnp.zeros((1, *spec["input_shape"]), jnp.float32)
   abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, *spec["input_shape"]), jnp.float32)))["params"]
+      lambda: model.init(jax.random.key(0, impl="rbg"), dummy))["params"]
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(path, "params"), abstract)
   return model, params, spec["metadata"]

@@ -112,8 +112,9 @@ def hu_distribution_distances(real_hu, generated_hu, *, paired: bool,
   real = _squeeze_channel("real_hu", real_hu)
   gen = _squeeze_channel("generated_hu", generated_hu)
   if real.shape[1:] != gen.shape[1:] or (paired and real.shape != gen.shape):
+    why = " (paired needs identical shapes)" if paired else ""
     raise ValueError(f"real_hu {real.shape} and generated_hu {gen.shape} "
-                     f"differ in shape{' (paired needs identical shapes)' if paired else ''}")
+                     f"differ in shape{why}")
   rmask = _mask("real_mask", real_mask, real.shape)
   gmask = rmask if paired else _mask("generated_mask", generated_mask, gen.shape)
   rng = np.random.default_rng(seed)
