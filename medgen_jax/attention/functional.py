@@ -177,6 +177,19 @@ class _FlashConfig:
     return isinstance(other, _FlashConfig) and self._key() == other._key()
 
 
+def _full(shape, fill: float, *like) -> Array:
+  """float32 loop-carry init, varying over the same shard_map axes as `like`.
+
+  Inside `shard_map` a scan carry must keep its varying-axes type; a constant
+  init would not match the per-shard values the loop body produces.
+  """
+  out = jnp.full(shape, fill, jnp.float32)
+  for x in like:
+    if x is not None:  # full_like takes on x's varying axes; XLA folds the zeros away
+      out = out + lax.full_like(x, 0, jnp.float32, shape)
+  return out
+
+
 def _slice(x: Array, axis: int, start, size: int) -> Array:
   """Block of `x` along `axis`, or all of it where the axis is broadcast (size 1)."""
   if x.shape[axis] == 1:
@@ -228,9 +241,9 @@ def _flash_forward(cfg: _FlashConfig, q, k, v, bias, mask):
           "bhqk,bhkd->bhqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
       return (new_max, row_sum, acc), None
 
-    init = (jnp.full((b, h, cfg.bq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, h, cfg.bq), jnp.float32),
-            jnp.zeros((b, h, cfg.bq, d), jnp.float32))
+    like = (q, k, v, bias, mask)
+    init = (_full((b, h, cfg.bq), -jnp.inf, *like), _full((b, h, cfg.bq), 0.0, *like),
+            _full((b, h, cfg.bq, d), 0.0, *like))
     (row_max, row_sum, acc), _ = lax.scan(key_step, init, jnp.arange(nk))
     inv_sum = 1.0 / row_sum
     return (acc * inv_sum[..., None]).astype(q.dtype), (row_max, inv_sum)
@@ -289,14 +302,15 @@ def _flash_bwd(cfg, res, dout):
                                preferred_element_type=jnp.float32)
       return (dk_j, dv_j, dq, dbias), None
 
-    init = (jnp.zeros((b, h, cfg.bk, d), jnp.float32),
-            jnp.zeros((b, h, cfg.bk, d), jnp.float32), dq, dbias)
+    init = (_full((b, h, cfg.bk, d), 0.0, *like), _full((b, h, cfg.bk, d), 0.0, *like),
+            dq, dbias)
     (dk_j, dv_j, dq, dbias), _ = lax.scan(query_step, init, jnp.arange(nq))
     return (dq, dbias), (dk_j, dv_j)
 
-  dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-  (dq, dbias), (dk, dv) = lax.scan(
-      key_block, (jnp.zeros(q.shape, jnp.float32), dbias0), jnp.arange(nk))
+  like = (q, k, v, bias, mask, dout)
+  dbias0 = None if bias is None else _full(bias.shape, 0.0, *like)
+  (dq, dbias), (dk, dv) = lax.scan(key_block, (_full(q.shape, 0.0, *like), dbias0),
+                                   jnp.arange(nk))
   dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
   dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
   if dbias is not None:
@@ -325,8 +339,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _num_spatial(q: Array, name: str) -> int:
   num = q.ndim - 3
   if num not in (2, 3):
-    raise ValueError(f"{name} expects [batch, H, W, heads, head_dim] or "
-                     f"[batch, D, H, W, heads, head_dim]; got shape {q.shape}")
+    raise ValueError(f"{name} expects 2 or 3 spatial dims, [batch, H, W, heads, head_dim] "
+                     f"or [batch, D, H, W, heads, head_dim]; got shape {q.shape}")
   return num
 
 
