@@ -1,0 +1,7 @@
+"""GAN training: losses, augmentation, EMA, state, step, parallel modes, checkpoints, loop.
+
+Public entry point: `train_and_evaluate(config, workdir) -> summary dict`.
+"""
+from medgen_jax.train.loop import run_training, train_and_evaluate, validate_config
+
+__all__ = ["run_training", "train_and_evaluate", "validate_config"]

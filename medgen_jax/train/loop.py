@@ -1,0 +1,217 @@
+"""`train_and_evaluate(config, workdir)`: the GAN training loop.
+
+Validate the config (before any compilation) -> data -> models -> device
+layout -> restore the latest checkpoint if any -> loop (progress bar,
+metrics.jsonl + TensorBoard, EMA sample grids, checkpoints, SIGTERM) ->
+summary.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from medgen_jax import viz
+from medgen_jax.train import augment as augment_lib
+from medgen_jax.train import checkpoint as ckpt_lib
+from medgen_jax.train import logging as log_lib
+from medgen_jax.train import losses
+from medgen_jax.train import parallel
+from medgen_jax.train import state as state_lib
+
+SAMPLE_COLS = 8
+LOSS_KEYS = ("d_loss", "g_loss", "r1", "d_real", "d_fake")
+
+
+def validate_config(config: Any, num_devices: int) -> None:
+  """Cheap checks with one clear ValueError, before data or compilation.
+
+  Model size checks (image size vs token grid, window vs grid, heads vs
+  width) are made by `medgen_jax.models.build_generator`, which runs before
+  anything is compiled too.
+  """
+  from medgen_jax.attention import ATTENTION_VARIANTS  # pylint: disable=import-outside-toplevel
+
+  t, m = config.train, config.model
+  for key in ("num_steps", "batch_size", "log_every", "sample_every", "checkpoint_every",
+              "keep_checkpoints"):
+    if int(t[key]) < 1:
+      raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
+  if m.generator == "transformer" and m.attention not in ATTENTION_VARIANTS:
+    raise ValueError(f"unknown model.attention {m.attention!r}; expected one of "
+                     f"{sorted(ATTENTION_VARIANTS)}")
+  if m.generator == "transformer" and m.attention.startswith("window") and (
+      m.window_size > m.token_grid):
+    raise ValueError(f"model.window_size {m.window_size} is larger than the "
+                     f"{m.token_grid}x{m.token_grid} token grid")
+  size = config.data.image_size
+  if size % m.token_grid:
+    raise ValueError(f"data.image_size {size} is not divisible by model.token_grid "
+                     f"{m.token_grid}")
+  losses.get_gan_loss(config.loss.gan)
+  augment_lib.parse_policy(config.loss.augment)
+  if config.loss.r1_gamma < 0 or config.loss.r1_every < 1:
+    raise ValueError(f"loss.r1_gamma must be >= 0 and loss.r1_every >= 1, got "
+                     f"{config.loss.r1_gamma}, {config.loss.r1_every}")
+  if not 0.0 <= config.loss.ema_decay < 1.0:
+    raise ValueError(f"loss.ema_decay must be in [0, 1), got {config.loss.ema_decay}")
+  state_lib.make_schedule(1.0, config.optim, t.num_steps)
+  parallel.validate(config.parallel, t.batch_size, num_devices)
+
+
+def _host_batch(batch: dict, info) -> dict[str, np.ndarray]:
+  """The arrays the step consumes: the image and the DatasetInfo conditions."""
+  return {"image": batch["image"], **{f.name: batch[f.name] for f in info.conditions}}
+
+
+def _check_finite(pending: list, latest_ckpt: int | None) -> None:
+  for step, m in pending:
+    if not bool(m["is_finite"]):
+      bad = {k: float(v) for k, v in m.items() if k != "is_finite"}
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {step + 1} (metrics {bad}); training "
+          f"stopped without saving, the last good checkpoint (step {latest_ckpt}) is intact")
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+  """Host copy of a replicated (possibly multi-host) array."""
+  return np.asarray(x.addressable_data(0))
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict:
+  """Trains the GAN described by `config`, writing everything under `workdir`.
+
+  Resumes from the newest checkpoint in `workdir/checkpoints` if one exists.
+
+  Returns:
+    The summary written to workdir/summary.json: steps, start_step,
+    wall_time_s, images_per_s, last losses, preempted.
+  """
+  # Imported here so that config validation errors do not wait on them.
+  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  parallel.maybe_initialize_distributed(config.parallel)
+  validate_config(config, jax.device_count())
+  info = data_lib.load_info(config.data)
+  generator = models_lib.build_generator(config.model, info)
+  discriminator = models_lib.build_discriminator(config.model, info)
+  t = config.train
+  iterator, _ = data_lib.load_dataset(
+      config.data, split="train", batch_size=t.batch_size // jax.process_count(),
+      seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  return run_training(config, workdir, info=info, generator=generator,
+                      discriminator=discriminator, iterator=iterator)
+
+
+def run_training(config: Any, workdir: str, *, info, generator, discriminator,
+                 iterator) -> dict:
+  """The loop of `train_and_evaluate` for already built networks and data.
+
+  Args:
+    config: validated experiment config (train, optim, loss, parallel, model.latent_dim).
+    workdir: output directory; resumes from workdir/checkpoints if present.
+    info: DatasetInfo of the data.
+    generator, discriminator: linen modules following the models interface.
+    iterator: this process's batches (dicts with 'image' `[B / processes, ...]` and
+      the info's condition fields) with JSON-able get_state()/set_state().
+
+  Returns:
+    The summary dict (also written to workdir/summary.json).
+  """
+  models = state_lib.make_models(generator, discriminator, config)
+  trainer = parallel.build_trainer(config, models, info)
+  it = iterator
+  t = config.train
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"),
+                                  keep=t.keep_checkpoints)
+  restored = ckpt_lib.restore_latest(
+      manager, ckpt_lib.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding))
+  if restored is None:
+    state, start = trainer.init_state(), 0
+  else:
+    global_state, data_state, start = restored
+    state = trainer.put_state(global_state)
+    it.set_state(data_state)
+
+  # Fixed noise and one row per condition value, for comparable grids over time.
+  sample_cond, row_labels = viz.grid_conditions(info, SAMPLE_COLS)
+  num_samples = len(row_labels) * SAMPLE_COLS
+  sample_z = jax.random.normal(jax.random.PRNGKey(t.seed + 1),
+                               (num_samples, config.model.latent_dim))
+  sample_fn = jax.jit(lambda p, s: generator.apply({"params": p, **s}, sample_z,
+                                                   sample_cond, train=False))
+  sample_dir = os.path.join(workdir, "samples")
+
+  def write_samples(step, placed_state):
+    host = trainer.get_state(placed_state)
+    images = _to_numpy(sample_fn(host.ema_params, host.g_state))
+    if is_main:
+      os.makedirs(sample_dir, exist_ok=True)
+      viz.save_grid(images, info, os.path.join(sample_dir, f"step_{step:06d}.png"),
+                    row_labels=row_labels, title=f"EMA generator, step {step}")
+
+  def save(step, placed_state):
+    ckpt_lib.save(manager, step, trainer.get_state(placed_state), it.get_state())
+
+  writer = log_lib.MetricWriter(workdir, enabled=is_main)
+  bar = log_lib.progress_bar(t.num_steps, start, enabled=is_main)
+  pending, last, preempted = [], {}, False
+  t_start = time.perf_counter()
+  t_steady, steady_from = None, start
+  step = start
+  try:
+    with ckpt_lib.sigterm_flag() as sigterm:
+      while step < t.num_steps:
+        batch = trainer.put_batch(_host_batch(next(it), info))
+        state, metrics = trainer.step(state, batch)
+        pending.append((step, metrics))
+        step += 1
+        bar.update(1)
+        if t_steady is None:  # exclude compilation from the throughput
+          jax.block_until_ready(metrics)
+          t_steady, steady_from = time.perf_counter(), step
+        due_ckpt = step % t.checkpoint_every == 0 or step == t.num_steps or sigterm.is_set()
+        if step % t.log_every == 0 or due_ckpt or step % t.sample_every == 0:
+          pending = jax.device_get(pending)
+          _check_finite(pending, manager.latest_step())
+          last = {k: float(pending[-1][1][k]) for k in pending[-1][1] if k != "is_finite"}
+          pending = []
+          elapsed = time.perf_counter() - t_steady
+          ips = (step - steady_from) * t.batch_size / elapsed if elapsed > 0 else 0.0
+          if step % t.log_every == 0 or step == t.num_steps:
+            writer.write(step, {**last, "images_per_s": ips})
+            bar.set_postfix(d=f"{last['d_loss']:.3f}", g=f"{last['g_loss']:.3f}",
+                            img_s=f"{ips:.1f}")
+        if step % t.sample_every == 0 or step == t.num_steps:
+          write_samples(step, state)
+        if due_ckpt:
+          save(step, state)
+        if sigterm.is_set():
+          preempted = True
+          break
+  finally:
+    bar.close()
+    writer.close()
+    manager.close()
+
+  wall = time.perf_counter() - t_start
+  steady = time.perf_counter() - t_steady if t_steady is not None else 0.0
+  summary = dict(
+      steps=step, start_step=start, wall_time_s=wall,
+      images_per_s=(step - steady_from) * t.batch_size / steady if steady > 0 else 0.0,
+      last_losses={k: last.get(k) for k in LOSS_KEYS if k in last},
+      last_metrics=last, preempted=preempted, workdir=os.path.abspath(workdir))
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
