@@ -129,3 +129,31 @@ def test_non_finite_batch_sets_flag():
   batch["image"][0] = np.nan  # a whole image, so augmentation cannot crop it away
   _, m = step(state, jax.tree.map(jnp.asarray, batch), None)
   assert not bool(m["is_finite"])
+
+
+def tiny_examples(n=24, nan_at=None):
+  """In-memory examples in the data layer's format ('image' [8, 8, 1], 'lesion')."""
+  rng = np.random.default_rng(0)
+  out = [{"image": rng.uniform(-1, 1, (8, 8, 1)).astype(np.float32),
+          "lesion": np.int32(rng.integers(0, 3))} for _ in range(n)]
+  if nan_at is not None:
+    out[nan_at]["image"][:] = np.nan
+  return out
+
+
+def tiny_iterator(batch_size=8, shuffle=True, **kwargs):
+  """A checkpointable grain iterator over tiny_examples (like load_dataset's)."""
+  import grain  # pylint: disable=import-outside-toplevel
+  ds = grain.MapDataset.source(tiny_examples(**kwargs))
+  if shuffle:
+    ds = ds.shuffle(seed=0)
+  return iter(ds.repeat().batch(batch_size, drop_remainder=True))
+
+
+def tiny_loop_config(**train_overrides):
+  """tiny_config plus the loop's train fields."""
+  config = tiny_config()
+  config.train.update(dict(num_steps=6, log_every=1, sample_every=100, checkpoint_every=1,
+                           keep_checkpoints=10))
+  config.train.update(train_overrides)
+  return config
