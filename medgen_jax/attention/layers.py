@@ -109,11 +109,12 @@ class MultiHeadAttention(nn.Module):
         (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
     source = x if context is None else context
-    q, k, v = dense("query")(x), dense("key")(source), dense("value")(source)
+    q, k, v = dense("query_proj")(x), dense("key_proj")(source), dense("value_proj")(source)
     if self.qk_norm:
       q = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
       k = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
-    # Projected q/k are what attention maps are rendered from at inference.
+    # Projected q/k are what attention maps are rendered from at inference
+    # (`mutable=['intermediates']`; names 'query'/'key').
     self.sow("intermediates", "query", q)
     self.sow("intermediates", "key", k)
 
@@ -182,7 +183,7 @@ class CrossModalAttention(nn.Module):
     both = jnp.concatenate([tokens, context_tokens.astype(tokens.dtype)], axis=1)
     dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
                                          param_dtype=self.param_dtype, name=name)
-    q, k, v = dense("query")(tokens), dense("key")(both), dense("value")(both)
+    q, k, v = dense("query_proj")(tokens), dense("key_proj")(both), dense("value_proj")(both)
     if self.qk_norm:
       q = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
       k = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
