@@ -66,3 +66,67 @@ def test_modes_match_single_device(tmp_path):
     for key, want in ref.items():
       np.testing.assert_allclose(res[f"{mode}/{key}"], want, rtol=1e-5, atol=1e-6,
                                  err_msg=f"{mode}: {key}")
+
+
+MULTI_SCRIPT = textwrap.dedent("""
+  import os, sys
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  sys.path.insert(0, os.environ["TESTS_DIR"])
+  import jax, numpy as np
+  from medgen_jax.train import parallel, state as state_lib
+  from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
+
+  pid = int(os.environ["PID"])
+  config = tiny_config()
+  config.parallel.update(distributed=True, coordinator_address=os.environ["COORD"],
+                         num_processes=2, process_id=pid)
+  parallel.maybe_initialize_distributed(config.parallel)
+  assert jax.device_count() == 4 and jax.local_device_count() == 2
+  models = state_lib.make_models(TinyG(), TinyD(), config)
+  trainer = parallel.build_trainer(config, models, INFO)
+  state = trainer.init_state()
+  for i in range(3):
+    batch = tiny_batch(i)  # the global batch; this process feeds its half
+    local = {k: v[pid * 4:(pid + 1) * 4] for k, v in batch.items()}
+    state, metrics = trainer.step(state, trainer.put_batch(local))
+  host = trainer.get_state(state)
+  leaves = jax.tree.leaves((host.g_params, host.d_params, host.ema_params))
+  np.savez(os.environ["OUT"], *[np.asarray(x.addressable_data(0)) for x in leaves],
+           d_loss=np.asarray(metrics["d_loss"].addressable_data(0)))
+""")
+
+
+@pytest.mark.slow  # two processes plus a reference, each compiling the step
+def test_two_processes_train_in_lockstep_like_one(tmp_path):
+  import socket
+  import jax
+  from medgen_jax.train import parallel, state as state_lib
+  from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, TESTS_DIR=os.path.dirname(__file__), PID=str(pid),
+               COORD=f"127.0.0.1:{port}", OUT=str(tmp_path / f"p{pid}.npz"),
+               JAX_PLATFORMS="cpu")
+    procs.append(subprocess.Popen([sys.executable, "-c", MULTI_SCRIPT], env=env,
+                                  stderr=subprocess.PIPE, text=True))
+  # Reference: one process, one device, the same global batches.
+  config = tiny_config()
+  trainer = parallel.build_trainer(config, state_lib.make_models(TinyG(), TinyD(), config),
+                                   INFO, devices=jax.devices()[:1])
+  state = trainer.init_state()
+  for i in range(3):
+    state, metrics = trainer.step(state, trainer.put_batch(tiny_batch(i)))
+  want = [np.asarray(x) for x in jax.tree.leaves((state.g_params, state.d_params,
+                                                  state.ema_params))]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  for pid in range(2):
+    got = np.load(tmp_path / f"p{pid}.npz")
+    np.testing.assert_allclose(got["d_loss"], metrics["d_loss"], rtol=1e-5)
+    for i, w in enumerate(want):  # same tolerance and reason as above
+      np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-5, atol=1e-6)
