@@ -440,11 +440,29 @@ def write_metrics(path: str, metrics: Mapping[str, Any]) -> str:
 GenerateFn = Callable[[Mapping[str, np.ndarray], int], np.ndarray]
 
 
-def checkpoint_generator(config: Any, workdir: str, info: DatasetInfo
-                         ) -> tuple[GenerateFn, int]:
-  """(generate(conditions, seed) -> images, step) from the latest EMA generator."""
-  from medgen_jax.inference import sample  # pylint: disable=import-outside-toplevel
-  return sample.generator_fn(config, workdir, info)
+def checkpoint_generator(config: Any, workdir: str, info: DatasetInfo, *,
+                         batch_size: int = 64) -> tuple[GenerateFn, int]:
+  """(generate, step) for the latest EMA generator in `workdir` (fp32).
+
+  `generate(conditions, seed)` maps {field: `[n]`} to `[n, *spatial, C]`
+  numpy images in [-1, 1], with noise from `seed`
+  (`medgen_jax.inference.sample.make_noise`).
+  """
+  # pylint: disable=import-outside-toplevel
+  from medgen_jax.inference import quantize, sample
+  generator, params, step = sample.restore_ema_generator(config, workdir, info)
+  latent_dim = int(config.model.latent_dim)
+  prepared = quantize.prepare_for_sampling(generator, params, "fp32", info=info,
+                                           batch_size=batch_size,
+                                           latent_dim=latent_dim)
+
+  def generate(conditions: Mapping[str, np.ndarray], seed: int) -> np.ndarray:
+    n = len(np.asarray(next(iter(conditions.values()))))
+    z = sample.make_noise(seed, n, latent_dim)
+    images, _ = sample.generate(prepared, z, conditions, batch_size=batch_size)
+    return np.asarray(images, np.float32)
+
+  return generate, step
 
 
 def evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -465,7 +483,8 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   model, params, meta = get_extractor(config.data, info, train, s)
   num = int(s["num_samples"] or len(test["image"]))
   requested = draw_conditions(test, info, num, seed=int(s["seed"]))
-  generate, gen_step = checkpoint_generator(config, workdir, info)
+  generate, gen_step = checkpoint_generator(
+      config, workdir, info, batch_size=int(s["generate_batch_size"]))
   generated = generate(requested, int(s["seed"]))
   out_dir = os.path.join(workdir, "eval")
   metrics = evaluate_images(generated, requested, real_train=train,
