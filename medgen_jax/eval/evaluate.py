@@ -292,6 +292,9 @@ def _score_set(images: np.ndarray, requested: Mapping[str, np.ndarray],
   seed = int(s["seed"])
   tr = real.train_feats
   out["fd_domain"] = distances.frechet_distance(tr, feats)
+  # Percentile bootstrap over both sets. Resamples duplicate rows, which
+  # shrinks the covariances, so small sets can put the point estimate below
+  # the interval: compare intervals of metric and reference, not the point.
   ci = bootstrap.bootstrap_ci(distances.frechet_distance, tr, feats,
                               num_resamples=max(2, int(s["bootstrap_resamples"])),
                               seed=seed)
