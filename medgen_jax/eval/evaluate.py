@@ -445,27 +445,11 @@ GenerateFn = Callable[[Mapping[str, np.ndarray], int], np.ndarray]
 
 def checkpoint_generator(config: Any, workdir: str, info: DatasetInfo, *,
                          batch_size: int = 64) -> tuple[GenerateFn, int]:
-  """(generate, step) for the latest EMA generator in `workdir` (fp32).
-
-  `generate(conditions, seed)` maps {field: `[n]`} to `[n, *spatial, C]`
-  numpy images in [-1, 1], with noise from `seed`
-  (`medgen_jax.inference.sample.make_noise`).
-  """
-  # pylint: disable=import-outside-toplevel
-  from medgen_jax.inference import quantize, sample
-  generator, params, step = sample.restore_ema_generator(config, workdir, info)
-  latent_dim = int(config.model.latent_dim)
-  prepared = quantize.prepare_for_sampling(generator, params, "fp32", info=info,
-                                           batch_size=batch_size,
-                                           latent_dim=latent_dim)
-
-  def generate(conditions: Mapping[str, np.ndarray], seed: int) -> np.ndarray:
-    n = len(np.asarray(next(iter(conditions.values()))))
-    z = sample.make_noise(seed, n, latent_dim)
-    images, _ = sample.generate(prepared, z, conditions, batch_size=batch_size)
-    return np.asarray(images, np.float32)
-
-  return generate, step
+  """(generate(conditions, seed) -> `[n, *spatial, C]` images in [-1, 1],
+  checkpoint step) for the latest fp32 EMA generator in `workdir`."""
+  from medgen_jax.inference import sample  # pylint: disable=import-outside-toplevel
+  return sample.generator_fn(config, workdir, info, precision="fp32",
+                             batch_size=batch_size)
 
 
 def evaluate(config: Any, workdir: str) -> dict[str, Any]:
