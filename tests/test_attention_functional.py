@@ -29,8 +29,7 @@ def _values_and_grads(f, args):
 CHUNK_CASES = [
     # n, m, chunk, bias shape, mask shape
     (16, 16, 4, None, None),  # divisible, several blocks
-    (13, 13, 4, None, None),  # odd length: padded tail block
-    (13, 9, (5, 2), (2, 13, 9), None),  # cross-attention, per-head full bias
+    (13, 9, (5, 2), (2, 13, 9), None),  # odd lengths (padded tails), cross, per-head bias
     (11, 11, 3, (1, 1, 1, 11), (2, 1, 11, 11)),  # key bias, per-batch mask
     (7, 10, 16, (2, 1, 7, 10), (1, 1, 1, 10)),  # single block, key-padding mask
 ]
