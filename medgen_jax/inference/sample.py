@@ -1,0 +1,294 @@
+"""Sampling from a trained run: EMA generator -> NIfTI in physical units + grid + JSON.
+
+    summary = sample(config, workdir, num_samples=64, out_dir=..., condition='lesion=large,age=70')
+
+Order of work, cheapest checks first: the `--condition` string is parsed and
+validated against `DatasetInfo.conditions` (unknown field, unknown class,
+out-of-range value -> one ValueError) and the checkpoint directory is checked
+BEFORE the model is built or anything is compiled.
+
+Conditions not given on the command line are drawn per image uniformly over
+the field's support (`unspecified='uniform'`, the default: the samples cover
+the data's range) or set to unknown (`unspecified='unknown'`: -1 / NaN, the
+model's learned null embedding, i.e. the marginal the generator learned with
+condition dropout).
+
+Generation runs in fixed-size batches under one `jax.jit` (the last batch is
+padded), so there is exactly one compilation. Latency: `compile_s` is the
+first call (trace + compile + run), `ms_per_image` the steady-state time per
+image measured on the following calls (one warm-up batch first), both with
+`block_until_ready`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from medgen_jax.data.info import CATEGORICAL, DatasetInfo, uniform_conditions
+from medgen_jax.inference import nifti
+from medgen_jax.inference import quantize
+
+UNSPECIFIED = ("uniform", "unknown")
+
+
+def parse_condition_string(text: str | None, info: DatasetInfo) -> dict[str, float | int]:
+  """'lesion=large,age=70,site=1' -> {'lesion': 2, 'age': 70.0, 'site': 1}.
+
+  Raises:
+    ValueError: malformed item, unknown or repeated field, unknown class or
+      value outside the field's range (from `ConditionField.parse`).
+  """
+  out: dict[str, float | int] = {}
+  names = [f.name for f in info.conditions]
+  for item in (text or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    if item.count("=") != 1:
+      raise ValueError(f"--condition item {item!r} must look like name=value "
+                       f"(fields: {names})")
+    name, value = (s.strip() for s in item.split("="))
+    if name not in names:
+      raise ValueError(f"--condition: dataset {info.name!r} has no condition "
+                       f"{name!r}; it has {names}")
+    if name in out:
+      raise ValueError(f"--condition: {name!r} given twice")
+    out[name] = info.condition(name).parse(value)
+  return out
+
+
+def build_conditions(requested: Mapping[str, float | int], info: DatasetInfo, n: int, *,
+                     seed: int, unspecified: str = "uniform") -> dict[str, np.ndarray]:
+  """Condition arrays `{name: [n]}`: requested values fixed, the others per `unspecified`."""
+  if unspecified not in UNSPECIFIED:
+    raise ValueError(f"unspecified must be one of {UNSPECIFIED}, got {unspecified!r}")
+  drawn = uniform_conditions(info, np.random.default_rng(seed), n)
+  out = {}
+  for f in info.conditions:
+    dtype = np.int32 if f.kind == CATEGORICAL else np.float32
+    if f.name in requested:
+      out[f.name] = np.full(n, requested[f.name], dtype)
+    elif unspecified == "uniform":
+      out[f.name] = drawn[f.name].astype(dtype)
+    else:
+      out[f.name] = np.full(n, -1 if f.kind == CATEGORICAL else np.nan, dtype)
+  return out
+
+
+def make_noise(seed: int, n: int, latent_dim: int) -> np.ndarray:
+  """`[n, latent_dim]` standard normal noise; image i's noise does not depend on n's batching."""
+  return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n, latent_dim)), np.float32)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def restore_ema_generator(config: Any, workdir: str, info: DatasetInfo
+                          ) -> tuple[Any, Any, int]:
+  """(generator, EMA params, step) of the newest checkpoint in `workdir`.
+
+  Only `ema_params` is read from the TrainState (an orbax partial restore), so
+  the discriminator and optimiser states are never loaded.
+
+  Raises:
+    FileNotFoundError: no checkpoint under `workdir/checkpoints`.
+  """
+  from medgen_jax import models  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train.state import dummy_conditions  # pylint: disable=import-outside-toplevel
+
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {directory}; train first: python -m "
+                            f"experiments.train --config ... --workdir {workdir}")
+  generator = models.build_generator(config.model, info)
+  abstract = jax.eval_shape(lambda: generator.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, int(config.model.latent_dim))),
+      dummy_conditions(info, 1), train=False))["params"]
+  manager = ckpt_lib.make_manager(directory, keep=int(config.train.keep_checkpoints))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = {"ema_params": abstract}
+    restore_args = jax.tree.map(
+        lambda _: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=device), item)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))
+  finally:
+    manager.close()
+  params = restored["state"]["ema_params"]
+  # A partial restore leaves leaves it cannot find as abstract structs.
+  missing = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(params)[0]
+             if not isinstance(x, jax.Array)]
+  if missing:
+    raise ValueError(f"checkpoint step {step} in {directory} lacks generator params "
+                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}: it was written "
+                     f"by a different model (config.model or code version)")
+  return generator, params, int(step)
+
+
+def generate(prepared: quantize.PreparedGenerator, z: np.ndarray,
+             conditions: Mapping[str, np.ndarray], *, batch_size: int
+             ) -> tuple[np.ndarray, dict[str, float]]:
+  """Images for every row of `z` / `conditions`, in fixed-size batches.
+
+  Args:
+    prepared: generator at some precision (`quantize.prepare`).
+    z: `[N, latent_dim]` noise.
+    conditions: `{name: [N]}`.
+    batch_size: compiled batch size (the last batch is padded).
+
+  Returns:
+    (images `[N, *spatial, C]` float32 in [-1, 1], latency dict with
+    compile_s, ms_per_image, batch_size, num_batches, backend).
+  """
+  n = z.shape[0]
+  chex.assert_rank(z, 2)
+  for name, v in conditions.items():
+    if np.shape(v) != (n,):
+      raise ValueError(f"condition {name!r} has shape {np.shape(v)}, expected ({n},)")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  bs = min(batch_size, n)
+  fn = jax.jit(prepared.apply)
+  num_batches = math.ceil(n / bs)
+
+  def batch(i):
+    sl = slice(i * bs, (i + 1) * bs)
+    pad = bs - z[sl].shape[0]
+    padded = lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
+    return jnp.asarray(padded(z[sl])), {k: jnp.asarray(padded(np.asarray(v)[sl]))
+                                        for k, v in conditions.items()}, pad
+
+  t0 = time.perf_counter()
+  zb, cb, _ = batch(0)
+  jax.block_until_ready(fn(prepared.params, zb, cb))
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(fn(prepared.params, zb, cb))  # warm-up
+  outputs, run_s = [], 0.0
+  for i in range(num_batches):
+    zb, cb, pad = batch(i)
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(prepared.params, zb, cb))
+    run_s += time.perf_counter() - t
+    out = np.asarray(out)
+    outputs.append(out[:bs - pad] if pad else out)
+  latency = dict(compile_s=compile_s, ms_per_image=1e3 * run_s / (num_batches * bs),
+                 batch_size=bs, num_batches=num_batches, backend=jax.default_backend())
+  return np.concatenate(outputs), latency
+
+
+def generator_fn(config: Any, workdir: str, info: DatasetInfo, *, precision: str = "fp32",
+                 batch_size: int = 64) -> tuple[Callable[[Mapping[str, np.ndarray], int],
+                                                        np.ndarray], int]:
+  """(generate(conditions, seed) -> images `[N, *spatial, C]` in [-1, 1], step).
+
+  For the evaluation suite: the latest EMA generator at `precision`.
+  """
+  generator, params, step = restore_ema_generator(config, workdir, info)
+  latent = int(config.model.latent_dim)
+  prepared = quantize.prepare_for_sampling(generator, params, precision, info=info,
+                                           batch_size=batch_size, latent_dim=latent)
+
+  def run(conditions: Mapping[str, np.ndarray], seed: int) -> np.ndarray:
+    n = len(next(iter(conditions.values()))) if conditions else 0
+    return generate(prepared, make_noise(seed, n, latent), conditions,
+                    batch_size=batch_size)[0]
+  return run, step
+
+
+def _json_conditions(conditions: Mapping[str, np.ndarray], info: DatasetInfo) -> dict:
+  out = {}
+  for f in info.conditions:
+    v = np.asarray(conditions[f.name])
+    if f.kind == CATEGORICAL:
+      out[f.name] = [int(x) if x >= 0 else None for x in v]
+    else:
+      out[f.name] = [float(x) if np.isfinite(x) else None for x in v]
+  return out
+
+
+def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
+           condition: str | None = None, precision: str = "fp32", seed: int = 0,
+           batch_size: int = 16, unspecified: str = "uniform", ct_window: str = "lung",
+           calibration_batches: int = 0) -> dict[str, Any]:
+  """Generates `num_samples` images and writes them under `out_dir`.
+
+  Writes `sample_0000.nii.gz`, ... (physical units, spacing from the
+  dataset), `grid.png` (CT in `ct_window`, via `medgen_jax.viz`) and
+  `samples.json` (the returned summary).
+
+  Args:
+    condition: e.g. 'lesion=large,age=70,site=1' (validated first).
+    precision: 'fp32' | 'bf16' | 'int8'.
+    unspecified: 'uniform' | 'unknown' for fields not in `condition`.
+    calibration_batches: int8 only; > 0 enables static int8 activations.
+
+  Raises:
+    ValueError: bad condition, precision, num_samples or batch_size.
+    FileNotFoundError: no checkpoint.
+  """
+  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax import viz  # pylint: disable=import-outside-toplevel
+
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, "
+                     f"{batch_size}")
+  if precision not in quantize.PRECISIONS:
+    raise ValueError(f"unknown precision {precision!r}; expected one of "
+                     f"{quantize.PRECISIONS}")
+  if unspecified not in UNSPECIFIED:
+    raise ValueError(f"unspecified must be one of {UNSPECIFIED}, got {unspecified!r}")
+  if ct_window not in viz.CT_WINDOWS:
+    raise ValueError(f"unknown ct_window {ct_window!r}; expected one of "
+                     f"{sorted(viz.CT_WINDOWS)}")
+  info = data_lib.load_info(config.data)
+  requested = parse_condition_string(condition, info)
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"no checkpoints in {checkpoint_dir(workdir)}")
+
+  conditions = build_conditions(requested, info, num_samples, seed=seed,
+                                unspecified=unspecified)
+  generator, params, step = restore_ema_generator(config, workdir, info)
+  latent = int(config.model.latent_dim)
+  prepared = quantize.prepare_for_sampling(
+      generator, params, precision, info=info, batch_size=min(batch_size, num_samples),
+      latent_dim=latent, calibration_batches=calibration_batches, seed=seed)
+  images, latency = generate(prepared, make_noise(seed, num_samples, latent), conditions,
+                             batch_size=batch_size)
+
+  os.makedirs(out_dir, exist_ok=True)
+  physical = info.to_physical(images)
+  unit = ",".join(t.unit for t in info.intensity)
+  files = []
+  for i, image in enumerate(physical):
+    name = f"sample_{i:04d}.nii.gz"
+    nifti.save_nifti(os.path.join(out_dir, name), image, info.spacing_mm, unit=unit)
+    files.append(name)
+  cols = min(8, num_samples)
+  rows = max(1, num_samples // cols)
+  viz.save_grid(images[:rows * cols], info, os.path.join(out_dir, "grid.png"),
+                row_labels=[f"#{r * cols}" for r in range(rows)], ct_window=ct_window,
+                title=f"step {step}, {prepared.precision}, seed {seed}")
+  summary = dict(
+      num_samples=num_samples, seed=seed, checkpoint_step=step,
+      precision=prepared.precision, requested=requested, unspecified=unspecified,
+      conditions=_json_conditions(conditions, info), latency=latency,
+      param_bytes=quantize.stored_bytes(prepared)["param_bytes"],
+      units=unit, spacing_mm=list(info.spacing_mm), files=files, grid="grid.png",
+      ct_window=ct_window, workdir=os.path.abspath(workdir))
+  with open(os.path.join(out_dir, "samples.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
