@@ -43,7 +43,7 @@ VARIANTS: dict[str, Variant] = {
                   conv_depth=1, min_width=8),
     # Default: sized so a 64x64 GAN step at batch 32 fits the 2-core CPU
     # budget (see the model tests / report for measured numbers).
-    "S": Variant(width=128, depth=(2, 2, 1), num_heads=(4, 2, 1),
+    "S": Variant(width=128, depth=(2, 1, 1), num_heads=(4, 2, 1),
                  conv_depth=1, min_width=16),
     # Accelerators.
     "B": Variant(width=384, depth=(4, 4, 2), num_heads=(6, 6, 3),
