@@ -28,6 +28,8 @@ from medgen_jax.models.discriminator import (ResNetDiscriminator,
                                              build_resnet_discriminator)
 from medgen_jax.models.generator import (TransformerGenerator,
                                          build_transformer_generator)
+from medgen_jax.models.translator import Translator, build_translator
+from medgen_jax.models.unet import UNet, build_unet
 from medgen_jax.models.variants import VARIANTS, Variant, decode_variant
 
 Builder = Callable[..., nn.Module]
@@ -35,6 +37,10 @@ Builder = Callable[..., nn.Module]
 GENERATORS: dict[str, Builder] = {
     "transformer": build_transformer_generator,
     "cnn": build_cnn_generator,
+    # Image-to-image (config.task = 'translation'): called as
+    # G(sources, conditions, *, train, source_mask=None).
+    "translator": build_translator,
+    "unet": build_unet,
 }
 
 DISCRIMINATORS: dict[str, Builder] = {
@@ -71,5 +77,6 @@ def build_discriminator(model_config, info: DatasetInfo) -> nn.Module:
 __all__ = [
     "GENERATORS", "DISCRIMINATORS", "build_generator", "build_discriminator",
     "TransformerGenerator", "CNNGenerator", "ResNetDiscriminator",
+    "Translator", "UNet",
     "VARIANTS", "Variant", "decode_variant",
 ]

@@ -22,9 +22,10 @@ from medgen_jax.train import logging as log_lib
 from medgen_jax.train import losses
 from medgen_jax.train import parallel
 from medgen_jax.train import state as state_lib
+from medgen_jax.train import translation
 
 SAMPLE_COLS = 8
-LOSS_KEYS = ("d_loss", "g_loss", "r1", "d_real", "d_fake")
+LOSS_KEYS = ("d_loss", "g_loss", "r1", "d_real", "d_fake", "recon_l1")
 
 
 def validate_config(config: Any, num_devices: int) -> None:
@@ -124,7 +125,11 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
     The summary dict (also written to workdir/summary.json).
   """
   models = state_lib.make_models(generator, discriminator, config)
-  trainer = parallel.build_trainer(config, models, info)
+  task = config.get("task", "generation")
+  if task not in translation.TASKS:
+    raise ValueError(f"unknown config.task {task!r}; expected one of {translation.TASKS}")
+  hooks = translation.trainer_hooks(config, models, info) if task == "translation" else {}
+  trainer = parallel.build_trainer(config, models, info, **hooks)
   it = iterator
   t = config.train
   is_main = jax.process_index() == 0
@@ -151,6 +156,10 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   sample_fn = jax.jit(lambda p, s: generator.apply({"params": p, **s}, sample_z,
                                                    sample_cond, train=False))
   sample_dir = os.path.join(workdir, "samples")
+  if task == "translation":  # rows: real pairs | translated, on the latest batch
+    row_labels = list(translation.SAMPLE_ROWS)
+    translate_fn = translation.make_sample_fn(generator, config, info)
+    sample_fn = lambda p, s: translate_fn(p, s, host_batch)
 
   def write_samples(step, placed_state):
     host = trainer.get_state(placed_state)
@@ -172,7 +181,8 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   try:
     with ckpt_lib.sigterm_flag() as sigterm:
       while step < t.num_steps:
-        batch = trainer.put_batch(_host_batch(next(it), info))
+        host_batch = _host_batch(next(it), info)
+        batch = trainer.put_batch(host_batch)
         state, metrics = trainer.step(state, batch)
         pending.append((step, metrics))
         step += 1

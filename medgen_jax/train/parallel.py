@@ -131,20 +131,25 @@ class Trainer:
 
 
 def build_trainer(config: Any, models: state_lib.Models, info: DatasetInfo,
-                  devices=None) -> Trainer:
-  """Mesh + shardings + the wrapped train step for config.parallel.mode."""
+                  devices=None, *, step_fn: Callable | None = None,
+                  init_fn: Callable | None = None) -> Trainer:
+  """Mesh + shardings + the wrapped train step for config.parallel.mode.
+
+  `step_fn` / `init_fn` replace `step.train_step` / `state.make_init_fn`'s
+  init for other tasks (e.g. `translation.trainer_hooks`); same signatures.
+  """
   pcfg = config.parallel
   devices = jax.devices() if devices is None else devices
   validate(pcfg, config.train.batch_size, len(devices))
   mesh = make_mesh(pcfg, devices)
-  init = state_lib.make_init_fn(models, info, latent_dim=config.model.latent_dim,
-                                seed=config.train.seed)
+  init = init_fn or state_lib.make_init_fn(
+      models, info, latent_dim=config.model.latent_dim, seed=config.train.seed)
   # Shapes first, then shardings, then a jitted init that lays the state out.
   abstract = jax.eval_shape(init)
   replicated = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   init_placed = jax.jit(init, out_shardings=state_sharding)
-  step = functools.partial(step_lib.train_step, models=models, config=config)
+  step = functools.partial(step_fn or step_lib.train_step, models=models, config=config)
   batch_sharding = NamedSharding(mesh, batch_partition_spec(pcfg))
 
   def put_global_batch(batch):

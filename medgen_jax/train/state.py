@@ -99,18 +99,27 @@ def _split_variables(variables: Any) -> tuple[Any, dict]:
 
 
 def make_init_fn(models: Models, info: DatasetInfo, *, latent_dim: int,
-                 seed: int) -> Callable[[], TrainState]:
-  """A pure function () -> TrainState, meant for `jax.eval_shape` and `jax.jit`."""
+                 seed: int, example_inputs: tuple[tuple, tuple] | None = None
+                 ) -> Callable[[], TrainState]:
+  """A pure function () -> TrainState, meant for `jax.eval_shape` and `jax.jit`.
+
+  `example_inputs` = (generator args, discriminator args) for a batch of one;
+  None = ((z, conditions), (images, conditions)) of the generation task
+  (translation passes (sources, conditions), (pairs, conditions)).
+  """
   def init() -> TrainState:
     rng = jax.random.PRNGKey(seed)
     rng, kg, kd, kgd, kdd = jax.random.split(rng, 5)
-    z = jnp.zeros((1, latent_dim), jnp.float32)
-    cond = dummy_conditions(info, 1)
-    images = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
+    if example_inputs is None:
+      cond = dummy_conditions(info, 1)
+      g_args = (jnp.zeros((1, latent_dim), jnp.float32), cond)
+      d_args = (jnp.zeros((1,) + tuple(info.image_shape), jnp.float32), cond)
+    else:
+      g_args, d_args = example_inputs
     g_params, g_state = _split_variables(
-        models.generator.init({"params": kg, "dropout": kgd}, z, cond, train=False))
+        models.generator.init({"params": kg, "dropout": kgd}, *g_args, train=False))
     d_params, d_state = _split_variables(
-        models.discriminator.init({"params": kd, "dropout": kdd}, images, cond, train=False))
+        models.discriminator.init({"params": kd, "dropout": kdd}, *d_args, train=False))
     return TrainState(
         step=jnp.zeros((), jnp.int32), g_params=g_params, g_state=g_state,
         d_params=d_params, d_state=d_state,
