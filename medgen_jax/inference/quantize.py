@@ -179,11 +179,13 @@ def prepare(generator, params: Any, precision: str, *, example_z: jax.Array,
   ptq = qwix.quantize_model(generator, qwix.PtqProvider(int8_rules(**rules_kwargs)))
   abstract = jax.eval_shape(lambda: ptq.init(
       jax.random.key(0), example_z, example_conditions, train=False))["params"]
-  stats = (_calibrate(generator, params, rules_kwargs, calibration)
+  # numpy, so that qwix's Python checks on the statistics stay concrete under jit.
+  stats = (jax.tree.map(np.asarray, _calibrate(generator, params, rules_kwargs, calibration))
            if activations else flax.core.FrozenDict())
-  # One compiled program instead of hundreds of small eager quantize ops.
-  stored = jax.jit(lambda p, s: _quantize_tables(qwix.quantize_params(p, abstract, s)))(
-      params, stats)
+  # One compiled program instead of hundreds of small eager quantize ops; the
+  # calibration statistics stay concrete (qwix checks their counts in Python).
+  stored = jax.jit(lambda p: _quantize_tables(qwix.quantize_params(p, abstract, stats)))(
+      params)
 
   def apply(p, z, conditions):
     out = ptq.apply({"params": _dequantize_tables(p)}, z, conditions, train=False)
