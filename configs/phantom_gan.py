@@ -38,6 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dict(
       gan="nonsaturating", r1_gamma=0.2, r1_every=4,
       augment="translation,cutout,intensity", ema_decay=0.999))
+  # Evaluation (medgen_jax.eval.evaluate): None sample count = size of the real
+  # test split; None extractor path = a cache keyed by the dataset's identity.
+  config.eval = ml_collections.ConfigDict(dict(
+      num_samples=ml_collections.config_dict.placeholder(int), seed=0,
+      extractor_path=ml_collections.config_dict.placeholder(str),
+      extractor_steps=1500, kid_subsets=100, bootstrap_resamples=50))
   config.parallel = ml_collections.ConfigDict(dict(
       mode="jit", mesh=dict(data=-1, seq=1), logical_axis_rules=(("batch", "data"),),
       distributed=False, coordinator_address="", num_processes=1, process_id=0))
@@ -52,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           checkpoint_every=2)
       config.loss.ema_decay = 0.9
       config.loss.r1_every = 2
+      config.eval.update(extractor_steps=6, kid_subsets=3, bootstrap_resamples=3)
     elif v == "cnn":
       config.model.generator = "cnn"
     elif v.startswith("attention="):

@@ -19,6 +19,12 @@ from medgen_jax.attention.layers import (
     MultiHeadAttention,
     TransformerBlock,
 )
+from medgen_jax.attention.sequence_parallel import (
+    all_to_all_axial_attention,
+    ring_attention,
+    sequence_parallel_axial_attention,
+    sequence_parallel_full_attention,
+)
 from medgen_jax.attention.position import (
     LearnedPositionEmbedding,
     RelativePositionBias,
@@ -34,10 +40,14 @@ __all__ = [
     "MultiHeadAttention",
     "RelativePositionBias",
     "TransformerBlock",
+    "all_to_all_axial_attention",
     "attention_weights",
     "axial_attention",
     "full_attention",
     "relative_position_index",
+    "ring_attention",
+    "sequence_parallel_axial_attention",
+    "sequence_parallel_full_attention",
     "shifted_window_mask",
     "sinusoidal_position_encoding",
     "window_attention",
