@@ -24,6 +24,7 @@ independent of the rest of its batch, so features do not depend on batch size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Mapping, Sequence
@@ -120,9 +121,27 @@ def init_extractor(fields: Sequence[ConditionField], input_shape: Sequence[int],
   # Jitted init with an 'rbg' key: compiling threefry for every initializer
   # costs ~20 s of CPU for this small net, XLA's RngBitGenerator ~4 s.
   # Seeded and deterministic per platform.
-  params = jax.jit(model.init)(jax.random.key(seed, impl="rbg"),
-                               jnp.zeros((1, *input_shape), jnp.float32))
+  params = _init(model, jax.random.key(seed, impl="rbg"),
+                 jnp.zeros((1, *input_shape), jnp.float32))
   return model, params["params"]
+
+
+# Module-level jits with the (hashable) model static: repeated trainings of the
+# same architecture (downstream seeds, evaluation reruns) compile once.
+_init = jax.jit(lambda model, key, x: model.init(key, x), static_argnums=0)
+
+
+def _optimizer(lr: float, warmup: int, steps: int) -> optax.GradientTransformation:
+  return optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup, max(steps, warmup + 1)), weight_decay=1e-4)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_step(model, schedule: tuple[float, int, int], params, opt_state, x, t):
+  (loss, metrics), grads = jax.value_and_grad(
+      lambda p: _loss(model, p, x, t), has_aux=True)(params)
+  updates, opt_state = _optimizer(*schedule).update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, {"loss": loss, **metrics}
 
 
 def _normalised_targets(conditions: Mapping[str, np.ndarray],
@@ -205,24 +224,15 @@ def train_feature_extractor(images, conditions: Mapping[str, np.ndarray],
   targets = _normalised_targets(conditions, fields, n)
   model, params = init_extractor(fields, images.shape[1:], seed=seed,
                                  widths=widths, feature_dim=feature_dim)
-  warmup = min(10, steps // 4)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(
-      0.0, lr, warmup, max(steps, warmup + 1)), weight_decay=1e-4)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, x, t):
-    (loss, metrics), grads = jax.value_and_grad(
-        lambda p: _loss(model, p, x, t), has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, **metrics}
+  schedule = (float(lr), min(10, steps // 4), int(steps))
+  opt_state = _optimizer(*schedule).init(params)
 
   rng = np.random.default_rng(seed)
   history = []
   for _ in range(steps):
     idx = rng.choice(n, batch_size, replace=n < batch_size)
-    params, opt_state, metrics = step(
-        params, opt_state, jnp.asarray(images[idx]),
+    params, opt_state, metrics = _train_step(
+        model, schedule, params, opt_state, jnp.asarray(images[idx]),
         {k: jnp.asarray(v[idx]) for k, v in targets.items()})
     history.append({k: float(v) for k, v in metrics.items()})
   return model, params, history
