@@ -119,3 +119,21 @@ def test_missing_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     info = data_lib.load_info(phantom_gan.get_config("quick").data)
     sample.restore_ema_generator(phantom_gan.get_config("quick"), str(tmp_path), info)
+
+
+@pytest.mark.slow  # minutes on a shared 2-core CPU: compiles a real train step
+def test_after_real_training(tmp_path):
+  from medgen_jax.train import train_and_evaluate
+  config = phantom_gan.get_config("quick")
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(config, workdir)
+  s = sample.sample(config, workdir, num_samples=2, out_dir=str(tmp_path / "s"),
+                    precision="int8", batch_size=2)
+  assert s["checkpoint_step"] == config.train.num_steps
+  generate, step = sample.generator_fn(config, workdir, data_lib.load_info(config.data),
+                                       batch_size=2)
+  images = generate({"lesion": np.array([0, 2], np.int32),
+                     "age": np.array([30.0, np.nan], np.float32),
+                     "site": np.array([-1, 1], np.int32)}, 0)
+  assert step == config.train.num_steps and images.shape == (2, 32, 32, 1)
+  assert np.all(np.abs(images) <= 1.0)

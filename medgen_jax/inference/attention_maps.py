@@ -306,7 +306,7 @@ def attention_maps(config: Any, workdir: str, *, query: Sequence[int], out_dir: 
     name = f"layer_{i:02d}_{layer.path.replace('/', '_')}.png"
     _overlay(display, heat, os.path.join(out_dir, name), query=query,
              title=f"{layer.path}: {layer.attention} {layer.grid}"
-                   + (f" win {layer.window} shift {layer.shift}" if layer.window else ""))
+                   + (f"\nwindow {layer.window} shift {layer.shift}" if layer.window else ""))
     peak = np.unravel_index(int(np.argmax(row)), layer.grid)
     report["layers"].append(dict(
         path=layer.path, attention=layer.attention, grid=list(layer.grid),
