@@ -57,9 +57,41 @@ def _as_4d(x: Array | None, target: tuple[int, int, int, int], what: str) -> Arr
   return x
 
 
+# On CPU the blocked form beats XLA's dense attention (which writes the whole
+# [B, h, N, M] score tensor several times) from about 512 x 512 scores on:
+# measured 1.5x at 512, 2.2x at 1024 and 2x-3x at 2048 tokens (B=4, 4 heads,
+# head_dim 32, fwd+bwd); see docs/benchmarks.md.
+_CPU_CHUNKED_MIN_SCORES = 512 * 512
+# Default block: about 2^18 float32 scores per (B, h, bq, bk) block (1 MiB), so
+# a block and its exp stay in L2; measured 128 x 128 at B * h = 16 beats 256+.
+_CPU_BLOCK_SCORES = 2 ** 18
+IMPLEMENTATIONS = ("xla", "chunked")
+
+
+def default_chunk_size(batch_heads: int, q_len: int, kv_len: int,
+                       backend: str | None = None) -> int | None:
+  """Block size `full_attention` uses when chunk_size is None (None = XLA path).
+
+  Args:
+    batch_heads: batch * heads, the number of independent attention maps.
+    q_len, kv_len: sequence lengths.
+    backend: a jax backend name; None is the default backend.
+
+  Returns:
+    A power-of-two block in [64, 512] on CPU for q_len * kv_len >= 512 * 512,
+    else None (GPU/TPU keep `jax.nn.dot_product_attention`, i.e. cuDNN/XLA).
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu" or q_len * kv_len < _CPU_CHUNKED_MIN_SCORES:
+    return None
+  side = math.sqrt(_CPU_BLOCK_SCORES / max(batch_heads, 1))
+  return int(min(512, max(64, 2 ** round(math.log2(side)))))
+
+
 def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
                    mask: Array | None = None,
-                   chunk_size: IntOrSeq | None = None) -> Array:
+                   chunk_size: IntOrSeq | None = None,
+                   implementation: str | None = None) -> Array:
   """Softmax attention of every query over every key.
 
   Args:
@@ -68,12 +100,16 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
     v: `[batch, kv_len, heads, head_dim]`.
     bias: added to the scaled logits, broadcastable to `[batch, heads, q_len, kv_len]`.
     mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`; True = may attend.
-    chunk_size: None calls `jax.nn.dot_product_attention` (cuDNN on GPU). An int
-      (or a `(query_block, key_block)` pair) runs the exact memory-efficient
-      version: online softmax over key blocks inside a loop over query blocks,
-      with a flash-attention backward that recomputes blocks, so forward and
-      backward memory grow linearly with the sequence length. Blocks of
-      512-1024 keep the inner matmuls large.
+    chunk_size: an int (or a `(query_block, key_block)` pair) runs the exact
+      memory-efficient version: online softmax over key blocks inside a loop
+      over query blocks, with a flash-attention backward that recomputes
+      blocks, so forward and backward memory grow linearly with the sequence
+      length. None picks by backend (`default_chunk_size`): on CPU the chunked
+      form for q_len * kv_len >= 512 * 512, where it is faster, with blocks of
+      ~1 MiB of scores; otherwise `jax.nn.dot_product_attention` (cuDNN on GPU).
+    implementation: None (choose as above), 'xla' (always
+      `jax.nn.dot_product_attention`, ignoring chunk_size) or 'chunked' (the
+      blocked form, with the default block when chunk_size is None).
 
   Returns:
     `[batch, q_len, heads, head_dim]` in q's dtype.
@@ -88,6 +124,15 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
   mask = _as_4d(mask, (b, h, n, m), "mask")
   if mask is not None:
     mask = mask.astype(bool)
+  if implementation not in (None,) + IMPLEMENTATIONS:
+    raise ValueError(f"full_attention: implementation must be None or one of "
+                     f"{IMPLEMENTATIONS}; got {implementation!r}")
+  if implementation == "xla":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+  if chunk_size is None:
+    chunk_size = default_chunk_size(b * h, n, m)
+    if chunk_size is None and implementation == "chunked":
+      chunk_size = default_chunk_size(b * h, n, m, backend="cpu") or 128
   if chunk_size is None:
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
   q_chunk, k_chunk = ((chunk_size, chunk_size) if isinstance(chunk_size, int)
@@ -148,15 +193,17 @@ def _chunked_attention(q, k, v, bias, mask, q_chunk, k_chunk):
   m = k.shape[1]
   bq, bk = _block_size(n, q_chunk), _block_size(m, k_chunk)
   n_pad, m_pad = -(-n // bq) * bq, -(-m // bk) * bk
-  # [B, h, N, d] makes every block product a plain batched matmul.
-  qt = _pad_axis(q.transpose(0, 2, 1, 3), 2, n_pad, 0)
+  scale = 1.0 / math.sqrt(d)
+  # [B, h, N, d] makes every block product one batched matmul over (B, h).
+  # q is scaled once here rather than every [bq, bk] logit block.
+  qt = _pad_axis((q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3), 2, n_pad, 0)
   kt = _pad_axis(k.transpose(0, 2, 1, 3), 2, m_pad, 0)
   vt = _pad_axis(v.transpose(0, 2, 1, 3), 2, m_pad, 0)
   if bias is not None:
     bias = _pad_axis(_pad_axis(bias, 2, n_pad, 0), 3, m_pad, 0)
   if mask is not None:
     mask = _pad_axis(_pad_axis(mask, 2, n_pad, True), 3, m_pad, True)
-  cfg = _FlashConfig(bq=bq, bk=bk, kv_len=m, scale=1.0 / math.sqrt(d))
+  cfg = _FlashConfig(bq=bq, bk=bk, kv_len=m, scale=scale)
   out = _flash(cfg, qt, kt, vt, bias, mask)
   return out[:, :, :n].transpose(0, 2, 1, 3)
 
@@ -197,10 +244,22 @@ def _slice(x: Array, axis: int, start, size: int) -> Array:
   return lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
+def _rows(x: Array, i, size: int) -> Array:
+  """Rows [i * size, (i + 1) * size) of axis 2; the whole array if there is one block."""
+  if x.shape[2] == size:
+    return x
+  return lax.dynamic_slice_in_dim(x, i * size, size, 2)
+
+
+def _mm(x: Array, y: Array, contract: tuple[int, int]) -> Array:
+  """float32 batched matmul over the leading (batch, heads) axes of 4D x and y."""
+  return lax.dot_general(x, y, (((contract[0],), (contract[1],)), ((0, 1), (0, 1))),
+                         preferred_element_type=jnp.float32)
+
+
 def _block_logits(cfg: _FlashConfig, qi, kj, bias, mask, i, j):
-  """Scaled, biased, masked float32 logits of query block i vs key block j."""
-  s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32)
-  s = s * cfg.scale
+  """Biased, masked float32 logits of (pre-scaled) query block i vs key block j."""
+  s = _mm(qi, kj, (3, 3))  # [B, h, bq, bk]
   if bias is not None:
     s = s + _slice(_slice(bias, 2, i * cfg.bq, cfg.bq), 3, j * cfg.bk, cfg.bk).astype(jnp.float32)
   if mask is not None:
@@ -218,39 +277,37 @@ def _block_logits(cfg: _FlashConfig, qi, kj, bias, mask, i, j):
 def _flash_forward(cfg: _FlashConfig, q, k, v, bias, mask):
   """Returns out `[B, h, N, d]` (q dtype) and the row max and 1/row-sum `[B, h, N]`.
 
-  The softmax statistics stay split (not one logsumexp) because a fully masked
-  row has max = _MASK_VALUE, and adding log(row_sum) to it rounds away.
+  `q` is already scaled by 1/sqrt(d). The softmax statistics stay split (not
+  one logsumexp) because a fully masked row has max = _MASK_VALUE, and adding
+  log(row_sum) to it rounds away.
   """
   b, h, n, d = q.shape
   m = k.shape[2]
   nq, nk = n // cfg.bq, m // cfg.bk
+  like = (q, k, v, bias, mask)
 
-  def query_block(i):
-    qi = lax.dynamic_slice_in_dim(q, i * cfg.bq, cfg.bq, 2)
+  def query_block(_, i):
+    qi = _rows(q, i, cfg.bq)
 
     def key_step(carry, j):
       row_max, row_sum, acc = carry
-      kj = lax.dynamic_slice_in_dim(k, j * cfg.bk, cfg.bk, 2)
-      vj = lax.dynamic_slice_in_dim(v, j * cfg.bk, cfg.bk, 2)
-      s, _ = _block_logits(cfg, qi, kj, bias, mask, i, j)
+      s, _ = _block_logits(cfg, qi, _rows(k, j, cfg.bk), bias, mask, i, j)
       new_max = jnp.maximum(row_max, s.max(axis=-1))
       p = jnp.exp(s - new_max[..., None])
       correction = jnp.exp(row_max - new_max)
       row_sum = correction * row_sum + p.sum(axis=-1)
-      acc = correction[..., None] * acc + jnp.einsum(
-          "bhqk,bhkd->bhqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+      acc = correction[..., None] * acc + _mm(p.astype(v.dtype), _rows(v, j, cfg.bk), (3, 2))
       return (new_max, row_sum, acc), None
 
-    like = (q, k, v, bias, mask)
     init = (_full((b, h, cfg.bq), -jnp.inf, *like), _full((b, h, cfg.bq), 0.0, *like),
             _full((b, h, cfg.bq, d), 0.0, *like))
     (row_max, row_sum, acc), _ = lax.scan(key_step, init, jnp.arange(nk))
     inv_sum = 1.0 / row_sum
-    return (acc * inv_sum[..., None]).astype(q.dtype), (row_max, inv_sum)
+    return None, ((acc * inv_sum[..., None]).astype(q.dtype), row_max, inv_sum)
 
-  out, stats = lax.map(query_block, jnp.arange(nq))  # [nq, B, h, bq, (d)]
-  out = jnp.moveaxis(out, 0, 2).reshape(b, h, n, d)
-  stats = tuple(jnp.moveaxis(x, 0, 2).reshape(b, h, n) for x in stats)
+  _, (out, row_max, inv_sum) = lax.scan(query_block, None, jnp.arange(nq))
+  out = jnp.moveaxis(out, 0, 2).reshape(b, h, n, d)  # [nq, B, h, bq, d] -> [B, h, N, d]
+  stats = tuple(jnp.moveaxis(x, 0, 2).reshape(b, h, n) for x in (row_max, inv_sum))
   return out, stats
 
 
@@ -265,57 +322,68 @@ def _flash_fwd(cfg, q, k, v, bias, mask):
 
 
 def _flash_bwd(cfg, res, dout):
-  """FlashAttention-2 backward: recompute each block from the stored row statistics."""
+  """Flash backward: recompute each block's probabilities from the row statistics.
+
+  The loop runs over query blocks outside and key blocks inside, so dq of a
+  query block is a loop-local accumulator, while dk/dv (and dbias) accumulate
+  into full-size carries. With p = e * inv_sum (e = exp(s - row_max)), the
+  1/row-sum is folded into the [bq, d] rows of dout and into delta instead of
+  every [bq, bk] block:
+    dv = e^T (dout * inv),  ds = e * ((dout * inv) v^T - delta * inv).
+  """
   q, k, v, bias, mask, out, (row_max, inv_sum) = res
   b, h, n, d = q.shape
   m = k.shape[2]
   nq, nk = n // cfg.bq, m // cfg.bk
+  like = (q, k, v, bias, mask, dout)
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  dout_s = (dout.astype(jnp.float32) * inv_sum[..., None]).astype(dout.dtype)
+  delta_s = delta * inv_sum
 
-  def key_block(carry, j):
-    dq, dbias = carry
-    kj = lax.dynamic_slice_in_dim(k, j * cfg.bk, cfg.bk, 2)
-    vj = lax.dynamic_slice_in_dim(v, j * cfg.bk, cfg.bk, 2)
+  def query_block(carry, i):
+    qi, doi = _rows(q, i, cfg.bq), _rows(dout_s, i, cfg.bq)
+    max_i, delta_i = _rows(row_max, i, cfg.bq), _rows(delta_s, i, cfg.bq)
 
-    def query_step(carry, i):
-      dk_j, dv_j, dq, dbias = carry
-      qi = lax.dynamic_slice_in_dim(q, i * cfg.bq, cfg.bq, 2)
-      doi = lax.dynamic_slice_in_dim(dout, i * cfg.bq, cfg.bq, 2)
-      max_i = lax.dynamic_slice_in_dim(row_max, i * cfg.bq, cfg.bq, 2)
-      inv_i = lax.dynamic_slice_in_dim(inv_sum, i * cfg.bq, cfg.bq, 2)
-      delta_i = lax.dynamic_slice_in_dim(delta, i * cfg.bq, cfg.bq, 2)
+    def key_step(carry, j):
+      dq_i, dk, dv, dbias = carry
+      kj, vj = _rows(k, j, cfg.bk), _rows(v, j, cfg.bk)
       s, mask_ij = _block_logits(cfg, qi, kj, bias, mask, i, j)
-      p = jnp.exp(s - max_i[..., None]) * inv_i[..., None]
-      dv_j = dv_j + jnp.einsum("bhqk,bhqd->bhkd", p.astype(dout.dtype), doi,
-                               preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_i[..., None])
+      e = jnp.exp(s - max_i[..., None])
+      dv_j = _mm(e.astype(doi.dtype), doi, (2, 2))  # [B, h, bk, d]
+      ds = e * (_mm(doi, vj, (3, 3)) - delta_i[..., None])
       if mask_ij is not None:
         ds = jnp.where(mask_ij, ds, 0.0)  # masked logits are constants
       if dbias is not None:
         dbias = _accumulate_bias_grad(cfg, dbias, ds, i, j)
-      ds = ds * cfg.scale
-      dq_i = lax.dynamic_slice_in_dim(dq, i * cfg.bq, cfg.bq, 2) + jnp.einsum(
-          "bhqk,bhkd->bhqd", ds.astype(k.dtype), kj, preferred_element_type=jnp.float32)
-      dq = lax.dynamic_update_slice_in_dim(dq, dq_i, i * cfg.bq, 2)
-      dk_j = dk_j + jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qi,
-                               preferred_element_type=jnp.float32)
-      return (dk_j, dv_j, dq, dbias), None
+      ds = ds.astype(q.dtype)
+      dq_i = dq_i + _mm(ds, kj, (3, 2))
+      dk_j = _mm(ds, qi, (2, 2))  # qi is pre-scaled, so this is already dL/dk
+      dk = _add_rows(dk, dk_j, j, cfg.bk)
+      dv = _add_rows(dv, dv_j, j, cfg.bk)
+      return (dq_i, dk, dv, dbias), None
 
-    init = (_full((b, h, cfg.bk, d), 0.0, *like), _full((b, h, cfg.bk, d), 0.0, *like),
-            dq, dbias)
-    (dk_j, dv_j, dq, dbias), _ = lax.scan(query_step, init, jnp.arange(nq))
-    return (dq, dbias), (dk_j, dv_j)
+    dk, dv, dbias = carry
+    init = (_full((b, h, cfg.bq, d), 0.0, *like), dk, dv, dbias)
+    (dq_i, dk, dv, dbias), _ = lax.scan(key_step, init, jnp.arange(nk))
+    return (dk, dv, dbias), dq_i
 
-  like = (q, k, v, bias, mask, dout)
   dbias0 = None if bias is None else _full(bias.shape, 0.0, *like)
-  (dq, dbias), (dk, dv) = lax.scan(key_block, (_full(q.shape, 0.0, *like), dbias0),
-                                   jnp.arange(nk))
-  dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
-  dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
+  init = (_full(k.shape, 0.0, *like), _full(v.shape, 0.0, *like), dbias0)
+  (dk, dv, dbias), dq = lax.scan(query_block, init, jnp.arange(nq))
+  # This is the gradient w.r.t. the pre-scaled q; autodiff of `q * scale` in
+  # `_chunked_attention` applies the scale.
+  dq = jnp.moveaxis(dq, 0, 2).reshape(q.shape)
   if dbias is not None:
     dbias = dbias.astype(bias.dtype)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None)
+
+
+def _add_rows(acc: Array, block: Array, j, size: int) -> Array:
+  """acc[:, :, j * size:(j + 1) * size] += block (in place inside the loop)."""
+  if acc.shape[2] == size:
+    return acc + block
+  current = lax.dynamic_slice_in_dim(acc, j * size, size, 2)
+  return lax.dynamic_update_slice_in_dim(acc, current + block, j * size, 2)
 
 
 def _accumulate_bias_grad(cfg: _FlashConfig, dbias: Array, ds: Array, i, j) -> Array:
