@@ -24,6 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   base = [v for v in variants if v == "quick" or v.startswith("attention=")]
   config = phantom_gan.get_config(",".join(["pet"] + base))
   config.task = "translation"
+  # experiments.evaluate compares against the U-Net trained here (same data
+  # and budget: --config configs/phantom_ct2pet.py:unet --workdir that dir).
+  config.baseline_workdir = ""
   m = config.model
   m.generator = "translator"
   m.source_modalities = ("ct",)

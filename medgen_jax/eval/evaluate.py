@@ -458,7 +458,13 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   Returns:
     the flat metrics dict also written to `workdir/eval/metrics.json`, with
     `checkpoint_step`, the extractor's path and whether it was reused.
+    A translation config (`config.task == 'translation'`) returns
+    `eval.translation.evaluate_translation`'s paired metrics instead.
   """
+  if config.get("task", "generation") == "translation":
+    from medgen_jax.eval import translation  # pylint: disable=import-outside-toplevel
+    return translation.evaluate_translation(
+        config, workdir, baseline_workdir=config.get("baseline_workdir") or None)
   s = eval_settings(config)
   step = require_checkpoint(workdir)
   from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel

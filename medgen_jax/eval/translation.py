@@ -145,3 +145,99 @@ def compare_to_baseline(model: Mapping[str, float], baseline: Mapping[str, float
     out[key] = {"model": a, "baseline": b,
                 "better": float(diff) if np.isfinite(diff) else float("nan")}
   return out
+
+
+def restore_translator(config: Any, workdir: str, info: DatasetInfo
+                       ) -> tuple[Callable[[np.ndarray, Mapping[str, np.ndarray]], np.ndarray], int]:
+  """(translate(images, conditions) -> [b, *spatial, T], step) of the EMA
+  translator in the newest checkpoint of `workdir` (config.task translation).
+
+  Raises:
+    FileNotFoundError: no checkpoint in `workdir/checkpoints`.
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from medgen_jax import models as models_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train import translation as train_tr  # pylint: disable=import-outside-toplevel
+
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {directory}; train first")
+  generator = models_lib.build_generator(config.model, info)
+  models = state_lib.make_models(
+      generator, models_lib.build_discriminator(config.model, info), config)
+  abstract = jax.eval_shape(train_tr.make_init_fn(models, info, config))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  manager = ckpt_lib.make_manager(directory, keep=int(config.train.keep_checkpoints))
+  try:
+    restored = ckpt_lib.restore_latest(manager, ckpt_lib.abstract_with_sharding(
+        abstract, jax.tree.map(lambda _: device, abstract)))
+  finally:
+    manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"no complete checkpoint in {directory}")
+  state, _, step = restored
+  variables = {"params": state.ema_params, **state.g_state}
+
+  @jax.jit
+  def run(images, cond):
+    sources, _, _ = train_tr.split_pair(images, config, info)
+    return generator.apply(variables, sources, cond, train=False)
+
+  def translate(images, cond):
+    return np.asarray(run(np.asarray(images, np.float32),
+                          {f.name: np.asarray(cond[f.name]) for f in info.conditions}))
+  return translate, int(step)
+
+
+def evaluate_translation(config: Any, workdir: str, *, baseline_workdir: str | None = None,
+                         split: str = "test", max_examples: int | None = None,
+                         batch_size: int = 16, filter_size: int = 11) -> dict[str, Any]:
+  """Metrics of the translator in `workdir` (and of a baseline) on a split.
+
+  The baseline is the same config with `model.generator='unet'` trained in
+  `baseline_workdir` (e.g. `configs/phantom_ct2pet.py:unet`). Body masks
+  come from the real CT channel when there is one, lesion masks from the
+  dataset's 'lesion_mask'.
+
+  Returns:
+    {'model': metrics, 'checkpoint_step', and with a baseline 'baseline':
+    metrics, 'comparison': `compare_to_baseline`}; also written to
+    `workdir/eval/translation_metrics.json`.
+  """
+  import copy  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.models.translator import source_target_names  # pylint: disable=import-outside-toplevel
+
+  info = data_lib.load_info(config.data)
+  _, targets = source_target_names(config.model, info)
+  arrays = data_lib.load_arrays(config.data, split=split, max_examples=max_examples)
+  images = arrays["image"]
+  cond = {f.name: arrays[f.name] for f in info.conditions}
+  real = np.stack([images[..., info.modalities.index(t)] for t in targets], -1)
+  body = body_masks_from(info.to_physical(images), info)
+  lesion = arrays.get("lesion_mask")
+
+  def score(cfg, run_dir):
+    translate, step = restore_translator(cfg, run_dir, info)
+    fake = translate_arrays(translate, images, cond, batch_size=batch_size)
+    return translation_metrics(real, fake, info, targets, body_mask=body,
+                               lesion_mask=lesion, filter_size=filter_size), step
+
+  out: dict[str, Any] = {}
+  out["model"], out["checkpoint_step"] = score(config, workdir)
+  if baseline_workdir:
+    base = copy.deepcopy(config)
+    with base.unlocked():
+      base.model.generator = "unet"
+    out["baseline"], out["baseline_step"] = score(base, baseline_workdir)
+    out["comparison"] = compare_to_baseline(out["model"], out["baseline"])
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "translation_metrics.json"), "w") as f:
+    json.dump(out, f, indent=2, default=float)
+  return out
