@@ -18,19 +18,30 @@ def get_config(arg=None):
   config.num_heads = 4
   config.head_dim = 32
   config.window_size = 8
-  config.chunk_size = 1024
+  config.chunk_size = ml_collections.config_dict.placeholder(int)  # None: default block
   config.dtype = "float32"
   config.warmup = 1
   config.repeats = 3
+  config.max_seconds_per_row = 15.0  # slow rows get fewer repeats (>= 1)
   config.seed = 0
   config.matmul_size = 2048
   config.memory_budget_gb = 12.0  # rows above this XLA peak are reported as out_of_memory
+  # MFU of one jitted training step of configs/phantom_gan.py (G + D).
+  config.train_step = ml_collections.ConfigDict(dict(
+      enabled=True, gan_config="", repeats=3))
+  # Swin block side by side with timm (PyTorch, `torch_threads` threads).
+  config.swin = ml_collections.ConfigDict(dict(
+      enabled=True, dim=128, num_heads=4, window=8, shift=4, mlp_ratio=4.0, batch=8,
+      grid=64, torch_threads=2, warmup=1, repeats=3))
   if arg == "quick":
     config.grids = ((8, 8), (16, 16), (4, 4, 4))
     config.window_size = 4
     config.chunk_size = 32
     config.repeats = 1
     config.matmul_size = 256
+    config.train_step.enabled = False  # compiling the GAN step takes minutes
+    config.swin.update(dim=16, num_heads=2, window=4, shift=2, batch=1, grid=8,
+                       repeats=1)
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; expected 'quick' or none")
   return config

@@ -9,7 +9,7 @@ import pytest
 
 from configs import benchmark_attention as bench_config
 from medgen_jax import attention
-from medgen_jax.bench import attention_suite, timing
+from medgen_jax.bench import attention_suite, timing, torch_swin
 
 
 def test_xla_flops_of_matmul_is_exact():
@@ -52,6 +52,54 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert row["fwd_bwd_ms"] > 0 and row["peak_bytes"] > 0 and row["flops"] > 0
   assert saved["matmul_gflops_per_s"] > 0
   assert (tmp_path / "attention_scaling.png").stat().st_size > 0
+  # The quick config skips the (minutes-long) GAN step compile; the Swin
+  # block runs in JAX, and in torch only where the [bench] extra is installed.
+  assert saved["train_step_mfu"] is None
+  assert saved["swin_block_ms"] > 0
+  peer = saved["torch_swin_block"]
+  assert (peer["ms"] > 0) if saved["torch_swin_block_ms"] is not None else peer["reason"]
+
+
+def test_torch_swin_without_torch_records_a_reason(monkeypatch):
+  import builtins
+  real_import = builtins.__import__
+
+  def no_torch(name, *args, **kwargs):
+    if name.split(".")[0] in ("torch", "timm"):
+      raise ImportError(f"No module named {name!r}")
+    return real_import(name, *args, **kwargs)
+  monkeypatch.setattr(builtins, "__import__", no_torch)
+  out = torch_swin.torch_swin_block_ms(dim=8, num_heads=2, window=2, shift=1, mlp_ratio=2,
+                                       batch=1, grid=4, threads=1, warmup=0, repeats=1)
+  assert out["ms"] is None and "torch" in out["reason"]
+
+
+def test_peak_bytes_counts_temporaries():
+  # Dense attention of 1024 tokens holds at least one [1, 1024, 1024] float32
+  # score matrix (4 MiB) at once; the estimate must include it.
+  q = jnp.ones((1, 1024, 1, 8))
+  compiled, _ = timing.compile_fn(
+      lambda q: jax.nn.dot_product_attention(q, q, q), (q,))
+  assert timing.xla_peak_bytes(compiled) >= 1024 * 1024 * 4
+
+
+def test_time_compiled_caps_repeats_of_slow_functions():
+  compiled, _ = timing.compile_fn(lambda x: x + 1, (jnp.ones(3),))
+  assert len(timing.time_compiled(compiled, (jnp.ones(3),), warmup=1, repeats=4)) == 4
+  assert len(timing.time_compiled(compiled, (jnp.ones(3),), warmup=1, repeats=4,
+                                  max_seconds=0.0)) == 1
+
+
+def test_train_step_synthetic_batch_matches_phantom_info():
+  from configs import phantom_gan
+  from medgen_jax.bench import train_step
+  config = phantom_gan.get_config("quick")
+  info = train_step.phantom_info(config.data)
+  batch = train_step.synthetic_batch(info, 3)
+  assert batch["image"].shape == (3,) + tuple(info.image_shape)
+  assert info.image_shape[-1] == len(config.data.modalities)
+  assert float(batch["image"].min()) >= -1 and float(batch["image"].max()) <= 1
+  assert set(batch) == {"image"} | {f.name for f in info.conditions}
 
 
 def test_memory_budget_reports_out_of_memory_without_running(tmp_path):

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from medgen_jax import attention
+from medgen_jax.attention.layers import TransformerBlock
 from medgen_jax.bench import timing
+from medgen_jax.bench import torch_swin
 
 VARIANTS = ("full", "full_chunked", "xla_baseline", "axial", "window",
             "window_shifted")
@@ -32,14 +34,15 @@ def _flat(x):
 
 
 def variant_fn(name: str, grid: tuple[int, ...], *, window_size: int,
-               chunk_size: int) -> Callable[..., jax.Array]:
+               chunk_size: int | None) -> Callable[..., jax.Array]:
   """The attention core of variant `name` as f(q, k, v) -> out, same layout."""
-  if name == "full":
+  if name == "full":  # the library default: chunked on CPU above 512^2 scores
     return lambda q, k, v: attention.full_attention(
         _flat(q), _flat(k), _flat(v)).reshape(q.shape)
-  if name == "full_chunked":
+  if name == "full_chunked":  # always blocked; chunk_size None = default block
     return lambda q, k, v: attention.full_attention(
-        _flat(q), _flat(k), _flat(v), chunk_size=chunk_size).reshape(q.shape)
+        _flat(q), _flat(k), _flat(v), chunk_size=chunk_size,
+        implementation="chunked").reshape(q.shape)
   if name == "xla_baseline":
     return lambda q, k, v: jax.nn.dot_product_attention(
         _flat(q), _flat(k), _flat(v)).reshape(q.shape)
@@ -100,12 +103,66 @@ def run_row(name: str, grid: tuple[int, ...], config) -> dict[str, Any]:
             "reason": f"XLA peak {peak / 2**30:.1f} GiB > budget "
                       f"{config.memory_budget_gb} GiB"}
   times = timing.time_compiled(compiled, args, warmup=config.warmup,
-                               repeats=config.repeats)
+                               repeats=config.repeats,
+                               max_seconds=config.max_seconds_per_row)
   row.update(status="ok", fwd_bwd_ms=round(float(np.median(times)), 3),
              fwd_bwd_min_ms=round(min(times), 3))
   if row["flops"]:
     row["gflops_per_s"] = round(row["flops"] / (row["fwd_bwd_ms"] * 1e-3) / 1e9, 2)
   return row
+
+
+def swin_block_ms(swin) -> dict[str, Any]:
+  """fwd+bwd (grads of params and input) of one medgen_jax shifted-window block.
+
+  `swin`: dim, num_heads, window, shift, mlp_ratio, batch, grid, warmup, repeats.
+  The block is `TransformerBlock(attention='window_shifted')` with its learned
+  relative position bias, like timm's `SwinTransformerBlock`.
+  """
+  block = TransformerBlock(num_heads=swin.num_heads, mlp_ratio=swin.mlp_ratio,
+                           attention="window_shifted", window_size=swin.window,
+                           shift=swin.shift)
+  kx, kp, kc = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (swin.batch, swin.grid, swin.grid, swin.dim))
+  params = block.init(kp, x[:1], deterministic=True)
+  cotangent = jax.random.normal(kc, x.shape)
+
+  def loss(params, x):
+    return jnp.sum(block.apply(params, x, deterministic=True) * cotangent)
+  m = timing.measure(jax.grad(loss, argnums=(0, 1)), (params, x), warmup=swin.warmup,
+                     repeats=swin.repeats)
+  return {"ms": round(m.median_ms, 2), "min_ms": round(m.min_ms, 2),
+          "compile_s": round(m.compile_s, 2), "flops": m.flops}
+
+
+def run_extras(config, matmul_rate: float) -> dict[str, Any]:
+  """train_step_mfu, swin_block_ms and torch_swin_block_ms (each None when off)."""
+  out: dict[str, Any] = dict(train_step_mfu=None, swin_block_ms=None,
+                             torch_swin_block_ms=None)
+  if config.train_step.enabled:
+    from configs import phantom_gan  # pylint: disable=import-outside-toplevel
+    from medgen_jax.bench import train_step  # pylint: disable=import-outside-toplevel
+    gan = phantom_gan.get_config(config.train_step.gan_config or None)
+    step = train_step.measure_train_step(gan, warmup=config.warmup,
+                                         repeats=config.train_step.repeats,
+                                         matmul_gflops_per_s=matmul_rate)
+    out.update(train_step_mfu=step["mfu"], train_step=step)
+    print(f"train step: {step['step_ms']:.0f} ms, {step['gflops_per_s']} GFLOP/s, "
+          f"MFU {step['mfu']}", flush=True)
+  swin = config.swin
+  if swin.enabled:
+    jax_swin = swin_block_ms(swin)
+    out.update(swin_block_ms=jax_swin["ms"], swin_block=jax_swin)
+    peer = torch_swin.torch_swin_block_ms(
+        dim=swin.dim, num_heads=swin.num_heads, window=swin.window, shift=swin.shift,
+        mlp_ratio=swin.mlp_ratio, batch=swin.batch, grid=swin.grid,
+        threads=swin.torch_threads, warmup=swin.warmup, repeats=swin.repeats)
+    out.update(torch_swin_block_ms=peer["ms"], torch_swin_block=peer)
+    ratio = (f", torch/jax = {peer['ms'] / jax_swin['ms']:.2f}" if peer["ms"] else
+             f" (torch: {peer.get('reason')})")
+    print(f"swin block fwd+bwd: jax {jax_swin['ms']:.0f} ms, torch {peer['ms']} ms{ratio}",
+          flush=True)
+  return out
 
 
 def machine_description() -> dict[str, Any]:
@@ -174,12 +231,12 @@ def run_benchmark(config, workdir: str) -> dict[str, Any]:
       rows.append(run_row(name, grid, config))
       print(format_table(rows[-1:]).splitlines()[-1], flush=True)
   results["rows"] = rows
-  results.setdefault("train_step_mfu", None)
-  results.setdefault("swin_block_ms", None)
-  results.setdefault("torch_swin_block_ms", None)
+  results.update(run_extras(config, results["matmul_gflops_per_s"]))
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   plot(rows, os.path.join(workdir, "attention_scaling.png"))
   print(format_table(rows))
   print(f"dense matmul roofline: {results['matmul_gflops_per_s']:.1f} GFLOP/s")
+  print(f"train_step_mfu: {results['train_step_mfu']}, swin_block_ms: "
+        f"{results['swin_block_ms']}, torch_swin_block_ms: {results['torch_swin_block_ms']}")
   return results

@@ -1,0 +1,78 @@
+"""Model FLOP utilisation of one jitted GAN training step (G + D, default config).
+
+MFU here = XLA-counted FLOPs of the compiled step / median step time, divided
+by the dense fp32 matmul throughput measured in the same process (the CPU's
+practical roofline, `timing.matmul_gflops_per_s`). The batch is synthetic (the
+step's cost does not depend on pixel values), so no dataset is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medgen_jax import models as models_lib
+from medgen_jax.data import builders_phantom
+from medgen_jax.data.info import DatasetInfo
+from medgen_jax.train import state as state_lib
+from medgen_jax.train import step as step_lib
+from medgen_jax.bench import timing
+
+
+def phantom_info(data_config) -> DatasetInfo:
+  """The phantom DatasetInfo for `data_config`'s modalities, without building it."""
+  info = builders_phantom.stored_info(data_config)
+  channels = len(tuple(data_config.modalities))
+  return dataclasses.replace(info, image_shape=info.spatial_shape + (channels,),
+                             modalities=info.modalities[:channels],
+                             intensity=info.intensity[:channels])
+
+
+def synthetic_batch(info: DatasetInfo, batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
+  """'image' `[batch, *spatial, C]` uniform in [-1, 1] plus valid conditions `[batch]`."""
+  image = jax.random.uniform(jax.random.PRNGKey(seed), (batch_size,) + tuple(info.image_shape),
+                             minval=-1.0, maxval=1.0)
+  return {"image": image, **state_lib.dummy_conditions(info, batch_size)}
+
+
+def measure_train_step(gan_config, *, warmup: int, repeats: int,
+                       matmul_gflops_per_s: float) -> dict[str, Any]:
+  """Compiles and times `train_step` of `gan_config`'s generator + discriminator.
+
+  The state is not advanced between calls, so every timed call is step 0,
+  i.e. a step with the lazy R1 penalty (the most expensive kind); XLA's cost
+  analysis counts the FLOPs of that compiled program.
+
+  Returns:
+    dict with step_ms, compile_s, flops, gflops_per_s, mfu (fraction of
+    `matmul_gflops_per_s`), batch_size and the model description.
+  """
+  info = phantom_info(gan_config.data)
+  generator = models_lib.build_generator(gan_config.model, info)
+  discriminator = models_lib.build_discriminator(gan_config.model, info)
+  models = state_lib.make_models(generator, discriminator, gan_config)
+  init = state_lib.make_init_fn(models, info, latent_dim=gan_config.model.latent_dim,
+                                seed=gan_config.train.seed)
+  state = jax.jit(init)()
+  batch = synthetic_batch(info, gan_config.train.batch_size)
+  step = functools.partial(step_lib.train_step, models=models, config=gan_config)
+  compiled, compile_s = timing.compile_fn(step, (state, batch))
+  times = timing.time_compiled(compiled, (state, batch), warmup=warmup, repeats=repeats)
+  step_ms = float(np.median(times))
+  flops = timing.xla_flops(compiled)
+  rate = flops / (step_ms * 1e-3) / 1e9 if flops else None
+  return dict(
+      step_ms=round(step_ms, 2), step_min_ms=round(min(times), 2),
+      compile_s=round(compile_s, 2), flops=flops,
+      gflops_per_s=None if rate is None else round(rate, 2),
+      mfu=None if rate is None else round(rate / matmul_gflops_per_s, 4),
+      batch_size=int(gan_config.train.batch_size),
+      image_shape=list(info.image_shape),
+      generator=f"{gan_config.model.generator}/{gan_config.model.variant} "
+                f"{gan_config.model.attention}",
+      discriminator=gan_config.model.discriminator,
+      params=int(sum(x.size for x in jax.tree.leaves((state.g_params, state.d_params)))))
