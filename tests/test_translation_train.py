@@ -55,6 +55,7 @@ def setup():
   return config, models, state, step, batch
 
 
+@pytest.mark.slow  # compiling init + step takes minutes on the loaded 2-core box
 def test_step_reports_the_l1_of_the_current_generator_and_reduces_it(setup):
   _, models, state, step, batch = setup
   g = models.generator
