@@ -29,9 +29,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       cond_dim=128, cond_dropout=0.1, qk_norm=True,
       chunk_size=ml_collections.config_dict.placeholder(int),
       discriminator="resnet", d_width=32, spectral_norm=True, dtype="float32"))
+  # Sized for the 15-minute CPU budget: XLA:CPU runs conv weight gradients at
+  # 1-2 GFLOP/s, so one batch-32 step of the S model took ~10 s on the shared
+  # 2-core machine (docs/results.md). On an accelerator raise num_steps (e.g.
+  # --config.train.num_steps=20000 --config.train.batch_size=64).
   config.train = ml_collections.ConfigDict(dict(
-      num_steps=2000, batch_size=32, seed=0, log_every=50, sample_every=500,
-      checkpoint_every=500, keep_checkpoints=3))
+      num_steps=300, batch_size=16, seed=0, log_every=20, sample_every=100,
+      checkpoint_every=100, keep_checkpoints=3))
   config.optim = ml_collections.ConfigDict(dict(
       g_lr=2e-4, d_lr=4e-4, b1=0.0, b2=0.99, schedule="constant", warmup_steps=0,
       grad_clip=10.0))
