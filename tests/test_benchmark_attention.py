@@ -50,6 +50,11 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert row["status"] == "ok", row
     assert row["tokens"] == math.prod(row["grid"]) == 64
     assert row["fwd_bwd_ms"] > 0 and row["peak_bytes"] > 0 and row["flops"] > 0
+  by_name = {r["variant"]: r for r in saved["rows"]}
+  # The blocked form's loops would hide FLOPs from XLA; it is credited with the
+  # same math as the dense baseline.
+  assert by_name["full_chunked"]["flops"] == pytest.approx(
+      by_name["xla_baseline"]["flops"], rel=0.05)  # lowered vs compiled HLO
   assert saved["matmul_gflops_per_s"] > 0
   assert (tmp_path / "attention_scaling.png").stat().st_size > 0
   # The quick config skips the (minutes-long) GAN step compile; the Swin
