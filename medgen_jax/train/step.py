@@ -108,34 +108,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
   fake = lax.stop_gradient(fake)
   real_aug = augment_lib.apply_params(real, aug_real, policy)
   fake_aug = augment_lib.apply_params(fake, aug_fake_d, policy)
-  use_r1 = lcfg.r1_gamma > 0 and lcfg.r1_every > 0
-  r1_weight = losses.lazy_r1_weight(lcfg.r1_gamma, lcfg.r1_every) if use_r1 else 0.0
-
-  def d_objective(d_params, with_r1: bool):
-    def d_real(x):
-      return _apply(D, d_params, state.d_state, x, cond, train=True, rngs={"dropout": drop_d})
-    if with_r1:
-      r1, real_logits, d_state = losses.r1_penalty(d_real, real_aug)
-    else:
-      (real_logits, d_state), r1 = d_real(real_aug), jnp.zeros((), jnp.float32)
-    fake_logits, d_state = _apply(D, d_params, d_state, fake_aug, cond, train=True,
-                                  rngs={"dropout": drop_d})
-    loss = gan.d(real_logits, fake_logits)
-    aux = dict(d_loss=loss, r1=r1, d_real=jnp.mean(real_logits),
-               d_fake=jnp.mean(fake_logits))
-    return loss + r1_weight * r1, (aux, d_state)
-
-  def d_grads(with_r1: bool):
-    return jax.grad(d_objective, has_aux=True)(state.d_params, with_r1)
-
-  if use_r1:
-    d_grad, (d_metrics, d_state) = lax.cond(
-        state.step % lcfg.r1_every == 0, lambda: d_grads(True), lambda: d_grads(False))
-  else:
-    d_grad, (d_metrics, d_state) = d_grads(False)
-  d_grad, d_metrics, d_state = _pmean((d_grad, d_metrics, d_state), axis_name)
-  d_updates, d_opt_state = models.d_tx.update(d_grad, state.d_opt_state, state.d_params)
-  d_params = optax.apply_updates(state.d_params, d_updates)
+  d_params, d_opt_state, d_state, d_grad, d_metrics = discriminator_update(
+      state, real_aug, fake_aug, cond, models=models, loss_config=lcfg,
+      dropout_key=drop_d, axis_name=axis_name)
 
   # Generator update against the updated discriminator.
   def g_objective(g_params):
@@ -149,15 +124,75 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
   (g_loss, (g_state, d_state)), g_grad = jax.value_and_grad(g_objective, has_aux=True)(
       state.g_params)
   g_grad, g_loss, g_state, d_state = _pmean((g_grad, g_loss, g_state, d_state), axis_name)
+  return finish_step(state, models=models, loss_config=lcfg, g_grad=g_grad,
+                     g_state=g_state, d_params=d_params, d_state=d_state,
+                     d_opt_state=d_opt_state, d_grad=d_grad,
+                     metrics=dict(d_metrics, g_loss=g_loss))
+
+
+def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Array,
+                         cond: dict[str, jax.Array], *, models: Models,
+                         loss_config: Any, dropout_key: jax.Array,
+                         axis_name: str | None):
+  """One D optimiser step on (augmented) real and fake inputs.
+
+  Lazy R1 on the real inputs runs on steps divisible by `r1_every` (scaled by
+  it), chosen with `lax.cond` so one executable serves every step. Shared by
+  the generation step and the paired translation step.
+
+  Returns:
+    (d_params, d_opt_state, d_state, d_grad, metrics) with metrics d_loss, r1,
+    d_real, d_fake averaged over `axis_name`.
+  """
+  D, gan = models.discriminator, losses.get_gan_loss(loss_config.gan)
+  use_r1 = loss_config.r1_gamma > 0 and loss_config.r1_every > 0
+  r1_weight = (losses.lazy_r1_weight(loss_config.r1_gamma, loss_config.r1_every)
+               if use_r1 else 0.0)
+
+  def d_objective(d_params, with_r1: bool):
+    def d_real(x):
+      return _apply(D, d_params, state.d_state, x, cond, train=True,
+                    rngs={"dropout": dropout_key})
+    if with_r1:
+      r1, real_logits, d_state = losses.r1_penalty(d_real, real_in)
+    else:
+      (real_logits, d_state), r1 = d_real(real_in), jnp.zeros((), jnp.float32)
+    fake_logits, d_state = _apply(D, d_params, d_state, fake_in, cond, train=True,
+                                  rngs={"dropout": dropout_key})
+    loss = gan.d(real_logits, fake_logits)
+    aux = dict(d_loss=loss, r1=r1, d_real=jnp.mean(real_logits),
+               d_fake=jnp.mean(fake_logits))
+    return loss + r1_weight * r1, (aux, d_state)
+
+  def d_grads(with_r1: bool):
+    return jax.grad(d_objective, has_aux=True)(state.d_params, with_r1)
+
+  if use_r1:
+    d_grad, (d_metrics, d_state) = lax.cond(
+        state.step % loss_config.r1_every == 0, lambda: d_grads(True),
+        lambda: d_grads(False))
+  else:
+    d_grad, (d_metrics, d_state) = d_grads(False)
+  d_grad, d_metrics, d_state = _pmean((d_grad, d_metrics, d_state), axis_name)
+  d_updates, d_opt_state = models.d_tx.update(d_grad, state.d_opt_state, state.d_params)
+  d_params = optax.apply_updates(state.d_params, d_updates)
+  return d_params, d_opt_state, d_state, d_grad, d_metrics
+
+
+def finish_step(state: TrainState, *, models: Models, loss_config: Any, g_grad,
+                g_state, d_params, d_state, d_opt_state, d_grad,
+                metrics: dict[str, jax.Array]
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Applies the (already averaged) G gradient, updates the EMA, adds grad norms
+  and the is_finite flag to `metrics`, and returns the next state."""
   g_updates, g_opt_state = models.g_tx.update(g_grad, state.g_opt_state, state.g_params)
   g_params = optax.apply_updates(state.g_params, g_updates)
-
-  metrics = dict(d_metrics, g_loss=g_loss, d_grad_norm=optax.global_norm(d_grad),
+  metrics = dict(metrics, d_grad_norm=optax.global_norm(d_grad),
                  g_grad_norm=optax.global_norm(g_grad))
   metrics["is_finite"] = jnp.all(jnp.isfinite(jnp.stack(list(metrics.values()))))
   new_state = state.replace(
       step=state.step + 1, g_params=g_params, g_state=g_state, d_params=d_params,
       d_state=d_state, ema_params=ema_lib.ema_update(state.ema_params, g_params,
-                                                     lcfg.ema_decay),
+                                                     loss_config.ema_decay),
       g_opt_state=g_opt_state, d_opt_state=d_opt_state)
   return new_state, metrics

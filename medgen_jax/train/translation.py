@@ -22,13 +22,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.models.translator import source_target_names, split_modalities
 from medgen_jax.train import augment as augment_lib
-from medgen_jax.train import ema as ema_lib
 from medgen_jax.train import losses
 from medgen_jax.train import state as state_lib
 from medgen_jax.train import step as step_lib
@@ -118,35 +116,9 @@ def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   fake = lax.stop_gradient(fake)
   real_aug = augment_lib.apply_params(pair(target), aug_real, policy)
   fake_aug = augment_lib.apply_params(pair(fake), aug_fake_d, policy)
-  use_r1 = lcfg.r1_gamma > 0 and lcfg.r1_every > 0
-  r1_weight = losses.lazy_r1_weight(lcfg.r1_gamma, lcfg.r1_every) if use_r1 else 0.0
-
-  def d_objective(d_params, with_r1: bool):
-    def d_real(x):
-      return apply(D, d_params, state.d_state, x, cond, train=True,
-                   rngs={"dropout": drop_d})
-    if with_r1:
-      r1, real_logits, d_state = losses.r1_penalty(d_real, real_aug)
-    else:
-      (real_logits, d_state), r1 = d_real(real_aug), jnp.zeros((), jnp.float32)
-    fake_logits, d_state = apply(D, d_params, d_state, fake_aug, cond, train=True,
-                                 rngs={"dropout": drop_d})
-    loss = gan.d(real_logits, fake_logits)
-    aux = dict(d_loss=loss, r1=r1, d_real=jnp.mean(real_logits),
-               d_fake=jnp.mean(fake_logits))
-    return loss + r1_weight * r1, (aux, d_state)
-
-  def d_grads(with_r1: bool):
-    return jax.grad(d_objective, has_aux=True)(state.d_params, with_r1)
-
-  if use_r1:
-    d_grad, (d_metrics, d_state) = lax.cond(
-        state.step % lcfg.r1_every == 0, lambda: d_grads(True), lambda: d_grads(False))
-  else:
-    d_grad, (d_metrics, d_state) = d_grads(False)
-  d_grad, d_metrics, d_state = step_lib._pmean((d_grad, d_metrics, d_state), axis_name)  # pylint: disable=protected-access
-  d_updates, d_opt_state = models.d_tx.update(d_grad, state.d_opt_state, state.d_params)
-  d_params = optax.apply_updates(state.d_params, d_updates)
+  d_params, d_opt_state, d_state, d_grad, d_metrics = step_lib.discriminator_update(
+      state, real_aug, fake_aug, cond, models=models, loss_config=lcfg,
+      dropout_key=drop_d, axis_name=axis_name)
 
   def g_objective(g_params):
     fake, new_g_state = apply(G, g_params, g_state, sources, cond, train=True,
@@ -162,19 +134,10 @@ def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
       g_objective, has_aux=True)(state.g_params)
   g_grad, g_loss, recon, g_state, d_state = step_lib._pmean(  # pylint: disable=protected-access
       (g_grad, g_loss, recon, g_state, d_state), axis_name)
-  g_updates, g_opt_state = models.g_tx.update(g_grad, state.g_opt_state, state.g_params)
-  g_params = optax.apply_updates(state.g_params, g_updates)
-
-  metrics = dict(d_metrics, g_loss=g_loss, recon_l1=recon,
-                 d_grad_norm=optax.global_norm(d_grad),
-                 g_grad_norm=optax.global_norm(g_grad))
-  metrics["is_finite"] = jnp.all(jnp.isfinite(jnp.stack(list(metrics.values()))))
-  new_state = state.replace(
-      step=state.step + 1, g_params=g_params, g_state=g_state, d_params=d_params,
-      d_state=d_state, ema_params=ema_lib.ema_update(state.ema_params, g_params,
-                                                     lcfg.ema_decay),
-      g_opt_state=g_opt_state, d_opt_state=d_opt_state)
-  return new_state, metrics
+  return step_lib.finish_step(
+      state, models=models, loss_config=lcfg, g_grad=g_grad, g_state=g_state,
+      d_params=d_params, d_state=d_state, d_opt_state=d_opt_state, d_grad=d_grad,
+      metrics=dict(d_metrics, g_loss=g_loss, recon_l1=recon))
 
 
 def trainer_hooks(config: Any, models: state_lib.Models,
