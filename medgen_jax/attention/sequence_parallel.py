@@ -34,7 +34,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medgen_jax.attention.functional import axial_attention
+from medgen_jax.attention.functional import _num_spatial, axial_attention
 
 Array = jax.Array
 
@@ -289,14 +289,6 @@ def _normalize_axis(axis: int, num: int, what: str) -> int:
   if not -num <= axis < num:
     raise ValueError(f"{what} {axis} out of range for {num} spatial dims")
   return axis % num
-
-
-def _num_spatial(x: Array, name: str) -> int:
-  num = x.ndim - 3
-  if num not in (2, 3):
-    raise ValueError(f"{name} expects [batch, H, W, heads, head_dim] or "
-                     f"[batch, D, H, W, heads, head_dim]; got shape {x.shape}")
-  return num
 
 
 def _split_axis(q: Array, k: Array, sharded: int, size: int) -> int:
