@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
   sys.path.insert(0, os.environ["TESTS_DIR"])
   import jax, numpy as np
   from jax.sharding import PartitionSpec as P
-  from medgen_jax.train import parallel, state as state_lib
+  from medgen_jax.train import parallel, state as state_lib, step as step_lib
   from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
 
   assert jax.device_count() == 8
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
       batch = trainer.put_batch(tiny_batch(i))
       if name == "jit":
         assert batch["image"].sharding.spec == P("data"), batch["image"].sharding
-      state, metrics = trainer.step(state, batch)
+      state, metrics = trainer.step(state, batch, with_r1=step_lib.r1_due(config.loss, i))
       for k in ("d_loss", "g_loss", "r1"):
         out[f"{name}/{k}/{i}"] = np.asarray(metrics[k])
     host = jax.device_get(trainer.get_state(state))
@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # ~2 CPU-minutes: four compilations of the step with lax.cond
+@pytest.mark.slow  # ~2 CPU-minutes: eight compilations of the step
 def test_modes_match_single_device(tmp_path):
   out = tmp_path / "out.npz"
   env = dict(os.environ, TESTS_DIR=os.path.dirname(__file__), OUT=str(out),
@@ -73,7 +73,7 @@ MULTI_SCRIPT = textwrap.dedent("""
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   sys.path.insert(0, os.environ["TESTS_DIR"])
   import jax, numpy as np
-  from medgen_jax.train import parallel, state as state_lib
+  from medgen_jax.train import parallel, state as state_lib, step as step_lib
   from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
 
   pid = int(os.environ["PID"])
@@ -88,7 +88,8 @@ MULTI_SCRIPT = textwrap.dedent("""
   for i in range(3):
     batch = tiny_batch(i)  # the global batch; this process feeds its half
     local = {k: v[pid * 4:(pid + 1) * 4] for k, v in batch.items()}
-    state, metrics = trainer.step(state, trainer.put_batch(local))
+    state, metrics = trainer.step(state, trainer.put_batch(local),
+                                 with_r1=step_lib.r1_due(config.loss, i))
   host = trainer.get_state(state)
   leaves = jax.tree.leaves((host.g_params, host.d_params, host.ema_params))
   np.savez(os.environ["OUT"], *[np.asarray(x.addressable_data(0)) for x in leaves],
@@ -100,7 +101,7 @@ MULTI_SCRIPT = textwrap.dedent("""
 def test_two_processes_train_in_lockstep_like_one(tmp_path):
   import socket
   import jax
-  from medgen_jax.train import parallel, state as state_lib
+  from medgen_jax.train import parallel, state as state_lib, step as step_lib
   from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
 
   with socket.socket() as s:
@@ -119,7 +120,8 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path):
                                    INFO, devices=jax.devices()[:1])
   state = trainer.init_state()
   for i in range(3):
-    state, metrics = trainer.step(state, trainer.put_batch(tiny_batch(i)))
+    state, metrics = trainer.step(state, trainer.put_batch(tiny_batch(i)),
+                                 with_r1=step_lib.r1_due(config.loss, i))
   want = [np.asarray(x) for x in jax.tree.leaves((state.g_params, state.d_params,
                                                   state.ema_params))]
   for p in procs:

@@ -123,6 +123,25 @@ def test_lazy_r1_only_on_multiples_and_state_threads():
     assert bool(m["is_finite"]) and float(m["g_grad_norm"]) > 0
 
 
+def test_static_r1_switch_equals_on_device_cond():
+  """with_r1=True/False (the Trainer's two executables) == the lax.cond path."""
+  models, state, cond_step = _default()
+  config = tiny_config()
+  static = {w: jax.jit(functools.partial(step_lib.train_step, models=models, config=config,
+                                         with_r1=w)) for w in (True, False)}
+  s = state
+  for i in range(3):
+    batch = jax.tree.map(jnp.asarray, tiny_batch(i))
+    want_state, want = cond_step(s, batch, None)
+    got_state, got = static[step_lib.r1_due(config.loss, i)](s, batch, None)
+    assert (float(got["r1"]) > 0) == (i % 2 == 0)
+    for k in ("d_loss", "g_loss", "r1"):
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 got_state.d_params, want_state.d_params)
+    s = want_state
+
+
 def test_non_finite_batch_sets_flag():
   _, state, step = _default()
   batch = tiny_batch(0)

@@ -22,6 +22,7 @@ from medgen_jax.train import logging as log_lib
 from medgen_jax.train import losses
 from medgen_jax.train import parallel
 from medgen_jax.train import state as state_lib
+from medgen_jax.train import step as step_lib
 from medgen_jax.train import translation
 
 SAMPLE_COLS = 8
@@ -175,6 +176,7 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   writer = log_lib.MetricWriter(workdir, enabled=is_main)
   bar = log_lib.progress_bar(t.num_steps, start, enabled=is_main)
   pending, last, preempted = [], {}, False
+  last_r1 = None
   t_start = time.perf_counter()
   t_steady, steady_from = None, start
   step = start
@@ -183,8 +185,11 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
       while step < t.num_steps:
         host_batch = _host_batch(next(it), info)
         batch = trainer.put_batch(host_batch)
-        state, metrics = trainer.step(state, batch)
+        with_r1 = step_lib.r1_due(config.loss, step)
+        state, metrics = trainer.step(state, batch, with_r1=with_r1)
         pending.append((step, metrics))
+        if with_r1:
+          last_r1 = metrics["r1"]
         step += 1
         bar.update(1)
         if t_steady is None:  # exclude compilation from the throughput
@@ -195,6 +200,8 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
           pending = jax.device_get(pending)
           _check_finite(pending, manager.latest_step())
           last = {k: float(pending[-1][1][k]) for k in pending[-1][1] if k != "is_finite"}
+          if last_r1 is not None:  # the latest lazy-R1 value, not a skipped step's 0
+            last["r1"] = float(last_r1)
           pending = []
           elapsed = time.perf_counter() - t_steady
           ips = (step - steady_from) * t.batch_size / elapsed if elapsed > 0 else 0.0

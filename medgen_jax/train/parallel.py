@@ -112,7 +112,9 @@ class Trainer:
     mode: 'jit' | 'pmap' | 'shard_map'.
     mesh: the device mesh.
     init_state: () -> placed TrainState.
-    step: (placed state, placed batch) -> (placed state, metrics of scalars).
+    step: (placed state, placed batch, *, with_r1: bool) -> (placed state,
+      metrics of scalars); one executable per `with_r1`, compiled on first use
+      (a static switch instead of `lax.cond`: see `step.train_step`).
     put_batch: process-local host batch (dict of `[local_batch, ...]` arrays) -> placed batch.
     put_state: global TrainState (e.g. restored) -> placed state.
     get_state: placed state -> global TrainState (for checkpoints and sampling).
@@ -160,29 +162,34 @@ def build_trainer(config: Any, models: state_lib.Models, info: DatasetInfo,
     return jax.device_put(state, state_sharding)
 
   if pcfg.mode == "jit":
-    jitted = jax.jit(lambda s, b: step(s, b, None, axis_name=None),
+    def compile_jit(with_r1):
+      return jax.jit(lambda s, b: step(s, b, None, axis_name=None, with_r1=with_r1),
                      in_shardings=(state_sharding, batch_sharding),
                      out_shardings=(state_sharding, replicated), donate_argnums=0)
-    return Trainer("jit", mesh, init_placed, jitted, put_global_batch, put_state_named,
-                   lambda s: s, state_sharding, abstract)
+    return Trainer("jit", mesh, init_placed, _per_r1(compile_jit), put_global_batch,
+                   put_state_named, lambda s: s, state_sharding, abstract)
 
   if pcfg.mode == "shard_map":
     # check_vma=False: with varying-axis tracking on, AD would already psum the
     # gradients of the replicated params, and the step's explicit pmean (shared
     # with pmap) would then be applied to a sum: 8x too large gradients.
-    mapped = jax.shard_map(lambda s, b: step(s, b, None, axis_name=DATA_AXIS), mesh=mesh,
-                           in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
-                           check_vma=False)
-    jitted = jax.jit(mapped, donate_argnums=0)
-    return Trainer("shard_map", mesh, init_placed, jitted, put_global_batch,
-                   put_state_named, lambda s: s, state_sharding, abstract)
+    def compile_shard_map(with_r1):
+      mapped = jax.shard_map(
+          lambda s, b: step(s, b, None, axis_name=DATA_AXIS, with_r1=with_r1), mesh=mesh,
+          in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
+      return jax.jit(mapped, donate_argnums=0)
+    return Trainer("shard_map", mesh, init_placed, _per_r1(compile_shard_map),
+                   put_global_batch, put_state_named, lambda s: s, state_sharding, abstract)
 
   # pmap: one replica per local device; pmean spans all processes' devices.
   local = jax.local_devices()
   n_local = len(local)
-  pmapped = jax.pmap(lambda s, b: step(s, b, None, axis_name=DATA_AXIS),
-                     axis_name=DATA_AXIS, devices=local if jax.process_count() == 1 else None,
-                     donate_argnums=0)
+
+  def compile_pmap(with_r1):
+    return jax.pmap(lambda s, b: step(s, b, None, axis_name=DATA_AXIS, with_r1=with_r1),
+                    axis_name=DATA_AXIS, devices=local if jax.process_count() == 1 else None,
+                    donate_argnums=0)
+  pmapped = _per_r1(compile_pmap)
 
   def put_state_pmap(state):
     host = jax.device_get(state)
@@ -191,8 +198,8 @@ def build_trainer(config: Any, models: state_lib.Models, info: DatasetInfo,
   def put_batch_pmap(batch):
     return {k: np.asarray(v).reshape((n_local, -1) + np.shape(v)[1:]) for k, v in batch.items()}
 
-  def step_pmap(pstate, pbatch):
-    pstate, metrics = pmapped(pstate, pbatch)
+  def step_pmap(pstate, pbatch, *, with_r1):
+    pstate, metrics = pmapped(pstate, pbatch, with_r1=with_r1)
     return pstate, jax.tree.map(lambda m: m[0], metrics)
 
   def get_state_pmap(pstate):
@@ -200,6 +207,17 @@ def build_trainer(config: Any, models: state_lib.Models, info: DatasetInfo,
 
   return Trainer("pmap", mesh, lambda: put_state_pmap(init_placed()), step_pmap,
                  put_batch_pmap, put_state_pmap, get_state_pmap, state_sharding, abstract)
+
+
+def _per_r1(compile_fn: Callable[[bool], Callable]) -> Callable:
+  """step(state, batch, *, with_r1) over one wrapped executable per R1 setting."""
+  compiled = {}
+
+  def step(state, batch, *, with_r1: bool):
+    if with_r1 not in compiled:
+      compiled[with_r1] = compile_fn(bool(with_r1))
+    return compiled[with_r1](state, batch)
+  return step
 
 
 def _replicate(x: np.ndarray, devices) -> jax.Array:

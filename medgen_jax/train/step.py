@@ -65,9 +65,15 @@ def conditions_of(batch: Batch) -> dict[str, jax.Array]:
   return {k: v for k, v in batch.items() if k != "image"}
 
 
+def r1_due(loss_config: Any, step: int) -> bool:
+  """Whether host step `step` is a lazy-R1 step (static `with_r1` for the step fns)."""
+  return (loss_config.r1_gamma > 0 and loss_config.r1_every > 0
+          and step % loss_config.r1_every == 0)
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
-               models: Models, config: Any,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               models: Models, config: Any, axis_name: str | None = None,
+               with_r1: bool | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One D update (with lazy R1 on steps divisible by r1_every), one G update, EMA.
 
   Args:
@@ -78,6 +84,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     models: networks and optimisers (static).
     config: the experiment ConfigDict (static; reads model.latent_dim and loss).
     axis_name: mesh axis the batch is split over, or None under jit.
+    with_r1: static R1 switch (see `r1_due`); None decides from `state.step`
+      on device with `lax.cond` (one executable, but XLA:CPU runs the
+      conditional's body ~3x slower, measured in docs/benchmarks.md).
 
   Returns:
     (new state, metrics): scalar d_loss, g_loss, r1, d_real, d_fake,
@@ -110,7 +119,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
   fake_aug = augment_lib.apply_params(fake, aug_fake_d, policy)
   d_params, d_opt_state, d_state, d_grad, d_metrics = discriminator_update(
       state, real_aug, fake_aug, cond, models=models, loss_config=lcfg,
-      dropout_key=drop_d, axis_name=axis_name)
+      dropout_key=drop_d, axis_name=axis_name, with_r1=with_r1)
 
   # Generator update against the updated discriminator.
   def g_objective(g_params):
@@ -133,12 +142,12 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
 def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Array,
                          cond: dict[str, jax.Array], *, models: Models,
                          loss_config: Any, dropout_key: jax.Array,
-                         axis_name: str | None):
+                         axis_name: str | None, with_r1: bool | None = None):
   """One D optimiser step on (augmented) real and fake inputs.
 
-  Lazy R1 on the real inputs runs on steps divisible by `r1_every` (scaled by
-  it), chosen with `lax.cond` so one executable serves every step. Shared by
-  the generation step and the paired translation step.
+  Lazy R1 on the real inputs (scaled by `r1_every`) runs when `with_r1`; with
+  `with_r1=None` on steps divisible by `r1_every`, chosen on device with
+  `lax.cond`. Shared by the generation step and the paired translation step.
 
   Returns:
     (d_params, d_opt_state, d_state, d_grad, metrics) with metrics d_loss, r1,
@@ -167,7 +176,9 @@ def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Arr
   def d_grads(with_r1: bool):
     return jax.grad(d_objective, has_aux=True)(state.d_params, with_r1)
 
-  if use_r1:
+  if use_r1 and with_r1 is not None:
+    d_grad, (d_metrics, d_state) = d_grads(bool(with_r1))
+  elif use_r1:
     d_grad, (d_metrics, d_state) = lax.cond(
         state.step % loss_config.r1_every == 0, lambda: d_grads(True),
         lambda: d_grads(False))

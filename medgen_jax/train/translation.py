@@ -75,7 +75,7 @@ def make_init_fn(models: state_lib.Models, info: DatasetInfo,
 def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
                      rng: jax.Array | None = None, *, models: state_lib.Models,
                      config: Any, info: DatasetInfo,
-                     axis_name: str | None = None
+                     axis_name: str | None = None, with_r1: bool | None = None
                      ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One pair-D update (lazy R1), one G update (GAN + L1), EMA.
 
@@ -86,6 +86,7 @@ def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
     rng: step key; None uses fold_in(state.rng, state.step).
     models, config, info: static.
     axis_name: mesh axis of the batch, or None under jit.
+    with_r1: static R1 switch, as in `step.train_step`.
 
   Returns:
     (new state, metrics): d_loss, g_loss (adversarial part), recon_l1, r1,
@@ -118,7 +119,7 @@ def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   fake_aug = augment_lib.apply_params(pair(fake), aug_fake_d, policy)
   d_params, d_opt_state, d_state, d_grad, d_metrics = step_lib.discriminator_update(
       state, real_aug, fake_aug, cond, models=models, loss_config=lcfg,
-      dropout_key=drop_d, axis_name=axis_name)
+      dropout_key=drop_d, axis_name=axis_name, with_r1=with_r1)
 
   def g_objective(g_params):
     fake, new_g_state = apply(G, g_params, g_state, sources, cond, train=True,
