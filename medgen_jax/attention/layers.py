@@ -5,7 +5,7 @@ Modules own parameters only; the attention itself is a function from
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -54,6 +54,10 @@ class MultiHeadAttention(nn.Module):
     out_features: output channels (default: input channels).
     dropout_rate: dropout on the output projection.
     dtype: computation dtype; parameters stay `param_dtype`.
+    attention_fn: replaces `ATTENTION_VARIANTS[attention]` for self-attention
+      (same signature), e.g. a sequence-parallel version from
+      `SequenceSharding.attention_fn`; None = the registry's. Owns no
+      parameters, so checkpoints load either way.
   """
   num_heads: int
   attention: str = "full"
@@ -67,6 +71,7 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_fn: Callable[..., Array] | None = None
 
   def _check(self, x: Array, context: Array | None) -> None:
     if self.attention not in ATTENTION_VARIANTS:
@@ -105,18 +110,7 @@ class MultiHeadAttention(nn.Module):
     self._check(x, context)
     channels = x.shape[-1]
     head_dim = channels // self.num_heads
-    dense = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
-    source = x if context is None else context
-    q, k, v = dense("query_proj")(x), dense("key_proj")(source), dense("value_proj")(source)
-    if self.qk_norm:
-      q = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
-      k = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
-    # Projected q/k are what attention maps are rendered from at inference
-    # (`mutable=['intermediates']`; names 'query'/'key').
-    self.sow("intermediates", "query", q)
-    self.sow("intermediates", "key", k)
+    q, k, v = _project_qkv(self, x, x if context is None else context, use_bias=self.use_bias)
 
     if context is not None:
       b = x.shape[0]
@@ -130,13 +124,48 @@ class MultiHeadAttention(nn.Module):
         if self.use_relative_bias:
           bias = RelativePositionBias(self.num_heads, window, name="relative_bias")()
           bias = bias.astype(self.dtype)
-      out = ATTENTION_VARIANTS[self.attention](
+      attend = self.attention_fn or ATTENTION_VARIANTS[self.attention]
+      out = attend(
           q, k, v, window_size=self.window_size, shift=shift, bias=bias,
           chunk_size=self.chunk_size)
     out = nn.DenseGeneral(self.out_features or channels, axis=(-2, -1),
                           use_bias=self.use_bias, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="out")(out)
     return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+
+
+def _project_qkv(module: nn.Module, queries_from: Array, keys_from: Array, *,
+                 use_bias: bool) -> tuple[Array, Array, Array]:
+  """Per-head q, k, v projections (+ optional qk LayerNorm) inside `module`'s compact call.
+
+  Shared by `MultiHeadAttention` and `CrossModalAttention` so both keep the
+  same parameter names (query_proj / key_proj / value_proj, query_norm /
+  key_norm) and both sow the projected q/k that attention maps are rendered
+  from at inference (`mutable=['intermediates']`; names 'query'/'key').
+
+  Args:
+    module: the calling attention module (num_heads, qk_norm, dtype, param_dtype).
+    queries_from: `[batch, ..., C]` tokens the queries are projected from.
+    keys_from: `[batch, ..., C']` tokens keys and values are projected from.
+    use_bias: bias in the projections.
+
+  Returns:
+    q `[*queries_from.shape[:-1], heads, head_dim]`, k and v
+    `[*keys_from.shape[:-1], heads, head_dim]`.
+  """
+  head_dim = queries_from.shape[-1] // module.num_heads
+  dense = lambda name: nn.DenseGeneral(
+      (module.num_heads, head_dim), use_bias=use_bias, dtype=module.dtype,
+      param_dtype=module.param_dtype, name=name)
+  q = dense("query_proj")(queries_from)
+  k, v = dense("key_proj")(keys_from), dense("value_proj")(keys_from)
+  if module.qk_norm:
+    norm = lambda name: nn.LayerNorm(dtype=module.dtype, param_dtype=module.param_dtype,
+                                     name=name)
+    q, k = norm("query_norm")(q), norm("key_norm")(k)
+  module.sow("intermediates", "query", q)
+  module.sow("intermediates", "key", k)
+  return q, k, v
 
 
 class CrossModalAttention(nn.Module):
@@ -178,17 +207,9 @@ class CrossModalAttention(nn.Module):
                        f"got {context_mask.shape}")
     if c % self.num_heads:
       raise ValueError(f"channels {c} not divisible by num_heads {self.num_heads}")
-    head_dim = c // self.num_heads
     tokens = x.reshape(b, -1, c)
     both = jnp.concatenate([tokens, context_tokens.astype(tokens.dtype)], axis=1)
-    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
-                                         param_dtype=self.param_dtype, name=name)
-    q, k, v = dense("query_proj")(tokens), dense("key_proj")(both), dense("value_proj")(both)
-    if self.qk_norm:
-      q = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
-      k = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
-    self.sow("intermediates", "query", q)
-    self.sow("intermediates", "key", k)
+    q, k, v = _project_qkv(self, tokens, both, use_bias=True)
     mask = None
     if context_mask is not None:
       # x's own tokens are always visible, so no query row is ever fully masked.
@@ -237,6 +258,7 @@ class TransformerBlock(nn.Module):
       `MultiHeadAttention` ('window_shifted' uses shift = window // 2).
     mlp_ratio: MLP hidden width / channels.
     dropout_rate: dropout in attention output and MLP.
+    attention_fn: see `MultiHeadAttention` (None = `ATTENTION_VARIANTS[attention]`).
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -247,6 +269,7 @@ class TransformerBlock(nn.Module):
   qk_norm: bool = False
   chunk_size: int | Sequence[int] | None = None
   dtype: Any = jnp.float32
+  attention_fn: Callable[..., Array] | None = None
 
   @nn.compact
   def __call__(self, x: Array, cond: Array | None = None, *, deterministic: bool) -> Array:
@@ -261,7 +284,8 @@ class TransformerBlock(nn.Module):
     attn = MultiHeadAttention(
         self.num_heads, attention=self.attention, window_size=self.window_size,
         shift=self.shift, qk_norm=self.qk_norm, chunk_size=self.chunk_size,
-        dropout_rate=self.dropout_rate, dtype=self.dtype, name="attention")
+        dropout_rate=self.dropout_rate, dtype=self.dtype, attention_fn=self.attention_fn,
+        name="attention")
     mlp = Mlp(int(round(self.mlp_ratio * channels)), self.dropout_rate, self.dtype, name="mlp")
     if cond is None:
       x = x + attn(norm("norm_attention")(x), deterministic=deterministic)

@@ -162,24 +162,16 @@ def restore_translator(config: Any, workdir: str, info: DatasetInfo
   from medgen_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   from medgen_jax.train import translation as train_tr  # pylint: disable=import-outside-toplevel
 
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {directory}; train first")
   generator = models_lib.build_generator(config.model, info)
   models = state_lib.make_models(
       generator, models_lib.build_discriminator(config.model, info), config)
   abstract = jax.eval_shape(train_tr.make_init_fn(models, info, config))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  manager = ckpt_lib.make_manager(directory, keep=int(config.train.keep_checkpoints))
-  try:
-    restored = ckpt_lib.restore_latest(manager, ckpt_lib.abstract_with_sharding(
-        abstract, jax.tree.map(lambda _: device, abstract)))
-  finally:
-    manager.close()
-  if restored is None:
-    raise FileNotFoundError(f"no complete checkpoint in {directory}")
-  state, _, step = restored
-  variables = {"params": state.ema_params, **state.g_state}
+  # Only the EMA translator (and its non-param collections) is read.
+  fields, step = ckpt_lib.restore_fields(
+      os.path.join(workdir, "checkpoints"),
+      {"ema_params": abstract.ema_params, "g_state": abstract.g_state},
+      keep=int(config.train.keep_checkpoints))
+  variables = {"params": fields["ema_params"], **fields["g_state"]}
 
   @jax.jit
   def run(images, cond):

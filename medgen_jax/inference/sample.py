@@ -97,46 +97,24 @@ def restore_ema_generator(config: Any, workdir: str, info: DatasetInfo
                           ) -> tuple[Any, Any, int]:
   """(generator, EMA params, step) of the newest checkpoint in `workdir`.
 
-  Only `ema_params` is read from the TrainState (an orbax partial restore), so
-  the discriminator and optimiser states are never loaded.
+  Only `ema_params` is read from the TrainState (`checkpoint.restore_fields`),
+  so the discriminator and optimiser states are never loaded.
 
   Raises:
     FileNotFoundError: no checkpoint under `workdir/checkpoints`.
+    ValueError: the checkpoint was written by a different model.
   """
   from medgen_jax import models  # pylint: disable=import-outside-toplevel
   from medgen_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from medgen_jax.train.state import dummy_conditions  # pylint: disable=import-outside-toplevel
 
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {directory}; train first: python -m "
-                            f"experiments.train --config ... --workdir {workdir}")
   generator = models.build_generator(config.model, info)
   abstract = jax.eval_shape(lambda: generator.init(
       jax.random.PRNGKey(0), jnp.zeros((1, int(config.model.latent_dim))),
       dummy_conditions(info, 1), train=False))["params"]
-  manager = ckpt_lib.make_manager(directory, keep=int(config.train.keep_checkpoints))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    item = {"ema_params": abstract}
-    restore_args = jax.tree.map(
-        lambda _: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=device), item)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)))
-  finally:
-    manager.close()
-  params = restored["state"]["ema_params"]
-  # A partial restore leaves leaves it cannot find as abstract structs.
-  missing = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(params)[0]
-             if not isinstance(x, jax.Array)]
-  if missing:
-    raise ValueError(f"checkpoint step {step} in {directory} lacks generator params "
-                     f"{missing[:5]}{' ...' if len(missing) > 5 else ''}: it was written "
-                     f"by a different model (config.model or code version)")
-  return generator, params, int(step)
+  fields, step = ckpt_lib.restore_fields(checkpoint_dir(workdir), {"ema_params": abstract},
+                                         keep=int(config.train.keep_checkpoints))
+  return generator, fields["ema_params"], step
 
 
 def generate(prepared: quantize.PreparedGenerator, z: np.ndarray,

@@ -63,6 +63,54 @@ def restore_latest(manager: ocp.CheckpointManager,
   return restored["state"], restored["data"], step
 
 
+def restore_fields(directory: str, abstract_fields: dict[str, Any], *,
+                   keep: int = 3) -> tuple[dict[str, Any], int]:
+  """Named TrainState fields (e.g. 'ema_params', 'g_state') of the newest checkpoint.
+
+  An orbax partial restore onto the first local device: only the requested
+  fields are read, so inference never loads the discriminator or optimiser
+  states.
+
+  Args:
+    directory: the run's `checkpoints` directory.
+    abstract_fields: field name -> pytree of ShapeDtypeStructs (e.g. from
+      `jax.eval_shape` of the model's init).
+    keep: passed to the manager (it never deletes on restore).
+
+  Returns:
+    (fields, step).
+
+  Raises:
+    FileNotFoundError: no (complete) checkpoint in `directory`.
+    ValueError: a requested leaf is not in the checkpoint (another model).
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {directory}; train first: python -m "
+                            f"experiments.train --config ... --workdir <run dir>")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  manager = make_manager(directory, keep=keep)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    restore_args = jax.tree.map(
+        lambda _: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=device),
+        abstract_fields)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_fields, restore_args=restore_args, partial_restore=True)))
+  finally:
+    manager.close()
+  fields = {name: restored["state"][name] for name in abstract_fields}
+  # A partial restore leaves leaves it cannot find as abstract structs.
+  missing = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(fields)[0]
+             if not isinstance(x, jax.Array)]
+  if missing:
+    raise ValueError(f"checkpoint step {step} in {directory} lacks {missing[:5]}"
+                     f"{' ...' if len(missing) > 5 else ''}: it was written by a different "
+                     f"model (config.model or code version)")
+  return fields, int(step)
+
+
 @contextlib.contextmanager
 def sigterm_flag() -> Iterator[threading.Event]:
   """An Event set when SIGTERM arrives; the loop saves and exits at the next step.
