@@ -24,10 +24,13 @@ See docs/scaling.md for how these map onto a pod and what they cost.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Callable
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -452,3 +455,110 @@ def sequence_parallel_axial_attention(q: Array, k: Array, v: Array, *, axis: int
   attend = functools.partial(all_to_all_axial_attention, axis=axis, axis_name=seq_axis,
                              sharded_axis=sharded, chunk_size=chunk_size)
   return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(*args)
+
+
+# ---------------------------------------------------------------------------
+# Inside a jitted model: logical-axis sharding and a pluggable attention_fn.
+# ---------------------------------------------------------------------------
+
+# Logical names of a generator's token grid `[batch, *spatial, channels]`.
+SPATIAL_NAMES = {2: ("height", "width"), 3: ("depth", "height", "width")}
+SEQ_PARALLEL_VARIANTS = ("full", "axial")
+
+
+def activation_names(num_spatial: int) -> tuple[str, ...]:
+  """('batch', 'depth', 'height', 'width', 'embed') for 3D, without 'depth' for 2D."""
+  return ("batch",) + SPATIAL_NAMES[num_spatial] + ("embed",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSharding:
+  """How a model's token grids lie on a mesh; the model stays device-agnostic.
+
+  Built by the trainer (`medgen_jax.train.parallel`) from
+  `config.parallel.logical_axis_rules` when the mesh has `seq > 1`, and handed
+  to the generator, which (a) constrains its attention-stage activations with
+  `constrain` so XLA's SPMD partitioner keeps them sharded, and (b) runs
+  attention through `attention_fn`, whose `shard_map` exchanges tokens
+  between the `seq` shards explicitly (ring or all-to-all).
+
+  Attributes:
+    mesh: the device mesh (axes e.g. ('data', 'seq')).
+    rules: logical axis rules, e.g. (('batch', 'data'), ('depth', 'seq')).
+    seq_axis: the mesh axis that shards a spatial axis of the token grid.
+  """
+  mesh: Mesh
+  rules: tuple[tuple[str, str | None], ...]
+  seq_axis: str = "seq"
+
+  def spec(self, names: tuple[str | None, ...]) -> P:
+    """PartitionSpec of an array whose axes have logical `names` (unmapped = replicated)."""
+    return nn.logical_to_mesh_axes(names, self.rules)
+
+  def constrain(self, x: Array) -> Array:
+    """`x` `[batch, *spatial, channels]` pinned to the layout the rules give its axes."""
+    return nn.with_logical_constraint(x, activation_names(x.ndim - 2), rules=self.rules,
+                                      mesh=self.mesh)
+
+  def sharded_spatial_axis(self, num_spatial: int) -> int | None:
+    """Index (0 = first) of the spatial axis the rules map to `seq_axis`, or None."""
+    spec = self.spec(SPATIAL_NAMES[num_spatial])
+    hits = [a for a, mesh_axis in enumerate(spec) if mesh_axis == self.seq_axis]
+    return hits[0] if hits else None
+
+  def attention_fn(self, variant: str) -> Callable[..., Array]:
+    """An `ATTENTION_VARIANTS`-compatible function over seq-sharded global arrays.
+
+    The returned `fn(q, k, v, *, window_size, shift, bias, chunk_size)` takes
+    q/k/v `[batch, *spatial, heads, head_dim]` (global, inside jit) and runs
+    `variant` ('axial': `all_to_all_axial_attention` summed over the spatial
+    axes, as `ATTENTION_VARIANTS['axial']` does; 'full': `ring_attention` over
+    the row-major flattened grid) in a `shard_map` over every mesh axis the
+    layout uses. Values equal the unsharded variant up to float rounding.
+    """
+    if variant not in SEQ_PARALLEL_VARIANTS:
+      raise ValueError(f"sequence-parallel attention supports {SEQ_PARALLEL_VARIANTS}; "
+                       f"got {variant!r}")
+    return functools.partial(_seq_sharded_attention, self, variant)
+
+
+def _seq_sharded_attention(layout: SequenceSharding, variant: str, q: Array, k: Array,
+                           v: Array, *, window_size=None, shift=None, bias=None,
+                           chunk_size=None) -> Array:
+  del window_size, shift  # only meaningful for windowed variants
+  name = f"sequence-parallel {variant} attention"
+  if bias is not None:
+    raise ValueError(f"{name}: takes no bias")
+  num = _num_spatial(q, name)
+  sharded = layout.sharded_spatial_axis(num)
+  if sharded is None:
+    raise ValueError(f"{name}: logical_axis_rules {layout.rules} map none of "
+                     f"{SPATIAL_NAMES[num]} to mesh axis {layout.seq_axis!r}")
+  if variant == "full" and sharded != 0:
+    raise ValueError(f"{name}: the ring needs contiguous token blocks, i.e. the first "
+                     f"spatial axis {SPATIAL_NAMES[num][0]!r} sharded; got axis {sharded}")
+  spec = layout.spec(activation_names(num)[:-1] + ("heads", "head_dim"))
+  # shard_map needs every sharded dimension divisible by its devices; a batch
+  # that is not (e.g. 1 at init) is replicated over 'data' instead.
+  spec = P(*(None if axis is not None and dim % _mesh_size(layout.mesh, axis) and a != 1 + sharded
+             else axis for a, (dim, axis) in enumerate(zip(q.shape, spec))))
+  seq = layout.mesh.shape[layout.seq_axis]
+  for x, what in ((q, "q"), (k, "k")):
+    _check_divisible(x.shape[1 + sharded], seq, name, f"{what} spatial axis {sharded}")
+
+  def attend(q, k, v):
+    if variant == "axial":
+      outs = [all_to_all_axial_attention(q, k, v, axis=a, axis_name=layout.seq_axis,
+                                         sharded_axis=sharded, chunk_size=chunk_size)
+              for a in range(num)]
+      return sum(outs[1:], outs[0])
+    b, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
+    flat = lambda x: x.reshape(b, -1, heads, dim)  # a depth slab is a contiguous token block
+    return ring_attention(flat(q), flat(k), flat(v), axis_name=layout.seq_axis,
+                          chunk_size=chunk_size).reshape(q.shape)
+
+  return jax.shard_map(attend, mesh=layout.mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+
+
+def _mesh_size(mesh: Mesh, axis: str | tuple[str, ...]) -> int:
+  return math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from medgen_jax.attention import (ATTENTION_VARIANTS, LearnedPositionEmbedding,
                                   TransformerBlock,
                                   sinusoidal_position_encoding)
+from medgen_jax.attention.sequence_parallel import SequenceSharding
 from medgen_jax.data.info import ConditionField
 from medgen_jax.models import shapes
 from medgen_jax.models.layers import (GeneratorStem, ModulatedResBlock,
@@ -82,6 +83,11 @@ class TransformerGenerator(nn.Module):
     position_encoding: 'learned' | 'sinusoidal', added at every attention
       stage.
     dtype: compute dtype (params float32, image float32).
+    sequence_sharding: None (default) = device-agnostic. Set by the trainer
+      when the mesh has seq > 1 (`medgen_jax.train.parallel`): attention-stage
+      activations `[batch, *grid, width]` are constrained to the logical
+      layout ('batch', 'depth', 'height', 'width', 'embed') and attention runs
+      sequence-parallel. Adds no parameters.
   """
   spatial_shape: tuple[int, ...]
   num_channels: int
@@ -98,6 +104,7 @@ class TransformerGenerator(nn.Module):
   chunk_size: int | None = None
   position_encoding: str = "learned"
   dtype: Dtype = jnp.float32
+  sequence_sharding: SequenceSharding | None = None
 
   @nn.compact
   def __call__(self, z: jnp.ndarray, conditions: Mapping[str, jnp.ndarray], *,
@@ -155,13 +162,21 @@ class TransformerGenerator(nn.Module):
     # already covers an axis has nothing to shift across.
     can_shift = (self.attention == "window_shifted"
                  and self.window_size < min(grid))
+    layout = self.sequence_sharding
+    constrain = (lambda t: t) if layout is None else layout.constrain
+    attention_fn = None if layout is None else layout.attention_fn(self.attention)
+    # Pinning every block's input and output keeps the partitioner from
+    # gathering the grid between the shard_mapped attention calls.
+    x = constrain(x)
     for block in range(self.variant.depth[stage]):
       shift = self.window_size // 2 if can_shift and block % 2 else 0
       x = TransformerBlock(
           num_heads=self.variant.num_heads[stage], mlp_ratio=self.mlp_ratio,
           attention=self.attention, window_size=self.window_size, shift=shift,
           qk_norm=self.qk_norm, chunk_size=self.chunk_size, dtype=self.dtype,
+          attention_fn=attention_fn,
           name=f"block_{stage}_{block}")(x, style, deterministic=not train)
+      x = constrain(x)
     return x
 
 

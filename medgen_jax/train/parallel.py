@@ -11,8 +11,12 @@ same pure `step.train_step`; the `Trainer` it returns hides the differences
 - 'shard_map': `jax.shard_map` over the mesh with `P('data')` batch and `P()`
   state, explicit `lax.pmean` over 'data'.
 
-The state is replicated (data parallelism); the 'seq' mesh axis is reserved for
-sequence-parallel attention and must be 1 outside 'jit'/'shard_map'.
+The state is replicated. With `mesh.seq > 1` ('jit' only) the transformer
+generator runs sequence parallel: the trainer hands it a `SequenceSharding`
+built from `parallel.logical_axis_rules` (e.g. ('depth', 'seq')), so its
+attention-stage token grids are sharded over 'seq' along depth and attention
+exchanges tokens with a ring or all-to-all (docs/scaling.md). `validate`
+rejects layouts that cannot work before anything is compiled.
 """
 from __future__ import annotations
 
@@ -27,13 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medgen_jax.attention import sequence_parallel as sp
 from medgen_jax.data.info import DatasetInfo
+from medgen_jax.models import shapes, variants
 from medgen_jax.train import state as state_lib
 from medgen_jax.train import step as step_lib
 
 PARALLEL_MODES = ("jit", "pmap", "shard_map")
 MESH_AXES = ("data", "seq")
 DATA_AXIS = "data"
+SEQ_AXIS = "seq"
 
 
 def maybe_initialize_distributed(parallel_config: Any) -> None:
@@ -72,15 +79,23 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
   return shape
 
 
-def validate(parallel_config: Any, global_batch: int, num_devices: int) -> dict[str, int]:
-  """All parallel checks, before anything is compiled; returns the mesh shape."""
+def validate(parallel_config: Any, global_batch: int, num_devices: int, *,
+             model_config: Any = None,
+             spatial_shape: tuple[int, ...] | None = None) -> dict[str, int]:
+  """All parallel checks, before anything is compiled; returns the mesh shape.
+
+  With `model_config` and `spatial_shape` (as `build_trainer` passes them) a
+  `mesh.seq > 1` layout is also checked against the generator's token grids.
+  """
   mode = parallel_config.mode
   if mode not in PARALLEL_MODES:
     raise ValueError(f"unknown parallel.mode {mode!r}; expected one of {PARALLEL_MODES}")
   shape = mesh_shape(parallel_config.mesh, num_devices)
-  if mode == "pmap" and shape["seq"] != 1:
+  if mode == "pmap" and shape[SEQ_AXIS] != 1:
     raise ValueError(f"parallel.mode 'pmap' is data parallel only: mesh.seq must be 1, "
-                     f"got {shape['seq']}")
+                     f"got {shape[SEQ_AXIS]}")
+  if shape[SEQ_AXIS] > 1:
+    _validate_sequence_parallel(parallel_config, shape[SEQ_AXIS], model_config, spatial_shape)
   if global_batch % shape[DATA_AXIS]:
     raise ValueError(f"train.batch_size {global_batch} is not divisible by the "
                      f"{shape[DATA_AXIS]} devices on the 'data' mesh axis")
@@ -88,6 +103,64 @@ def validate(parallel_config: Any, global_batch: int, num_devices: int) -> dict[
     raise ValueError(f"train.batch_size {global_batch} is not divisible by the "
                      f"{jax.process_count()} processes")
   return shape
+
+
+def logical_axis_rules(parallel_config: Any) -> tuple[tuple[str, str | None], ...]:
+  """config.parallel.logical_axis_rules as a tuple of pairs (default: batch -> data)."""
+  return tuple(tuple(r) for r in parallel_config.get("logical_axis_rules",
+                                                     (("batch", DATA_AXIS),)))
+
+
+def _validate_sequence_parallel(parallel_config: Any, seq: int, model_config: Any,
+                                spatial_shape: tuple[int, ...] | None) -> None:
+  """Why a mesh.seq > 1 layout cannot run, as one ValueError naming the field."""
+  if parallel_config.mode != "jit":
+    raise ValueError(f"parallel.mesh.seq={seq} needs parallel.mode 'jit' (the generator's "
+                     f"attention shard_maps over 'seq' inside the jitted step); got "
+                     f"{parallel_config.mode!r}")
+  rules = logical_axis_rules(parallel_config)
+  names = sp.SPATIAL_NAMES[len(spatial_shape)] if spatial_shape else ("depth", "height")
+  to_seq = [n for n in names if nn.logical_to_mesh_axes((n,), rules)[0] == SEQ_AXIS]
+  if len(to_seq) != 1:
+    raise ValueError(f"parallel.mesh.seq={seq} needs parallel.logical_axis_rules to map "
+                     f"exactly one of the token grid axes {names} to 'seq', e.g. "
+                     f"('{names[0]}', 'seq'); got {rules}")
+  if model_config is None or spatial_shape is None:
+    return
+  generator = model_config.get("generator", "transformer")
+  if generator != "transformer":
+    raise ValueError(f"parallel.mesh.seq={seq} shards the transformer generator's "
+                     f"attention stages; model.generator={generator!r} has none")
+  attention = model_config.attention
+  if attention not in sp.SEQ_PARALLEL_VARIANTS:
+    raise ValueError(f"parallel.mesh.seq={seq} supports model.attention in "
+                     f"{sp.SEQ_PARALLEL_VARIANTS}; got {attention!r} (windows would need "
+                     f"halo exchange across the depth shards)")
+  sharded = names.index(to_seq[0])
+  if attention == "full" and sharded != 0:
+    raise ValueError(f"parallel.logical_axis_rules: full (ring) attention needs the first "
+                     f"axis {names[0]!r} on 'seq', not {to_seq[0]!r}")
+  grid, num_up = shapes.upsampling_plan(spatial_shape, int(model_config.token_grid))
+  variant = variants.decode_variant(model_config.variant)
+  stages = min(int(model_config.attention_stages), num_up + 1, len(variant.depth))
+  chunk = model_config.get("chunk_size")
+  for stage, stage_grid in enumerate(shapes.stage_grids(grid, num_up)[:stages]):
+    where = f"attention stage {stage} token grid {stage_grid}"
+    if stage_grid[sharded] % seq:
+      raise ValueError(f"parallel.mesh.seq={seq}: {where} has {to_seq[0]} "
+                       f"{stage_grid[sharded]}, not divisible by seq")
+    local = list(stage_grid)
+    local[sharded] //= seq
+    heads = variant.num_heads[stage]
+    if attention == "axial" and heads % seq and not any(
+        n % seq == 0 for a, n in enumerate(local) if a != sharded):
+      raise ValueError(f"parallel.mesh.seq={seq}: the all-to-all of axial attention needs "
+                       f"the heads ({heads}, model.variant) or another axis of the local "
+                       f"grid {tuple(local)} of {where} divisible by seq")
+    if attention == "full" and chunk is not None and (
+        not isinstance(chunk, int) or math.prod(local) % chunk):
+      raise ValueError(f"model.chunk_size={chunk} must divide the {math.prod(local)} "
+                       f"local tokens of {where} for ring attention over seq={seq}")
 
 
 def make_mesh(parallel_config: Any, devices=None) -> Mesh:
@@ -99,9 +172,24 @@ def make_mesh(parallel_config: Any, devices=None) -> Mesh:
 
 def batch_partition_spec(parallel_config: Any) -> P:
   """The batch's PartitionSpec from the logical axis rules ('batch' -> 'data')."""
-  rules = tuple(tuple(r) for r in parallel_config.get("logical_axis_rules",
-                                                      (("batch", DATA_AXIS),)))
-  return nn.logical_to_mesh_axes(("batch",), rules)
+  return nn.logical_to_mesh_axes(("batch",), logical_axis_rules(parallel_config))
+
+
+def sequence_parallel_models(models: state_lib.Models, mesh: Mesh,
+                             parallel_config: Any) -> state_lib.Models:
+  """`models` with the generator sharded over the mesh's 'seq' axis (unchanged if seq == 1).
+
+  Only the train step uses the returned generator; parameters are the same,
+  so init, checkpoints and sampling keep the original module.
+  """
+  if mesh.shape[SEQ_AXIS] == 1:
+    return models
+  if "sequence_sharding" not in getattr(models.generator, "__dataclass_fields__", {}):
+    raise ValueError(f"parallel.mesh.seq={mesh.shape[SEQ_AXIS]}: generator "
+                     f"{type(models.generator).__name__} does not support sequence "
+                     f"parallelism (only TransformerGenerator)")
+  layout = sp.SequenceSharding(mesh, logical_axis_rules(parallel_config), SEQ_AXIS)
+  return models._replace(generator=models.generator.clone(sequence_sharding=layout))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +230,8 @@ def build_trainer(config: Any, models: state_lib.Models, info: DatasetInfo,
   """
   pcfg = config.parallel
   devices = jax.devices() if devices is None else devices
-  validate(pcfg, config.train.batch_size, len(devices))
+  validate(pcfg, config.train.batch_size, len(devices), model_config=config.model,
+           spatial_shape=tuple(info.spatial_shape))
   mesh = make_mesh(pcfg, devices)
   init = init_fn or state_lib.make_init_fn(
       models, info, latent_dim=config.model.latent_dim, seed=config.train.seed)
@@ -151,7 +240,8 @@ def build_trainer(config: Any, models: state_lib.Models, info: DatasetInfo,
   replicated = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   init_placed = jax.jit(init, out_shardings=state_sharding)
-  step = functools.partial(step_fn or step_lib.train_step, models=models, config=config)
+  step = functools.partial(step_fn or step_lib.train_step,
+                           models=sequence_parallel_models(models, mesh, pcfg), config=config)
   batch_sharding = NamedSharding(mesh, batch_partition_spec(pcfg))
 
   def put_global_batch(batch):
