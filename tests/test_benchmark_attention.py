@@ -122,3 +122,16 @@ def test_unknown_variant_is_a_clear_error(tmp_path):
   config.variants = ("full", "flash_magic")
   with pytest.raises(ValueError, match="flash_magic"):
     attention_suite.run_benchmark(config, str(tmp_path))
+
+
+@pytest.mark.slow  # compiles the quick GAN step twice (~1-2 CPU-minutes)
+def test_train_step_mfu_amortises_the_lazy_r1_period():
+  from configs import phantom_gan
+  from medgen_jax.bench import train_step
+  config = phantom_gan.get_config("quick")  # r1_every=2: one R1 step per two
+  out = train_step.measure_train_step(config, warmup=1, repeats=2, matmul_gflops_per_s=100.0)
+  assert out["r1_every"] == 2
+  want = 0.5 * out["step_ms_r1"] + 0.5 * out["step_ms_no_r1"]
+  assert abs(out["step_ms"] - want) < 0.02
+  assert out["flops"] > 0 and 0 < out["mfu"] == round(
+      out["flops"] / (out["step_ms"] * 1e-3) / 1e9 / 100.0, 4)

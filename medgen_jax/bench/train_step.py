@@ -1,4 +1,4 @@
-"""Model FLOP utilisation of one jitted GAN training step (G + D, default config).
+"""Model FLOP utilisation of the jitted GAN training step (G + D, default config).
 
 MFU here = XLA-counted FLOPs of the compiled step / median step time, divided
 by the dense fp32 matmul throughput measured in the same process (the CPU's
@@ -43,13 +43,15 @@ def measure_train_step(gan_config, *, warmup: int, repeats: int,
                        matmul_gflops_per_s: float) -> dict[str, Any]:
   """Compiles and times `train_step` of `gan_config`'s generator + discriminator.
 
-  The state is not advanced between calls, so every timed call is step 0,
-  i.e. a step with the lazy R1 penalty (the most expensive kind); XLA's cost
-  analysis counts the FLOPs of that compiled program.
+  The training loop runs two executables (a static `with_r1` switch), so both
+  are compiled and timed; the state is not advanced between calls. The
+  reported step time and FLOPs are the average over one lazy-R1 period
+  (`loss.r1_every` steps, one of them with R1), which is what training sees.
 
   Returns:
-    dict with step_ms, compile_s, flops, gflops_per_s, mfu (fraction of
-    `matmul_gflops_per_s`), batch_size and the model description.
+    dict with step_ms (amortised), step_ms_r1 / step_ms_no_r1, compile_s
+    (both executables), flops (amortised XLA count), gflops_per_s, mfu
+    (fraction of `matmul_gflops_per_s`), batch_size and the model description.
   """
   info = phantom_info(gan_config.data)
   generator = models_lib.build_generator(gan_config.model, info)
@@ -59,15 +61,24 @@ def measure_train_step(gan_config, *, warmup: int, repeats: int,
                                 seed=gan_config.train.seed)
   state = jax.jit(init)()
   batch = synthetic_batch(info, gan_config.train.batch_size)
-  step = functools.partial(step_lib.train_step, models=models, config=gan_config)
-  compiled, compile_s = timing.compile_fn(step, (state, batch))
-  times = timing.time_compiled(compiled, (state, batch), warmup=warmup, repeats=repeats)
-  step_ms = float(np.median(times))
-  flops = timing.xla_flops(compiled)
+  every = int(gan_config.loss.r1_every) if gan_config.loss.r1_gamma > 0 else 0
+  measured = {}
+  for with_r1 in ((True, False) if every > 1 else (every == 1,)):
+    step = functools.partial(step_lib.train_step, models=models, config=gan_config,
+                             with_r1=with_r1)
+    compiled, compile_s = timing.compile_fn(step, (state, batch))
+    times = timing.time_compiled(compiled, (state, batch), warmup=warmup, repeats=repeats)
+    measured[with_r1] = (float(np.median(times)), timing.xla_flops(compiled), compile_s)
+  # Per-period weights: 1 R1 step and every-1 plain steps (or all of one kind).
+  weights = {True: 1 / every, False: 1 - 1 / every} if every > 1 else {k: 1.0 for k in measured}
+  step_ms = sum(weights[k] * m[0] for k, m in measured.items())
+  flops = (sum(weights[k] * m[1] for k, m in measured.items())
+           if all(m[1] for m in measured.values()) else None)
   rate = flops / (step_ms * 1e-3) / 1e9 if flops else None
+  ms = lambda k: round(measured[k][0], 2) if k in measured else None
   return dict(
-      step_ms=round(step_ms, 2), step_min_ms=round(min(times), 2),
-      compile_s=round(compile_s, 2), flops=flops,
+      step_ms=round(step_ms, 2), step_ms_r1=ms(True), step_ms_no_r1=ms(False),
+      r1_every=every, compile_s=round(sum(m[2] for m in measured.values()), 2), flops=flops,
       gflops_per_s=None if rate is None else round(rate, 2),
       mfu=None if rate is None else round(rate / matmul_gflops_per_s, 4),
       batch_size=int(gan_config.train.batch_size),
