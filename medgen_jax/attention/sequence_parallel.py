@@ -20,7 +20,11 @@ mesh axis. Two exact schemes live here:
 `ring_attention` / `all_to_all_axial_attention` are called inside `shard_map`
 on local shards; `sequence_parallel_full_attention` /
 `sequence_parallel_axial_attention` wrap them for global arrays and a `Mesh`.
-See docs/scaling.md for how these map onto a pod and what they cost.
+Inside a jitted model, `SequenceSharding` pins activations to logical axes
+and provides an `attention_fn` (the `ATTENTION_VARIANTS` signature) that
+shard_maps these functions; the trainer sets it on the generator when the
+mesh has seq > 1. See docs/scaling.md for how these map onto a pod and what
+they cost.
 """
 from __future__ import annotations
 
