@@ -40,11 +40,20 @@ def _conditions(batch: int, lesion=(0, 2, -1, 1), age=(30.0, np.nan, 70.0, 50.0)
 
 
 def _perturb(params, rng, scale=0.3):
-  """Moves every parameter off its (possibly zero) init so gates are open."""
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(rng, len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  """Moves every parameter off its (possibly zero) init so gates are open.
+
+  Host-side numpy noise seeded from `rng`: drawing it with jax.random leaf
+  by leaf compiled one sampler per parameter shape (most of these tests' time).
+  """
+  seed = int(np.asarray(jax.random.key_data(rng)).ravel()[-1])
+  noise = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: p + scale * noise.standard_normal(p.shape).astype(p.dtype), params)
+
+
+def _init(model, rng, *args, **kwargs):
+  """model.init under one jit (eager init compiles every initializer separately)."""
+  return jax.jit(lambda key, *a: model.init(key, *a, **kwargs))(rng, *args)
 
 
 CASES = [("transformer", a, (16, 16, 1)) for a in ("full", "axial", "window", "window_shifted")]
@@ -58,7 +67,7 @@ def test_generator_contract_and_conditioning(generator, attention, shape):
   model = models.build_generator(config, info)
   z = jax.random.normal(jax.random.PRNGKey(0), (3, config.latent_dim))
   cond = _conditions(3)
-  params = model.init(jax.random.PRNGKey(1), z, cond, train=False)["params"]
+  params = _init(model, jax.random.PRNGKey(1), z, cond, train=False)["params"]
   params = _perturb(params, jax.random.PRNGKey(2))
   # Same z, another lesion class (and an unknown one) in the second half:
   # one compiled call for both.
@@ -98,7 +107,7 @@ def test_generator_gradient_reaches_condition_and_bf16():
   model = models.build_generator(_config(dtype="bfloat16"), info)
   z = jnp.ones((2, 8))
   cond = _conditions(2)
-  params = model.init(jax.random.PRNGKey(0), z, cond, train=False)["params"]
+  params = _init(model, jax.random.PRNGKey(0), z, cond, train=False)["params"]
   # Params stay float32 under bf16 compute.
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   params = _perturb(params, jax.random.PRNGKey(1))
@@ -121,7 +130,7 @@ def test_generator_without_conditions():
   info = _info(conditions=())
   model = models.build_generator(_config(), info)
   z = jnp.ones((2, 8))
-  out = model.apply(model.init(jax.random.PRNGKey(0), z, {}, train=False), z, {},
+  out = model.apply(_init(model, jax.random.PRNGKey(0), z, {}, train=False), z, {},
                     train=False)
   assert out.shape == (2, 16, 16, 1)
 
@@ -132,7 +141,7 @@ def test_discriminator_projection_by_hand(shape):
   model = models.build_discriminator(_config(spectral_norm=False), info)
   images = jax.random.uniform(jax.random.PRNGKey(0), (4, *shape), minval=-1, maxval=1)
   cond = _conditions(4)
-  variables = model.init(jax.random.PRNGKey(1), images, cond, train=False)
+  variables = _init(model, jax.random.PRNGKey(1), images, cond, train=False)
   params = _perturb(variables["params"], jax.random.PRNGKey(2), scale=0.1)
   variables = {"params": params}
   swapped_cond = {**cond, "lesion": jnp.array([1, 0, -1, 1])}
@@ -172,7 +181,7 @@ def test_discriminator_spectral_norm_state_and_grad():
   model = models.build_discriminator(_config(), info)
   images = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 1))
   cond = _conditions(2)
-  variables = model.init(jax.random.PRNGKey(1), images, cond, train=False)
+  variables = _init(model, jax.random.PRNGKey(1), images, cond, train=False)
   assert "batch_stats" in variables
 
   @jax.jit
