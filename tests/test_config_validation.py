@@ -60,3 +60,14 @@ def test_cli_rejects_typo_and_bad_attention_before_compiling(tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "unknown model.attention 'flash'" in bad.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sequence_parallel_model_checks_run_in_validate_config():
+  # A window variant on a seq-sharded mesh is a model-level problem: it must
+  # surface from validate_config (before any data work), not from build_trainer.
+  from configs import phantom_3d
+  config = phantom_3d.get_config("quick,seq=4")
+  validate_config(config, 8)  # the shipped variant is valid
+  config.model.attention = "window"
+  with pytest.raises(ValueError, match="parallel.mesh.seq=4 supports model.attention"):
+    validate_config(config, 8)

@@ -105,6 +105,19 @@ BUILDER_MODULES = {"ct_phantom": "medgen_jax.data.builders_phantom",
                    "medmnist": "medgen_jax.data.builders_medmnist"}
 
 
+def spatial_shape(data_config) -> tuple[int, ...]:
+  """The configured spatial shape of one example: `(H, W)` or `(D, H, W)`.
+
+  Read from the config alone (no data touched), so configuration checks that
+  depend on it (token grids, sequence sharding) run before any data work.
+  medmnist has no `depth` field: its 3D sets are cubes of `image_size`.
+  """
+  s = int(data_config.image_size)
+  if data_config.mode != "3d":
+    return (s, s)
+  return (int(data_config.get("depth", s)), s, s)
+
+
 def builder_module(name: str):
   """Registry lookup: builder name -> module with validate/config_name/plan."""
   if name not in BUILDER_MODULES:

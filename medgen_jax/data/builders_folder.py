@@ -79,11 +79,6 @@ def validate(data_config) -> None:
     raise ValueError("medical_folder: slice_step must be >= 1")
 
 
-def _spatial(data_config) -> tuple[int, ...]:
-  s = data_config.image_size
-  return (data_config.depth, s, s) if data_config.mode == "3d" else (s, s)
-
-
 def _fingerprint(data_config) -> list:
   """Relative paths, sizes and mtimes: a changed source means a new dataset."""
   root = os.path.expanduser(data_config.source_dir)
@@ -112,7 +107,7 @@ def config_name(data_config) -> str:
                 else data_config.get(k)) for k in _BUILD_FIELDS}
   fields["source_dir"] = os.path.abspath(os.path.expanduser(data_config.source_dir))
   fields["files"] = _fingerprint(data_config)
-  dims = "x".join(str(d) for d in _spatial(data_config))
+  dims = "x".join(str(d) for d in builders.spatial_shape(data_config))
   return f"{data_config.mode}_{dims}_{builders.config_hash(fields)}"
 
 
@@ -352,7 +347,7 @@ def plan(data_config) -> builders.Plan:
   by_split = {s: [] for s in builders.SPLITS}
   for name in sorted(subjects, key=lambda n: subjects[n].opaque):
     by_split[builders.split_of(subjects[name].opaque, fractions)].append(name)
-  spatial = _spatial(data_config)
+  spatial = builders.spatial_shape(data_config)
   features = {m: tfds.features.Tensor(shape=spatial, dtype=np.float32) for m in mods}
   for f in fields:
     features[f.name] = (tfds.features.ClassLabel(names=list(f.class_names))

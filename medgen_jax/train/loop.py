@@ -62,7 +62,11 @@ def validate_config(config: Any, num_devices: int) -> None:
   if not 0.0 <= config.loss.ema_decay < 1.0:
     raise ValueError(f"loss.ema_decay must be in [0, 1), got {config.loss.ema_decay}")
   state_lib.make_schedule(1.0, config.optim, t.num_steps)
-  parallel.validate(config.parallel, t.batch_size, num_devices)
+  from medgen_jax.data import builders  # pylint: disable=import-outside-toplevel
+  # With the model and the configured volume shape, a mesh.seq > 1 layout is
+  # checked against the token grids here, before the dataset is touched.
+  parallel.validate(config.parallel, t.batch_size, num_devices, model_config=m,
+                    spatial_shape=builders.spatial_shape(config.data))
 
 
 def _host_batch(batch: dict, info) -> dict[str, np.ndarray]:
