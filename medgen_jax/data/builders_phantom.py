@@ -16,7 +16,7 @@ from medgen_jax.data.info import CATEGORICAL, CONTINUOUS, ConditionField, Datase
 from medgen_jax.data.intensity import transform_for
 
 # Bump when phantom.py changes what it renders: stale caches then rebuild.
-PHANTOM_REVISION = 1
+PHANTOM_REVISION = 2
 MODALITIES = ("ct", "pet")
 POLICY = {"ct": "ct_window", "pet": "suv"}
 CONDITIONS = (
@@ -44,24 +44,19 @@ def validate(data_config) -> None:
     raise ValueError("ct_phantom: slices_per_subject must be >= 1")
 
 
-def _spatial(data_config) -> tuple[int, ...]:
-  s = data_config.image_size
-  return (data_config.depth, s, s) if data_config.mode == "3d" else (s, s)
-
-
 def config_name(data_config) -> str:
   fields = {"image_size": data_config.image_size, "mode": data_config.mode,
             "depth": data_config.depth if data_config.mode == "3d" else 0,
             "slices": data_config.slices_per_subject if data_config.mode == "2d" else 1,
             "subjects": _num_subjects(data_config), "seed": data_config.seed,
             "revision": PHANTOM_REVISION}
-  dims = "x".join(str(d) for d in _spatial(data_config))
+  dims = "x".join(str(d) for d in builders.spatial_shape(data_config))
   return f"{data_config.mode}_{dims}_{builders.config_hash(fields)}"
 
 
 def stored_info(data_config) -> DatasetInfo:
   """DatasetInfo of the stored channels (ct, pet) under `data_config`."""
-  spatial = _spatial(data_config)
+  spatial = builders.spatial_shape(data_config)
   return DatasetInfo(
       name="ct_phantom", image_shape=spatial + (len(MODALITIES),),
       modalities=MODALITIES,
@@ -77,7 +72,7 @@ def stored_info(data_config) -> DatasetInfo:
 
 def plan(data_config) -> builders.Plan:
   validate(data_config)
-  spatial = _spatial(data_config)
+  spatial = builders.spatial_shape(data_config)
   features = tfds.features.FeaturesDict({
       "ct": tfds.features.Tensor(shape=spatial, dtype=np.int16),
       "pet": tfds.features.Tensor(shape=spatial, dtype=np.float32),

@@ -5,8 +5,8 @@ axial slices or a volume on a [Z, H, W] grid in millimetres, all tissues drawn
 as (rotated) ellipses evaluated with numpy broadcasting, so thousands of 64x64
 slices take a few seconds. The conditions are exact by construction:
 
-* lesion: 0 none, 1 small (one or two 5-10 mm nodules), 2 large (one 12-25 mm
-  nodule), spheres of +30 HU placed inside a lung; `lesion_mask` is the
+* lesion: 0 none, 1 small (one or two 8-15 mm nodules), 2 large (one 25-40 mm
+  nodule or mass), spheres of +30 HU placed inside a lung; `lesion_mask` is the
   rasterised sphere(s) and `lesion_diameter_mm` the largest nominal diameter.
 * age (20-90 y): trabecular and cortical bone lose density (HU falls linearly)
   and lung parenchyma gets darker, both measurable from the tissue map.
@@ -29,8 +29,14 @@ FOV_MM = 350.0
 CHEST_Z_MM = (40.0, 200.0)
 AGE_RANGE = (20.0, 90.0)
 LESION_CLASSES = ("none", "small", "large")
-SMALL_DIAMETER_MM = (5.0, 10.0)
-LARGE_DIAMETER_MM = (12.0, 25.0)
+# Sized so the classes stay apart at the default 64x64 slice (5.5 mm pixels):
+# revision 1's 5-10 mm / 12-25 mm nodules covered 1-10 pixels, the size of the
+# vessel cross-sections around them, and no classifier trained on the real
+# slices told the classes apart (docs/results.md). A large lesion now covers
+# 16-42 pixels; a small one (2-6 pixels) still looks like a vessel at 64x64
+# and needs 128+ pixel slices to be seen.
+SMALL_DIAMETER_MM = (8.0, 15.0)
+LARGE_DIAMETER_MM = (25.0, 40.0)
 NODULE_HU = 30.0
 HU_CLIP = (-1024, 3071)
 
