@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seeds = (0, 1, 2)
   config.max_test = ml_collections.config_dict.placeholder(int)
   config.classifier = ml_collections.ConfigDict(dict(
-      steps=800, batch_size=32, lr=1e-3, widths=(16, 32, 64), feature_dim=64))
+      steps=800, batch_size=32, lr=1e-3, widths=(16, 32, 64), feature_dim=64,
+      stem_patch=2, pooling="mean_max"))
   config.generators = ml_collections.ConfigDict(
       {"transformer": "runs/phantom", "cnn": "runs/phantom_cnn"})
   config.generator_configs = ml_collections.ConfigDict(

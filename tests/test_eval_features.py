@@ -82,3 +82,50 @@ def test_3d_input_and_validation():
     features.extract_features(model, params, vols[0])
   with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
     features.extract_features(model, params, vols[0, 0, 0])
+
+
+@pytest.mark.parametrize("spatial", [(4, 6), (2, 4, 6)])
+def test_space_to_depth_moves_every_voxel_into_channels(spatial):
+  x = np.random.default_rng(4).normal(size=(2, *spatial, 3)).astype(np.float32)
+  y = np.asarray(features.space_to_depth(x, 2))
+  nd = len(spatial)
+  assert y.shape == (2, *(s // 2 for s in spatial), 3 * 2 ** nd)
+  # Brute force: output channel (offset index) * C + c holds voxel
+  # 2 * coarse + offset, offsets in row-major order.
+  for coarse in np.ndindex(*y.shape[1:-1]):
+    for k, offset in enumerate(np.ndindex(*(2,) * nd)):
+      fine = tuple(2 * a + o for a, o in zip(coarse, offset))
+      np.testing.assert_array_equal(y[(slice(None), *coarse, slice(3 * k, 3 * k + 3))],
+                                    x[(slice(None), *fine, slice(None))])
+  with pytest.raises(ValueError, match="not divisible by the extractor's stem_patch 4"):
+    features.space_to_depth(x, 4)
+
+
+def test_patch_stem_and_max_pooling_learn_and_roundtrip(tmp_path):
+  # The evaluation's default architecture (space-to-depth stem, mean + max
+  # pooling) learns the blob class too, and its settings survive save/load.
+  imgs, cond = _blobs(np.random.default_rng(5), 256)
+  model, params, _ = features.train_feature_extractor(
+      imgs, {"lesion": cond["lesion"]}, FIELDS[:1], steps=150, batch_size=32,
+      seed=0, lr=1e-2, widths=(8, 16), feature_dim=16, stem_patch=2,
+      pooling="mean_max")
+  test_imgs, test_cond = _blobs(np.random.default_rng(6), 128)
+  pred = features.predict_conditions(model, params, test_imgs)["lesion"]
+  assert np.mean(pred == test_cond["lesion"]) > 0.9
+  path = features.save_extractor(tmp_path / "x", model, params, input_shape=(16, 16, 1))
+  model2, params2, _ = features.load_extractor(path)
+  assert (model2.stem_patch, model2.pooling) == (2, "mean_max")
+  np.testing.assert_array_equal(
+      features.predict_conditions(model2, params2, test_imgs)["lesion"], pred)
+  with pytest.raises(ValueError, match=r"expects \[N, \.\.\., \.\.\., 1\] images"):
+    features.extract_features(model, params, np.zeros((2, 16, 16, 4), np.float32))
+
+
+@pytest.mark.parametrize("arch, message", [
+    (dict(pooling="attention"), "pooling must be one of"),
+    (dict(stem_patch=0), "stem_patch must be >= 1"),
+    (dict(widths=()), "widths and feature_dim must be positive"),
+])
+def test_bad_architecture_is_one_clear_error(arch, message):
+  with pytest.raises(ValueError, match=message):
+    features.make_extractor(FIELDS, **arch)

@@ -86,7 +86,7 @@ def _train_and_test(images, labels, field_spec, test, cfg, seed) -> dict[str, An
   model, params, _ = features.train_feature_extractor(
       images, {field_spec.name: labels}, (field_spec,), steps=int(cfg.steps),
       batch_size=int(cfg.batch_size), seed=seed, lr=float(cfg.lr),
-      widths=tuple(cfg.widths), feature_dim=int(cfg.feature_dim))
+      **features.architecture_from(cfg))
   pred = features.predict_conditions(model, params, test["image"])[field_spec.name]
   true = test[field_spec.name]
   return {"macro_f1": macro_f1(pred, true, field_spec.num_classes),

@@ -57,6 +57,24 @@ class _ResBlock(nn.Module):
     return x + y
 
 
+POOLINGS = ("mean", "mean_max")
+
+
+def space_to_depth(x: jax.Array, patch: int) -> jax.Array:
+  """`[B, *spatial, C]` -> `[B, *(spatial / patch), C * patch**nd]`, lossless."""
+  nd = x.ndim - 2
+  b, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
+  if any(s % patch for s in spatial):
+    raise ValueError(f"image spatial shape {spatial} is not divisible by the "
+                     f"extractor's stem_patch {patch}")
+  split = [d for s in spatial for d in (s // patch, patch)]
+  x = x.reshape(b, *split, c)
+  coarse = [1 + 2 * i for i in range(nd)]
+  fine = [2 + 2 * i for i in range(nd)]
+  x = x.transpose(0, *coarse, *fine, x.ndim - 1)
+  return x.reshape(b, *(s // patch for s in spatial), -1)
+
+
 class FeatureNet(nn.Module):
   """ResNet-ish condition classifier.
 
@@ -65,22 +83,35 @@ class FeatureNet(nn.Module):
     widths: channels per stage; every stage after the first halves the
       resolution.
     feature_dim: size of the penultimate (feature) layer.
+    stem_patch: space-to-depth factor before the first convolution. Every
+      voxel is kept (moved into channels), so a nodule of one or two voxels
+      still reaches the network, while the first, costliest stage runs on
+      `patch**nd` times fewer positions.
+    pooling: 'mean' (global average) or 'mean_max' (average and maximum,
+      concatenated). The maximum answers "is there a lesion anywhere", which
+      an average over a whole chest dilutes to nothing for a small nodule.
   """
   fields: tuple[ConditionField, ...]
   widths: tuple[int, ...] = (16, 32, 64)
   feature_dim: int = 64
+  stem_patch: int = 1
+  pooling: str = "mean"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """images `[B, *spatial, C]` in [-1, 1] -> (features `[B, feature_dim]`,
     {field: logits `[B, num_classes]` or normalised value `[B]`})."""
     nd = images.ndim - 2
-    x = nn.Conv(self.widths[0], (3,) * nd)(images)
+    x = images if self.stem_patch == 1 else space_to_depth(images, self.stem_patch)
+    x = nn.Conv(self.widths[0], (3,) * nd)(x)
     for i, width in enumerate(self.widths):
       x = _ResBlock(width, strides=1 if i == 0 else 2)(x)
     x = nn.gelu(nn.GroupNorm(num_groups=min(8, x.shape[-1]))(x))
-    x = jnp.mean(x, axis=tuple(range(1, 1 + nd)))
-    features = nn.Dense(self.feature_dim, name="features")(x)
+    spatial_axes = tuple(range(1, 1 + nd))
+    pooled = jnp.mean(x, axis=spatial_axes)
+    if self.pooling == "mean_max":
+      pooled = jnp.concatenate([pooled, jnp.max(x, axis=spatial_axes)], axis=-1)
+    features = nn.Dense(self.feature_dim, name="features")(pooled)
     h = nn.gelu(features)
     heads = {}
     for f in self.fields:
@@ -101,23 +132,50 @@ def _check_images(images) -> np.ndarray:
   return images
 
 
+ARCHITECTURE_KEYS = ("widths", "feature_dim", "stem_patch", "pooling")
+
+
+def architecture_from(settings: Mapping, prefix: str = "") -> dict:
+  """The `make_extractor` keywords found in `settings` under `prefix + key`.
+
+  One reader for every config that names an extractor architecture
+  (`config.eval.extractor_*`, the downstream `config.classifier`); a key it
+  lacks keeps `make_extractor`'s default.
+  """
+  return {k: settings[prefix + k] for k in ARCHITECTURE_KEYS if prefix + k in settings}
+
+
+def make_extractor(fields: Sequence[ConditionField], *,
+                   widths: Sequence[int] = (16, 32, 64), feature_dim: int = 64,
+                   stem_patch: int = 1, pooling: str = "mean") -> FeatureNet:
+  """A `FeatureNet` after checking its architecture settings (see its fields)."""
+  if not widths or min(widths) < 1 or feature_dim < 1:
+    raise ValueError(f"extractor widths and feature_dim must be positive, got "
+                     f"{tuple(widths)}, {feature_dim}")
+  if stem_patch < 1:
+    raise ValueError(f"extractor stem_patch must be >= 1, got {stem_patch}")
+  if pooling not in POOLINGS:
+    raise ValueError(f"extractor pooling must be one of {POOLINGS}, got {pooling!r}")
+  return FeatureNet(fields=tuple(fields), widths=tuple(int(w) for w in widths),
+                    feature_dim=int(feature_dim), stem_patch=int(stem_patch),
+                    pooling=pooling)
+
+
 def init_extractor(fields: Sequence[ConditionField], input_shape: Sequence[int],
-                   *, seed: int, widths: Sequence[int] = (16, 32, 64),
-                   feature_dim: int = 64) -> tuple[FeatureNet, dict]:
+                   *, seed: int, **architecture) -> tuple[FeatureNet, dict]:
   """An untrained `FeatureNet` and its params for images of `input_shape`.
 
   Args:
     fields: condition fields, one head each.
     input_shape: one image's `(H, W, C)` or `(D, H, W, C)`.
     seed: initialisation seed.
-    widths: channels per stage.
-    feature_dim: penultimate feature size.
+    **architecture: `make_extractor` keywords (widths, feature_dim,
+      stem_patch, pooling).
   """
   if len(input_shape) not in (3, 4):
     raise ValueError(f"input_shape must be one image's (H, W, C) or "
                      f"(D, H, W, C), got {tuple(input_shape)}")
-  model = FeatureNet(fields=tuple(fields), widths=tuple(widths),
-                     feature_dim=feature_dim)
+  model = make_extractor(fields, **architecture)
   # Jitted init with an 'rbg' key: compiling threefry for every initializer
   # costs ~20 s of CPU for this small net, XLA's RngBitGenerator ~4 s.
   # Seeded and deterministic per platform.
@@ -192,8 +250,7 @@ def _loss(model: FeatureNet, params, images, targets):
 def train_feature_extractor(images, conditions: Mapping[str, np.ndarray],
                             fields: Sequence[ConditionField], *, steps: int,
                             batch_size: int, seed: int, lr: float = 1e-3,
-                            widths: Sequence[int] = (16, 32, 64),
-                            feature_dim: int = 64
+                            **architecture
                             ) -> tuple[FeatureNet, dict, list[dict[str, float]]]:
   """Trains the condition classifier on real images.
 
@@ -206,8 +263,8 @@ def train_feature_extractor(images, conditions: Mapping[str, np.ndarray],
     batch_size: images per step (sampled with a seeded numpy generator).
     seed: seeds initialisation and batch order.
     lr: peak learning rate.
-    widths: channels per stage.
-    feature_dim: penultimate feature size.
+    **architecture: `make_extractor` keywords (widths, feature_dim,
+      stem_patch, pooling).
 
   Returns:
     (model, params, history): `history` is one dict of python floats per step
@@ -223,7 +280,7 @@ def train_feature_extractor(images, conditions: Mapping[str, np.ndarray],
   n = images.shape[0]
   targets = _normalised_targets(conditions, fields, n)
   model, params = init_extractor(fields, images.shape[1:], seed=seed,
-                                 widths=widths, feature_dim=feature_dim)
+                                 **architecture)
   schedule = (float(lr), min(10, steps // 4), int(steps))
   opt_state = _optimizer(*schedule).init(params)
 
@@ -245,10 +302,11 @@ _apply = jax.jit(lambda model, params, images: model.apply(
 
 def _batched_apply(model: FeatureNet, params, images, batch_size: int):
   images = _check_images(images)
-  kernel = params["Conv_0"]["kernel"]  # [*window, C_in, C_out]
-  if images.ndim != kernel.ndim or images.shape[-1] != kernel.shape[-2]:
+  kernel = params["Conv_0"]["kernel"]  # [*window, C_in * stem_patch**nd, C_out]
+  channels = kernel.shape[-2] // model.stem_patch ** (kernel.ndim - 2)
+  if images.ndim != kernel.ndim or images.shape[-1] != channels:
     spatial = ", ".join(["..."] * (kernel.ndim - 2))
-    raise ValueError(f"extractor expects [N, {spatial}, {kernel.shape[-2]}] "
+    raise ValueError(f"extractor expects [N, {spatial}, {channels}] "
                      f"images (its training rank and channels), got shape "
                      f"{images.shape}")
   if batch_size < 1:
@@ -308,6 +366,7 @@ def save_extractor(path: str | os.PathLike, model: FeatureNet, params, *,
     raise ValueError(f"input_shape must be one image's (H, W, C) or (D, H, W, C), "
                      f"got {tuple(input_shape)}")
   spec = {"widths": list(model.widths), "feature_dim": model.feature_dim,
+          "stem_patch": model.stem_patch, "pooling": model.pooling,
           "fields": [dataclasses.asdict(f) for f in model.fields],
           "input_shape": [int(s) for s in input_shape],
           "metadata": dict(metadata or {})}
@@ -332,8 +391,11 @@ def load_extractor(path: str | os.PathLike) -> tuple[FeatureNet, dict, dict]:
       ConditionField(**{**d, "class_names": tuple(d["class_names"]),
                         "value_range": tuple(d["value_range"])})
       for d in spec["fields"])
-  model = FeatureNet(fields=fields, widths=tuple(spec["widths"]),
-                     feature_dim=spec["feature_dim"])
+  # Extractors saved before stem_patch / pooling existed used 1 / 'mean'.
+  model = make_extractor(fields, widths=spec["widths"],
+                         feature_dim=spec["feature_dim"],
+                         stem_patch=spec.get("stem_patch", 1),
+                         pooling=spec.get("pooling", "mean"))
   dummy = jnp.zeros((1, *spec["input_shape"]), jnp.float32)
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0, impl="rbg"), dummy))["params"]
