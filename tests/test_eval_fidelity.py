@@ -21,6 +21,10 @@ def test_hand_computed_scores_and_unknowns():
   assert out["age_mae"] == pytest.approx((5 + 10 + 1) / 3)  # NaN skipped
   # Chance: requested lesion freq (1/3 each), predicted (1/3, 0, 2/3) -> 1/3.
   assert out["lesion_chance"] == pytest.approx(1 / 3)
+  # Per requested class (no class names: indices): 0 -> right, 1 -> wrong,
+  # 2 -> right; site 3 asked twice, right once; site 2 never asked: NaN.
+  assert [out[f"lesion_accuracy_{c}"] for c in range(3)] == [1.0, 0.0, 1.0]
+  assert out["site_accuracy_3"] == 0.5 and np.isnan(out["site_accuracy_2"])
 
 
 def test_condition_blind_generator_scores_chance():

@@ -36,8 +36,10 @@ def condition_fidelity(predicted: Mapping[str, np.ndarray],
   Returns:
     per categorical field '<name>_accuracy' and '<name>_chance', the expected
     accuracy of a condition-blind generator with the same marginals (sum over
-    classes of requested frequency x predicted frequency); per continuous
-    field '<name>_mae'. NaN when no entry is known.
+    classes of requested frequency x predicted frequency), and per class
+    '<name>_accuracy_<class name>', the accuracy among the images requested
+    as that class (does a large lesion appear when one is asked for?); per
+    continuous field '<name>_mae'. NaN when no entry is known.
   """
   out = {}
   for field in fields:
@@ -62,6 +64,11 @@ def condition_fidelity(predicted: Mapping[str, np.ndarray],
       rr = np.bincount(np.clip(r, 0, k - 1), minlength=k) / max(len(r), 1)
       out[f"{field.name}_chance"] = (float(pr @ rr) if known.any()
                                      else float("nan"))
+      for c in range(k):
+        label = field.class_names[c] if field.class_names else str(c)
+        asked = r == c
+        out[f"{field.name}_accuracy_{label}"] = (float(np.mean(p[asked] == c))
+                                                 if asked.any() else float("nan"))
     else:
       known = np.isfinite(req)
       out[f"{field.name}_mae"] = (
