@@ -179,7 +179,7 @@ def machine_description() -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-  head = f"{'variant':<15}{'tokens':>7}{'batch':>6}{'fwd+bwd ms':>12}" \
+  head = f"{'variant':<15}{'grid':>9}{'tokens':>7}{'batch':>6}{'fwd+bwd ms':>12}" \
          f"{'peak MiB':>10}{'GFLOP':>9}{'GFLOP/s':>9}  status"
   lines = [head, "-" * len(head)]
   for r in rows:
@@ -187,7 +187,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "-"
     gf = f"{r['flops'] / 1e9:.2f}" if r.get("flops") else "-"
     rate = f"{r['gflops_per_s']:.1f}" if "gflops_per_s" in r else "-"
-    lines.append(f"{r['variant']:<15}{r['tokens']:>7}{r['batch']:>6}{ms:>12}"
+    grid = "x".join(str(g) for g in r["grid"])
+    lines.append(f"{r['variant']:<15}{grid:>9}{r['tokens']:>7}{r['batch']:>6}{ms:>12}"
                  f"{peak:>10}{gf:>9}{rate:>9}  {r['status']}")
   return "\n".join(lines)
 
@@ -197,15 +198,20 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for name in VARIANTS:
-    ok = sorted((r for r in rows if r["variant"] == name and r["status"] == "ok"),
-                key=lambda r: r["tokens"])
-    if not ok:
-      continue
-    tokens = [r["tokens"] for r in ok]
-    axes[0].plot(tokens, [r["fwd_bwd_ms"] / r["batch"] for r in ok], "o-", label=name)
-    axes[1].plot(tokens, [r["peak_bytes"] / r["batch"] / 2**20 for r in ok], "o-",
-                 label=name)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  # One line per variant and grid rank: 64x64 and 16x16x16 both have 4096
+  # tokens but different axial / window costs, so they must not share a line.
+  for i, name in enumerate(VARIANTS):
+    for rank, style in ((2, "o-"), (3, "s--")):
+      ok = sorted((r for r in rows if r["variant"] == name and r["status"] == "ok"
+                   and len(r["grid"]) == rank), key=lambda r: r["tokens"])
+      if not ok:
+        continue
+      tokens = [r["tokens"] for r in ok]
+      kw = dict(color=colors[i % len(colors)], label=f"{name} ({rank}D)")
+      axes[0].plot(tokens, [r["fwd_bwd_ms"] / r["batch"] for r in ok], style, **kw)
+      axes[1].plot(tokens, [r["peak_bytes"] / r["batch"] / 2**20 for r in ok], style,
+                   **kw)
   for ax, label in zip(axes, ("fwd+bwd ms per example", "XLA peak MiB per example")):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -213,7 +219,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
   if axes[0].lines:
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
