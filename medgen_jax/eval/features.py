@@ -37,6 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from medgen_jax.data.info import CATEGORICAL, ConditionField
+from medgen_jax.models.layers import space_to_depth
 
 
 class _ResBlock(nn.Module):
@@ -58,21 +59,6 @@ class _ResBlock(nn.Module):
 
 
 POOLINGS = ("mean", "mean_max")
-
-
-def space_to_depth(x: jax.Array, patch: int) -> jax.Array:
-  """`[B, *spatial, C]` -> `[B, *(spatial / patch), C * patch**nd]`, lossless."""
-  nd = x.ndim - 2
-  b, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
-  if any(s % patch for s in spatial):
-    raise ValueError(f"image spatial shape {spatial} is not divisible by the "
-                     f"extractor's stem_patch {patch}")
-  split = [d for s in spatial for d in (s // patch, patch)]
-  x = x.reshape(b, *split, c)
-  coarse = [1 + 2 * i for i in range(nd)]
-  fine = [2 + 2 * i for i in range(nd)]
-  x = x.transpose(0, *coarse, *fine, x.ndim - 1)
-  return x.reshape(b, *(s // patch for s in spatial), -1)
 
 
 class FeatureNet(nn.Module):
