@@ -28,7 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention="window_shifted", window_size=4, attention_stages=2, mlp_ratio=4,
       cond_dim=128, cond_dropout=0.1, qk_norm=True,
       chunk_size=ml_collections.config_dict.placeholder(int),
-      discriminator="resnet", d_width=32, spectral_norm=True, dtype="float32"))
+      discriminator="resnet", d_width=32, spectral_norm=True,
+      # Minibatch-std channel in D, groups of 4: without it the rev-2 default
+      # run collapsed onto one image per condition (recall 0.007).
+      d_minibatch_std=4, dtype="float32"))
   # Sized for the 15-minute CPU budget: one batch-16 step takes ~0.45 s on
   # the idle 2-core machine (docs/results.md), so 1200 steps plus dataset
   # build and compilation fit. On an accelerator raise num_steps (e.g.
@@ -63,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.model.latent_dim = 16
       config.model.cond_dim = 16
       config.model.d_width = 8
+      # Off: the parity tests spread batch 4-8 over 8 devices (1 per device).
+      config.model.d_minibatch_std = 0
       config.train.update(num_steps=3, batch_size=4, log_every=1, sample_every=3,
                           checkpoint_every=2)
       config.loss.ema_decay = 0.9

@@ -1,5 +1,6 @@
 """Bad configs fail fast with one clear ValueError naming the field."""
 import os
+import re
 import subprocess
 import sys
 
@@ -29,9 +30,13 @@ def _config(**changes):
     (dict(parallel__mesh=dict(data=3, seq=1)), 4, "product of mesh axes 3 != device count 4"),
     (dict(parallel__mode="pmap", parallel__mesh=dict(data=2, seq=2)), 4, "mesh.seq must be 1"),
     (dict(train__num_steps=0), 1, "train.num_steps must be >= 1"),
+    (dict(model__d_minibatch_std=3), 1,
+     "model.d_minibatch_std 3 must be 0 (off) or divide the per-device batch 4"),
+    (dict(model__d_minibatch_std=4), 2,
+     "model.d_minibatch_std 4 must be 0 (off) or divide the per-device batch 2"),
 ])
 def test_bad_config_is_one_clear_error(changes, devices, message):
-  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+  with pytest.raises(ValueError, match=re.escape(message)):
     validate_config(_config(**changes), devices)
 
 

@@ -39,6 +39,40 @@ def _avg_pool(x: jnp.ndarray) -> jnp.ndarray:
   return nn.avg_pool(x, (2,) * ndim, (2,) * ndim)
 
 
+def minibatch_std(x: jnp.ndarray, group_size: int) -> jnp.ndarray:
+  """Appends the minibatch standard deviation as one channel (Karras et al. 2018).
+
+  The batch is split into contiguous groups of `group_size` examples; per
+  group, the standard deviation over its examples of every feature and
+  position, averaged to one number, becomes a constant extra channel of those
+  examples. Samples of a mode-collapsed generator look alike, so their group
+  statistic is low and D can tell them from real groups; without it D scores
+  each image alone and cannot see a lack of variety.
+
+  Contiguous (not strided) groups: when the per-device batch is a multiple of
+  `group_size`, pmap / shard_map devices form exactly the groups of a
+  single-device run (`medgen_jax.train.loop.validate_config` checks it).
+
+  Args:
+    x: `[B, *spatial, C]`, B a multiple of `group_size`.
+    group_size: examples per group (>= 2 to carry information).
+
+  Returns:
+    `[B, *spatial, C + 1]`.
+  """
+  b = x.shape[0]
+  if group_size < 1 or b % group_size:
+    raise ValueError(f"minibatch_std: batch {b} is not a multiple of the group "
+                     f"size {group_size} (model.d_minibatch_std)")
+  y = x.astype(jnp.float32).reshape(b // group_size, group_size, *x.shape[1:])
+  std = jnp.sqrt(jnp.var(y, axis=1) + 1e-8)              # [B / G, *spatial, C]
+  per_group = jnp.mean(std, axis=tuple(range(1, std.ndim)))  # [B / G]
+  per_example = jnp.repeat(per_group, group_size)         # [B]
+  channel = jnp.broadcast_to(per_example.reshape(b, *([1] * (x.ndim - 1))),
+                             (*x.shape[:-1], 1))
+  return jnp.concatenate([x, channel.astype(x.dtype)], axis=-1)
+
+
 class _Wrap(nn.Module):
   """Applies `layer`, spectrally normalised when `spectral_norm`."""
   layer: nn.Module
@@ -98,11 +132,14 @@ class ResNetDiscriminator(nn.Module):
     width: channels of the first block; doubles per downsampling up to
       4x (the 4x4 blocks dominate FLOPs otherwise).
     spectral_norm: spectral normalisation of every weight ('batch_stats').
+    minibatch_std: group size of the minibatch-std channel added before the
+      last block (`minibatch_std`); 0 = off.
     dtype: compute dtype (params stay float32; the logit is float32).
   """
   conditions: tuple[ConditionField, ...] = ()
   width: int = 32
   spectral_norm: bool = True
+  minibatch_std: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -134,6 +171,8 @@ class ResNetDiscriminator(nn.Module):
     for i in range(num_down):
       x = DBlock(self.width * min(2 ** i, _MAX_MULT), first=i == 0,
                  spectral_norm=self.spectral_norm, dtype=self.dtype)(x, train=train)
+    if self.minibatch_std:
+      x = minibatch_std(x, self.minibatch_std)
     x = DBlock(self.width * min(2 ** num_down, _MAX_MULT), first=num_down == 0,
                downsample=False, spectral_norm=self.spectral_norm,
                dtype=self.dtype)(x, train=train)
@@ -177,4 +216,5 @@ def build_resnet_discriminator(model_config, info) -> ResNetDiscriminator:
   return ResNetDiscriminator(
       conditions=tuple(info.conditions), width=int(model_config.d_width),
       spectral_norm=bool(model_config.spectral_norm),
+      minibatch_std=int(model_config.get("d_minibatch_std", 0)),
       dtype=parse_dtype(model_config.dtype))

@@ -65,8 +65,14 @@ def validate_config(config: Any, num_devices: int) -> None:
   from medgen_jax.data import builders  # pylint: disable=import-outside-toplevel
   # With the model and the configured volume shape, a mesh.seq > 1 layout is
   # checked against the token grids here, before the dataset is touched.
-  parallel.validate(config.parallel, t.batch_size, num_devices, model_config=m,
-                    spatial_shape=builders.spatial_shape(config.data))
+  mesh = parallel.validate(config.parallel, t.batch_size, num_devices, model_config=m,
+                           spatial_shape=builders.spatial_shape(config.data))
+  group = int(m.get("d_minibatch_std", 0))
+  per_device = t.batch_size // mesh[parallel.DATA_AXIS]
+  if group < 0 or (group and per_device % group):
+    raise ValueError(f"model.d_minibatch_std {group} must be 0 (off) or divide the "
+                     f"per-device batch {per_device} (train.batch_size "
+                     f"{t.batch_size} over {mesh[parallel.DATA_AXIS]} 'data' devices)")
 
 
 def _host_batch(batch: dict, info) -> dict[str, np.ndarray]:

@@ -56,7 +56,9 @@ def r1_penalty(d_fn: Callable[[jax.Array], tuple[jax.Array, Any]],
   The discriminator forward pass is shared with the real-logit loss term via
   `jax.vjp`, so lazy R1 costs one extra backward pass, not an extra forward.
   The gradient of sum(logits) w.r.t. the images is the per-example gradient
-  because examples do not interact inside D.
+  when examples do not interact inside D; with D's minibatch-std channel
+  they interact weakly through the group statistic, and this is then the
+  gradient StyleGAN2's R1 takes too.
 
   Args:
     d_fn: images `[batch, *spatial, C]` -> (logits `[batch]`, aux).
