@@ -40,3 +40,9 @@ def test_discriminator_logit_depends_on_own_group_only():
   isolated = np.asarray(plain.apply(p2, x.at[1].multiply(3.0), cond, train=False))
   np.testing.assert_allclose(isolated[0], np.asarray(plain.apply(p2, x, cond, train=False))[0],
                              rtol=1e-6)
+
+
+def test_batch_smaller_than_a_group_is_one_group():
+  x = np.random.default_rng(1).normal(size=(1, 4, 4, 2)).astype(np.float32)
+  out = np.asarray(minibatch_std(jnp.asarray(x), 4))  # init's batch-1 dummy
+  np.testing.assert_allclose(out[..., 2], 1e-4, rtol=1e-3)  # sqrt(0 + 1e-8)

@@ -54,13 +54,16 @@ def minibatch_std(x: jnp.ndarray, group_size: int) -> jnp.ndarray:
   single-device run (`medgen_jax.train.loop.validate_config` checks it).
 
   Args:
-    x: `[B, *spatial, C]`, B a multiple of `group_size`.
+    x: `[B, *spatial, C]`, B a multiple of `group_size` (or smaller than it:
+      then the whole batch is one group).
     group_size: examples per group (>= 2 to carry information).
 
   Returns:
     `[B, *spatial, C + 1]`.
   """
   b = x.shape[0]
+  # A batch smaller than one group (the batch-1 dummy of `init`) is one group.
+  group_size = min(group_size, b)
   if group_size < 1 or b % group_size:
     raise ValueError(f"minibatch_std: batch {b} is not a multiple of the group "
                      f"size {group_size} (model.d_minibatch_std)")
