@@ -43,4 +43,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.target_modalities = TARGETS
   m.modality_dropout = 0.3
   m.token_grid = config.data.image_size // m.patch_size
+  if "quick" in variants:
+    config.train.batch_size = 4  # a test folder holds a few subjects only
   return config
