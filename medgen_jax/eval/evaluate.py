@@ -48,8 +48,9 @@ DEFAULTS: dict[str, Any] = dict(
     extractor_lr=1e-3,
     extractor_widths=(16, 32, 64),
     extractor_feature_dim=64,
-    # Space-to-depth by 2 and mean+max pooling: ~5x cheaper per step than the
-    # full-resolution stem, and it can see a lesion (docs/results.md).
+    # Space-to-depth by 2 (the first stage runs on 4x fewer positions, every
+    # pixel kept) and mean+max pooling: unlike the full-resolution, mean-pooled
+    # extractor it reads the phantom's lesion class (docs/results.md).
     extractor_stem_patch=2,
     extractor_pooling="mean_max",
     extractor_seed=0,
