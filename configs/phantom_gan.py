@@ -32,7 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Minibatch-std channel in D (group size; 0 = off). Off by default: at
       # 1,200 steps groups of 4 did not raise sample variety and worsened FD
       # (81 vs 55) in the one pair of runs made (docs/results.md).
-      d_minibatch_std=0, dtype="float32"))
+      d_minibatch_std=0,
+      # AC-GAN heads on D predicting every condition (used by
+      # loss.condition_weight; the two must be set together).
+      d_condition_heads=False, dtype="float32"))
   # Sized for the 15-minute CPU budget: one batch-16 step takes ~0.45 s on
   # the idle 2-core machine (docs/results.md), so 1200 steps plus dataset
   # build and compilation fit. On an accelerator raise num_steps (e.g.
@@ -50,7 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       augment="translation,cutout,intensity",
       # 0.995: half-life ~140 steps, short enough for a 1200-step run (the
       # init's weight is 0.995**1200 = 0.2 %) and smoother than 0.99.
-      ema_decay=0.995))
+      ema_decay=0.995,
+      # Weight of D's condition-prediction loss (AC-GAN; 0 = projection only).
+      condition_weight=0.0,
+      # Mode-seeking reward for samples that differ when only the noise
+      # differs (step.diversity_ratio; 0 = off), clipped at diversity_cap.
+      diversity_weight=0.0, diversity_cap=0.3))
   # Evaluation (medgen_jax.eval.evaluate): None sample count = size of the real
   # test split; None extractor path = a cache keyed by the dataset's identity.
   config.eval = ml_collections.ConfigDict(dict(

@@ -17,6 +17,17 @@ import numpy as np
 Array = jax.Array
 
 
+def rescale_continuous(value: Array, lo: float, hi: float) -> tuple[Array, Array]:
+  """(known, x): known = not NaN, x = value mapped [lo, hi] -> [-1, 1].
+
+  NaN (unknown) is swapped for `lo` before scaling, so it cannot leak into
+  gradients; callers mask with `known`.
+  """
+  value = jnp.asarray(value, jnp.float32)
+  known = ~jnp.isnan(value)
+  return known, 2.0 * (jnp.where(known, value, lo) - lo) / (hi - lo) - 1.0
+
+
 class ConditionEmbedding(nn.Module):
   """Embeds categorical and continuous covariates into one `[batch, dim]` vector.
 
@@ -90,10 +101,8 @@ class ConditionEmbedding(nn.Module):
         null = table.embedding[num_classes]
       else:
         lo, hi = spec
-        value = value.astype(jnp.float32)
-        is_null = jnp.isnan(value)
-        # NaN is swapped out before the MLP so it cannot leak into gradients.
-        x = 2.0 * (jnp.where(is_null, lo, value) - lo) / (hi - lo) - 1.0
+        known, x = rescale_continuous(value, lo, hi)
+        is_null = ~known
         emb = self._continuous_mlp(x, name)
         null = self.param(f"null_{name}", nn.initializers.normal(0.02), (self.dim,))
       if use_dropout:

@@ -34,6 +34,10 @@ def _config(**changes):
      "model.d_minibatch_std 3 must be 0 (off) or divide the per-device batch 4"),
     (dict(model__d_minibatch_std=4), 2,
      "model.d_minibatch_std 4 must be 0 (off) or divide the per-device batch 2"),
+    (dict(loss__condition_weight=1.0), 1,
+     "loss.condition_weight 1.0 and model.d_condition_heads False disagree"),
+    (dict(model__d_condition_heads=True), 1,
+     "loss.condition_weight 0.0 and model.d_condition_heads True disagree"),
 ])
 def test_bad_config_is_one_clear_error(changes, devices, message):
   with pytest.raises(ValueError, match=re.escape(message)):

@@ -56,3 +56,42 @@ def test_r1_of_quadratic_discriminator_is_per_example():
 def test_lazy_r1_weight_scales_by_interval():
   assert losses.lazy_r1_weight(10.0, 16) == pytest.approx(80.0)
   assert losses.lazy_r1_weight(1.0, 1) == pytest.approx(0.5)
+
+
+def test_condition_prediction_loss_matches_hand_computed():
+  from medgen_jax.data.info import ConditionField
+  fields = (ConditionField("lesion", "categorical", 3),
+            ConditionField("age", "continuous", value_range=(20.0, 90.0)))
+  logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [1.0, 1.0, 1.0],
+                     [0.0, -2.0, 4.0]], np.float32)
+  lesion = np.array([0, 1, -1, 2], np.int32)  # third unknown
+  age_pred = np.array([0.0, -1.0, 0.5, 9.0], np.float32)
+  age = np.array([55.0, 20.0, 90.0, np.nan], np.float32)  # fourth unknown
+  loss = losses.condition_prediction_loss(
+      {"lesion": jnp.asarray(logits), "age": jnp.asarray(age_pred)},
+      {"lesion": jnp.asarray(lesion), "age": jnp.asarray(age)}, fields)
+  # Cross-entropy by hand; unknowns add 0 but still count in the batch of 4.
+  ce = [-(l[y] - math.log(sum(math.exp(v) for v in l)))
+        for l, y in zip(logits.tolist(), lesion.tolist()) if y >= 0]
+  # age 55 -> 0.0, 20 -> -1.0, 90 -> 1.0 in [-1, 1] units.
+  se = [(0.0 - 0.0) ** 2, (-1.0 + 1.0) ** 2, (0.5 - 1.0) ** 2]
+  expected = sum(ce) / 4 + sum(se) / 4
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  # The unknown rows really are ignored: change their predictions wildly.
+  logits[2] = [9.0, -9.0, 0.0]
+  age_pred[3] = -50.0
+  again = losses.condition_prediction_loss(
+      {"lesion": jnp.asarray(logits), "age": jnp.asarray(age_pred)},
+      {"lesion": jnp.asarray(lesion), "age": jnp.asarray(age)}, fields)
+  np.testing.assert_allclose(float(again), expected, rtol=1e-5)
+
+
+def test_diversity_ratio_matches_hand_computed_and_clips():
+  a = np.zeros((2, 2, 2, 1), np.float32)
+  b = np.array([np.full((2, 2, 1), 0.5), np.full((2, 2, 1), 4.0)], np.float32)
+  za = np.zeros((2, 3), np.float32)
+  zb = np.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]], np.float32)
+  # Example 0: 0.5 / 1.0 = 0.5; example 1: 4.0 / 2.0 = 2.0, clipped to 1.5.
+  ratio = losses.diversity_ratio(jnp.asarray(a), jnp.asarray(b), jnp.asarray(za),
+                                 jnp.asarray(zb), cap=1.5)
+  np.testing.assert_allclose(float(ratio), (0.5 + 1.5) / 2, rtol=1e-6)

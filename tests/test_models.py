@@ -176,6 +176,34 @@ def test_discriminator_projection_by_hand(shape):
                              rtol=1e-4, atol=1e-4)
 
 
+def test_discriminator_condition_heads_by_hand():
+  info = _info()
+  model = models.build_discriminator(
+      _config(spectral_norm=False, d_condition_heads=True), info)
+  images = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 1), minval=-1, maxval=1)
+  cond = _conditions(4)
+  variables = _init(model, jax.random.PRNGKey(1), images, cond, train=False)
+  params = _perturb(variables["params"], jax.random.PRNGKey(2), scale=0.1)
+  (logits, predictions), state = model.apply(
+      {"params": params}, images, cond, train=False, with_predictions=True,
+      mutable=["intermediates"])
+  h = np.asarray(state["intermediates"]["features"][0], np.float64)
+  dense = lambda name: (np.asarray(params[name]["kernel"], np.float64),
+                        np.asarray(params[name]["bias"], np.float64))
+  k, b = dense("predict_lesion")
+  assert predictions["lesion"].shape == (4, 3)
+  np.testing.assert_allclose(predictions["lesion"], h @ k + b, rtol=1e-4, atol=1e-4)
+  k, b = dense("predict_age")
+  np.testing.assert_allclose(predictions["age"], h @ k[:, 0] + b[0], rtol=1e-4, atol=1e-4)
+  # The heads do not change the adversarial logit.
+  plain = model.apply({"params": params}, images, cond, train=False)
+  np.testing.assert_allclose(plain, logits, rtol=1e-6)
+  without = models.build_discriminator(_config(spectral_norm=False), info)
+  with pytest.raises(ValueError, match="needs condition_heads=True"):
+    without.apply(_init(without, jax.random.PRNGKey(1), images, cond, train=False),
+                  images, cond, train=False, with_predictions=True)
+
+
 def test_discriminator_spectral_norm_state_and_grad():
   info = _info()
   model = models.build_discriminator(_config(), info)

@@ -6,7 +6,9 @@ Written by `medgen_jax.eval.evaluate` next to `metrics.json`:
   memorization_<space>.png  the closest generated/training pairs (features,
                           pixels), from `memorization.save_closest_pairs_png`;
   hu_histograms.png       HU histograms inside the body, real train vs
-                          generated vs real test, overall and per tissue.
+                          generated vs real test, overall and per tissue;
+  volumes.png             3D only: real and generated volumes' orthogonal
+                          mid-slices and MIP (`viz_volume.save_volume_figure`).
 """
 from __future__ import annotations
 
@@ -114,6 +116,15 @@ def write_figures(directory: str, *, generated, requested, train_images,
     out[f"memorization_{space}"] = memorization.save_closest_pairs_png(
         os.path.join(directory, f"memorization_{space}.png"), gen,
         train_images, gen_artifacts[key], num_pairs=num_pairs)
+  if np.ndim(generated) == 5:
+    # Volumes: orthogonal mid-slices and a maximum-intensity projection.
+    from medgen_jax import viz_volume  # pylint: disable=import-outside-toplevel
+    os.makedirs(directory, exist_ok=True)
+    out["volumes"] = os.path.join(directory, "volumes.png")
+    shown = min(num_pairs, 3)
+    viz_volume.save_volume_figure(
+        np.asarray(train_images)[:shown], np.asarray(generated)[:shown], info,
+        out["volumes"], title="real (top) vs generated: orthogonal slices and MIP")
   if real_train_hu is not None and "hu" in gen_artifacts:
     out["hu_histograms"] = save_hu_histograms(
         os.path.join(directory, "hu_histograms.png"),

@@ -7,6 +7,14 @@ categorical conditions (embed_f a learned table) and g over continuous ones
 (c_g the value rescaled to [-1, 1]). An unknown condition (-1 / NaN)
 contributes nothing, so the discriminator falls back to unconditional.
 
+With `condition_heads=True` D also predicts every condition from phi(x)
+(AC-GAN, Odena et al. 2017; projection plus a classifier as in P2GAN): a
+softmax head per categorical field and a regression head (to the value
+rescaled to [-1, 1]) per continuous one. Projection alone lets a small
+lesion be ignored when the rest of the slice is convincing; the heads give
+the generator a direct gradient towards drawing the requested class
+(`losses.condition_prediction_loss`).
+
 Spectral normalisation (flax `nn.SpectralNorm`) keeps its power-iteration
 vectors `u` and `sigma` in the 'batch_stats' collection. The training step
 must call `D.apply({'params': p, 'batch_stats': s}, x, c, train=True,
@@ -23,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medgen_jax.conditioning import rescale_continuous
 from medgen_jax.data.info import CATEGORICAL, ConditionField
 from medgen_jax.models.layers import conv, space_to_depth
 from medgen_jax.models.variants import parse_dtype
@@ -137,17 +146,19 @@ class ResNetDiscriminator(nn.Module):
     spectral_norm: spectral normalisation of every weight ('batch_stats').
     minibatch_std: group size of the minibatch-std channel added before the
       last block (`minibatch_std`); 0 = off.
+    condition_heads: add the condition-prediction heads (module docstring).
     dtype: compute dtype (params stay float32; the logit is float32).
   """
   conditions: tuple[ConditionField, ...] = ()
   width: int = 32
   spectral_norm: bool = True
   minibatch_std: int = 0
+  condition_heads: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, conditions: Mapping[str, jnp.ndarray],
-               *, train: bool) -> jnp.ndarray:
+               *, train: bool, with_predictions: bool = False):
     """Scores images.
 
     Args:
@@ -155,10 +166,17 @@ class ResNetDiscriminator(nn.Module):
       conditions: name -> [B]; int32 class (-1 unknown) or float32 value
         (NaN unknown), one entry per field in `self.conditions`.
       train: update the spectral-norm power iteration ('batch_stats').
+      with_predictions: also return the condition predictions (needs
+        `condition_heads`).
 
     Returns:
-      logits [B], float32.
+      logits [B] float32; with `with_predictions`, (logits, predictions) where
+      predictions maps each field name to class logits [B, num_classes]
+      (categorical) or a value in rescaled units [B] (continuous).
     """
+    if with_predictions and not self.condition_heads:
+      raise ValueError("discriminator: with_predictions=True needs "
+                       "condition_heads=True (model.d_condition_heads)")
     chex.assert_rank(images, {4, 5})
     missing = [f.name for f in self.conditions if f.name not in conditions]
     if missing:
@@ -186,7 +204,24 @@ class ResNetDiscriminator(nn.Module):
     self.sow("intermediates", "features", features)
     sn = lambda layer: _Wrap(layer, self.spectral_norm)
     logits = sn(nn.Dense(1, name="linear"))(features, train=train)[:, 0]
-    return logits + self._projection(features, conditions, train=train)
+    logits = logits + self._projection(features, conditions, train=train)
+    # Built whenever configured (so init creates them), returned on request.
+    predictions = self._predict(features, train=train) if self.condition_heads else None
+    return (logits, predictions) if with_predictions else logits
+
+  def _predict(self, features: jnp.ndarray, *, train: bool
+               ) -> dict[str, jnp.ndarray]:
+    """Field name -> class logits [B, K] or rescaled value [B]."""
+    sn = lambda layer: _Wrap(layer, self.spectral_norm)
+    out = {}
+    for field in self.conditions:
+      if field.kind == CATEGORICAL:
+        out[field.name] = sn(nn.Dense(field.num_classes, name=f"predict_{field.name}"))(
+            features, train=train)
+      else:
+        out[field.name] = sn(nn.Dense(1, name=f"predict_{field.name}"))(
+            features, train=train)[:, 0]
+    return out
 
   def _projection(self, features: jnp.ndarray,
                   conditions: Mapping[str, jnp.ndarray], *,
@@ -204,9 +239,7 @@ class ResNetDiscriminator(nn.Module):
             jnp.where(known, value, 0).astype(jnp.int32), train=train)
         term = jnp.sum(emb * features, axis=-1)
       else:
-        lo, hi = field.value_range
-        known = ~jnp.isnan(value)
-        scaled = (jnp.where(known, value, lo) - lo) / (hi - lo) * 2.0 - 1.0
+        known, scaled = rescale_continuous(value, *field.value_range)
         direction = nn.Dense(1, use_bias=False, name=f"project_{field.name}")
         term = scaled * _Wrap(direction, self.spectral_norm)(
             features, train=train)[:, 0]
@@ -220,4 +253,5 @@ def build_resnet_discriminator(model_config, info) -> ResNetDiscriminator:
       conditions=tuple(info.conditions), width=int(model_config.d_width),
       spectral_norm=bool(model_config.spectral_norm),
       minibatch_std=int(model_config.get("d_minibatch_std", 0)),
+      condition_heads=bool(model_config.get("d_condition_heads", False)),
       dtype=parse_dtype(model_config.dtype))

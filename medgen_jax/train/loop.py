@@ -26,7 +26,8 @@ from medgen_jax.train import step as step_lib
 from medgen_jax.train import translation
 
 SAMPLE_COLS = 8
-LOSS_KEYS = ("d_loss", "g_loss", "r1", "d_real", "d_fake", "recon_l1")
+LOSS_KEYS = ("d_loss", "g_loss", "r1", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
+             "g_diversity")
 
 
 def validate_config(config: Any, num_devices: int) -> None:
@@ -67,6 +68,16 @@ def validate_config(config: Any, num_devices: int) -> None:
   # checked against the token grids here, before the dataset is touched.
   mesh = parallel.validate(config.parallel, t.batch_size, num_devices, model_config=m,
                            spatial_shape=builders.spatial_shape(config.data))
+  weight, heads = float(config.loss.get("condition_weight", 0.0)), bool(
+      m.get("d_condition_heads", False))
+  if weight < 0 or (weight > 0) != heads:
+    raise ValueError(
+        f"loss.condition_weight {weight} and model.d_condition_heads {heads} disagree: "
+        f"the condition-prediction loss (weight > 0) needs the discriminator's heads, "
+        f"and heads without the loss (weight 0) would never be trained")
+  if config.loss.get("diversity_weight", 0.0) < 0 or config.loss.get("diversity_cap", 1.0) <= 0:
+    raise ValueError(f"loss.diversity_weight must be >= 0 and loss.diversity_cap > 0, got "
+                     f"{config.loss.diversity_weight}, {config.loss.diversity_cap}")
   group = int(m.get("d_minibatch_std", 0))
   per_device = t.batch_size // mesh[parallel.DATA_AXIS]
   if group < 0 or (group and per_device % group):

@@ -6,10 +6,14 @@ per-device batch under `pmap`/`shard_map` (followed by `lax.pmean`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from medgen_jax.conditioning import rescale_continuous
+from medgen_jax.data.info import CATEGORICAL, ConditionField
 
 
 def d_loss_nonsaturating(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
@@ -80,3 +84,52 @@ def lazy_r1_weight(r1_gamma: float, r1_every: int) -> float:
   average strength matches applying it every step.
   """
   return 0.5 * r1_gamma * r1_every
+
+
+def condition_prediction_loss(predictions: dict[str, jax.Array],
+                              conditions: dict[str, jax.Array],
+                              fields: Sequence[ConditionField]) -> jax.Array:
+  """AC-GAN auxiliary loss: how badly D's heads predict the given conditions.
+
+  Sum over fields of the per-example loss averaged over the batch: softmax
+  cross-entropy for categorical fields, squared error in [-1, 1]-rescaled
+  units for continuous ones. Unknown values (-1 / NaN) contribute zero but
+  still count in the batch size, so the mean is linear in the examples and a
+  `pmean` of per-device values equals the global-batch value.
+
+  Args:
+    predictions: field -> [B, num_classes] logits or [B] rescaled value (D's
+      `with_predictions` output).
+    conditions: field -> [B] int class (-1 unknown) or float value (NaN).
+    fields: the condition fields (`DatasetInfo.conditions`).
+
+  Returns:
+    Scalar loss.
+  """
+  total = jnp.zeros((), jnp.float32)
+  for field in fields:
+    value, pred = conditions[field.name], predictions[field.name]
+    if field.kind == CATEGORICAL:
+      known = value >= 0
+      per_example = optax.softmax_cross_entropy_with_integer_labels(
+          pred.astype(jnp.float32), jnp.where(known, value, 0).astype(jnp.int32))
+    else:
+      known, target = rescale_continuous(value, *field.value_range)
+      per_example = jnp.square(pred.astype(jnp.float32) - target)
+    total = total + jnp.mean(jnp.where(known, per_example, 0.0))
+  return total
+
+
+def diversity_ratio(fake_a: jax.Array, fake_b: jax.Array, z_a: jax.Array,
+                    z_b: jax.Array, cap: float) -> jax.Array:
+  """Mode-seeking term (Mao et al. 2019, clipped as in Yang et al. 2019's DSGAN).
+
+  Per example: mean |G(z_a) - G(z_b)| over pixels divided by mean |z_a - z_b|,
+  clipped at `cap` so that once samples differ enough the adversarial loss
+  alone decides what they look like; averaged over the batch (linear in the
+  examples, so a `pmean` of per-device values is the global value).
+  """
+  flat = lambda x: x.reshape(x.shape[0], -1)
+  image_dist = jnp.mean(jnp.abs(flat(fake_a) - flat(fake_b)), axis=-1)
+  noise_dist = jnp.mean(jnp.abs(z_a - z_b), axis=-1)
+  return jnp.mean(jnp.minimum(image_dist / noise_dist, cap))

@@ -28,14 +28,30 @@ from medgen_jax.train.state import Models, TrainState
 Batch = dict[str, jax.Array]
 
 
-def _apply(module, params, model_state, *args, train: bool, rngs):
+def _apply(module, params, model_state, *args, train: bool, rngs, **kwargs):
   """module.apply that threads non-param collections (e.g. spectral norm stats)."""
   variables = {"params": params, **model_state}
   if train and model_state:
     out, updates = module.apply(variables, *args, train=True, rngs=rngs,
-                                mutable=list(model_state))
+                                mutable=list(model_state), **kwargs)
     return out, {**model_state, **updates}
-  return module.apply(variables, *args, train=train, rngs=rngs), model_state
+  return module.apply(variables, *args, train=train, rngs=rngs, **kwargs), model_state
+
+
+def _score(D, d_params, d_state, images, cond, *, rngs, condition_weight: float):
+  """D's logits [B], its condition predictions (None without the auxiliary
+  loss) and its updated state."""
+  if not condition_weight:
+    logits, d_state = _apply(D, d_params, d_state, images, cond, train=True, rngs=rngs)
+    return logits, None, d_state
+  (logits, predictions), d_state = _apply(D, d_params, d_state, images, cond,
+                                          train=True, rngs=rngs, with_predictions=True)
+  return logits, predictions, d_state
+
+
+def condition_weight(loss_config: Any) -> float:
+  """Weight of the AC-GAN condition-prediction loss (0 = off)."""
+  return float(loss_config.get("condition_weight", 0.0))
 
 
 def _local_slice(tree: Any, axis_name: str | None, local_batch: int) -> Any:
@@ -90,7 +106,10 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
 
   Returns:
     (new state, metrics): scalar d_loss, g_loss, r1, d_real, d_fake,
-    d_grad_norm, g_grad_norm and bool is_finite.
+    d_grad_norm, g_grad_norm and bool is_finite; with `loss.condition_weight`
+    > 0 also d_cond and g_cond (D's condition-prediction loss on real and on
+    generated images; d_loss and g_loss stay the adversarial terms alone);
+    with `loss.diversity_weight` > 0 also g_diversity (`losses.diversity_ratio`).
   """
   lcfg = config.loss
   gan = losses.get_gan_loss(lcfg.gan)
@@ -112,31 +131,46 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
   drop_gd, drop_g, drop_d = (_device_key(k, axis_name) for k in keys[5:8])
 
   # Discriminator update.
-  fake, g_state = _apply(G, state.g_params, state.g_state, z_d, cond, train=True,
-                         rngs={"dropout": drop_gd})
-  fake = lax.stop_gradient(fake)
+  fake_d, g_state = _apply(G, state.g_params, state.g_state, z_d, cond, train=True,
+                           rngs={"dropout": drop_gd})
+  fake_d = lax.stop_gradient(fake_d)
   real_aug = augment_lib.apply_params(real, aug_real, policy)
-  fake_aug = augment_lib.apply_params(fake, aug_fake_d, policy)
+  fake_aug = augment_lib.apply_params(fake_d, aug_fake_d, policy)
   d_params, d_opt_state, d_state, d_grad, d_metrics = discriminator_update(
       state, real_aug, fake_aug, cond, models=models, loss_config=lcfg,
       dropout_key=drop_d, axis_name=axis_name, with_r1=with_r1)
 
   # Generator update against the updated discriminator.
+  cond_weight = condition_weight(lcfg)
+  div_weight = float(lcfg.get("diversity_weight", 0.0))
+
   def g_objective(g_params):
     fake, new_g_state = _apply(G, g_params, g_state, z_g, cond, train=True,
                                rngs={"dropout": drop_g})
     fake_aug = augment_lib.apply_params(fake, aug_fake_g, policy)
-    logits, new_d_state = _apply(D, d_params, d_state, fake_aug, cond, train=True,
-                                 rngs={"dropout": drop_d})
-    return gan.g(logits), (new_g_state, new_d_state)
+    logits, predictions, new_d_state = _score(
+        D, d_params, d_state, fake_aug, cond, rngs={"dropout": drop_d},
+        condition_weight=cond_weight)
+    g_metrics = dict(g_loss=gan.g(logits))
+    if cond_weight:
+      g_metrics["g_cond"] = losses.condition_prediction_loss(predictions, cond, D.conditions)
+    total = g_metrics["g_loss"] + cond_weight * g_metrics.get("g_cond", 0.0)
+    if div_weight:
+      # The D step's sample used the same parameters and conditions with
+      # other noise, so the mode-seeking pair costs no extra forward pass.
+      g_metrics["g_diversity"] = losses.diversity_ratio(fake, fake_d, z_g, z_d,
+                                                 float(lcfg.diversity_cap))
+      total = total - div_weight * g_metrics["g_diversity"]
+    return total, (new_g_state, new_d_state, g_metrics)
 
-  (g_loss, (g_state, d_state)), g_grad = jax.value_and_grad(g_objective, has_aux=True)(
-      state.g_params)
-  g_grad, g_loss, g_state, d_state = _pmean((g_grad, g_loss, g_state, d_state), axis_name)
+  (_, (g_state, d_state, g_metrics)), g_grad = jax.value_and_grad(
+      g_objective, has_aux=True)(state.g_params)
+  g_grad, g_metrics, g_state, d_state = _pmean((g_grad, g_metrics, g_state, d_state),
+                                               axis_name)
   return finish_step(state, models=models, loss_config=lcfg, g_grad=g_grad,
                      g_state=g_state, d_params=d_params, d_state=d_state,
                      d_opt_state=d_opt_state, d_grad=d_grad,
-                     metrics=dict(d_metrics, g_loss=g_loss))
+                     metrics=dict(d_metrics, **g_metrics))
 
 
 def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Array,
@@ -157,21 +191,31 @@ def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Arr
   use_r1 = loss_config.r1_gamma > 0 and loss_config.r1_every > 0
   r1_weight = (losses.lazy_r1_weight(loss_config.r1_gamma, loss_config.r1_every)
                if use_r1 else 0.0)
+  cond_weight = condition_weight(loss_config)
 
   def d_objective(d_params, with_r1: bool):
     def d_real(x):
-      return _apply(D, d_params, state.d_state, x, cond, train=True,
-                    rngs={"dropout": dropout_key})
+      logits, predictions, d_state = _score(
+          D, d_params, state.d_state, x, cond, rngs={"dropout": dropout_key},
+          condition_weight=cond_weight)
+      return logits, (d_state, predictions)
     if with_r1:
-      r1, real_logits, d_state = losses.r1_penalty(d_real, real_in)
+      r1, real_logits, (d_state, predictions) = losses.r1_penalty(d_real, real_in)
     else:
-      (real_logits, d_state), r1 = d_real(real_in), jnp.zeros((), jnp.float32)
+      (real_logits, (d_state, predictions)), r1 = (d_real(real_in),
+                                                   jnp.zeros((), jnp.float32))
     fake_logits, d_state = _apply(D, d_params, d_state, fake_in, cond, train=True,
                                   rngs={"dropout": dropout_key})
     loss = gan.d(real_logits, fake_logits)
     aux = dict(d_loss=loss, r1=r1, d_real=jnp.mean(real_logits),
                d_fake=jnp.mean(fake_logits))
-    return loss + r1_weight * r1, (aux, d_state)
+    total = loss + r1_weight * r1
+    if cond_weight:
+      # Heads learn from real images only: training them on fakes too (the
+      # original AC-GAN) rewards D for classifying the generator's mistakes.
+      aux["d_cond"] = losses.condition_prediction_loss(predictions, cond, D.conditions)
+      total = total + cond_weight * aux["d_cond"]
+    return total, (aux, d_state)
 
   def d_grads(with_r1: bool):
     return jax.grad(d_objective, has_aux=True)(state.d_params, with_r1)
