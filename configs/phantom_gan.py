@@ -58,7 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       condition_weight=0.0,
       # Mode-seeking reward for samples that differ when only the noise
       # differs (step.diversity_ratio; 0 = off), clipped at diversity_cap.
-      diversity_weight=0.0, diversity_cap=0.3))
+      diversity_weight=0.0, diversity_cap=0.3,
+      # Frozen condition teacher (train.loop.build_teacher): weight of its
+      # loss on generated images (0 = off), its seed (must differ from
+      # eval.extractor_seed) and training steps (trained once, cached).
+      teacher_weight=0.0, teacher_seed=1, teacher_steps=300))
   # Evaluation (medgen_jax.eval.evaluate): None sample count = size of the real
   # test split; None extractor path = a cache keyed by the dataset's identity.
   config.eval = ml_collections.ConfigDict(dict(

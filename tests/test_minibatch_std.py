@@ -24,6 +24,7 @@ def test_matches_numpy_reference_per_contiguous_group():
     minibatch_std(jnp.asarray(x), 3)
 
 
+@pytest.mark.slow  # ~25 s: compiles D's Jacobian; the numpy reference test stays fast
 def test_discriminator_logit_depends_on_own_group_only():
   d = ResNetDiscriminator(conditions=(ConditionField("lesion", "categorical", 3),),
                           width=8, spectral_norm=False, minibatch_std=2)

@@ -29,7 +29,6 @@ import json
 import os
 from typing import Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,75 +36,10 @@ import optax
 import orbax.checkpoint as ocp
 
 from medgen_jax.data.info import CATEGORICAL, ConditionField
-from medgen_jax.models.layers import space_to_depth
-
-
-class _ResBlock(nn.Module):
-  """Pre-activation residual block; `strides` > 1 downsamples every axis."""
-  features: int
-  strides: int = 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    nd = x.ndim - 2
-    kernel, stride = (3,) * nd, (self.strides,) * nd
-    y = nn.gelu(nn.GroupNorm(num_groups=min(8, x.shape[-1]))(x))
-    y = nn.Conv(self.features, kernel, strides=stride)(y)
-    y = nn.gelu(nn.GroupNorm(num_groups=min(8, self.features))(y))
-    y = nn.Conv(self.features, kernel)(y)
-    if self.strides != 1 or x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1,) * nd, strides=stride)(x)
-    return x + y
-
-
-POOLINGS = ("mean", "mean_max")
-
-
-class FeatureNet(nn.Module):
-  """ResNet-ish condition classifier.
-
-  Attributes:
-    fields: condition fields; one head each.
-    widths: channels per stage; every stage after the first halves the
-      resolution.
-    feature_dim: size of the penultimate (feature) layer.
-    stem_patch: space-to-depth factor before the first convolution. Every
-      voxel is kept (moved into channels), so a nodule of one or two voxels
-      still reaches the network, while the first, costliest stage runs on
-      `patch**nd` times fewer positions.
-    pooling: 'mean' (global average) or 'mean_max' (average and maximum,
-      concatenated). The maximum answers "is there a lesion anywhere", which
-      an average over a whole chest dilutes to nothing for a small nodule.
-  """
-  fields: tuple[ConditionField, ...]
-  widths: tuple[int, ...] = (16, 32, 64)
-  feature_dim: int = 64
-  stem_patch: int = 1
-  pooling: str = "mean"
-
-  @nn.compact
-  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """images `[B, *spatial, C]` in [-1, 1] -> (features `[B, feature_dim]`,
-    {field: logits `[B, num_classes]` or normalised value `[B]`})."""
-    nd = images.ndim - 2
-    x = images if self.stem_patch == 1 else space_to_depth(images, self.stem_patch)
-    x = nn.Conv(self.widths[0], (3,) * nd)(x)
-    for i, width in enumerate(self.widths):
-      x = _ResBlock(width, strides=1 if i == 0 else 2)(x)
-    x = nn.gelu(nn.GroupNorm(num_groups=min(8, x.shape[-1]))(x))
-    spatial_axes = tuple(range(1, 1 + nd))
-    pooled = jnp.mean(x, axis=spatial_axes)
-    if self.pooling == "mean_max":
-      pooled = jnp.concatenate([pooled, jnp.max(x, axis=spatial_axes)], axis=-1)
-    features = nn.Dense(self.feature_dim, name="features")(pooled)
-    h = nn.gelu(features)
-    heads = {}
-    for f in self.fields:
-      if f.kind == CATEGORICAL:
-        heads[f.name] = nn.Dense(f.num_classes, name=f"head_{f.name}")(h)
-      else:
-        heads[f.name] = nn.Dense(1, name=f"head_{f.name}")(h)[:, 0]
-    return features, heads
+# The network and its loss live with the models (the GAN's condition teacher
+# uses them too); training, caching and feature extraction live here.
+from medgen_jax.models.classifier import (POOLINGS, FeatureNet,  # noqa: F401
+                                          condition_loss, condition_targets)
 
 
 def _check_images(images) -> np.ndarray:
@@ -183,7 +117,7 @@ def _optimizer(lr: float, warmup: int, steps: int) -> optax.GradientTransformati
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _train_step(model, schedule: tuple[float, int, int], params, opt_state, x, t):
   (loss, metrics), grads = jax.value_and_grad(
-      lambda p: _loss(model, p, x, t), has_aux=True)(params)
+      lambda p: condition_loss(model, p, x, t), has_aux=True)(params)
   updates, opt_state = _optimizer(*schedule).update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, {"loss": loss, **metrics}
 
@@ -200,37 +134,11 @@ def _normalised_targets(conditions: Mapping[str, np.ndarray],
     if v.shape[0] != n:
       raise ValueError(f"condition {f.name!r} has {v.shape[0]} values for "
                        f"{n} images")
-    if f.kind == CATEGORICAL:
-      if np.any(v >= f.num_classes):
-        raise ValueError(f"condition {f.name!r}: class index >= num_classes "
-                         f"{f.num_classes}")
-      targets[f.name] = v.astype(np.int32)
-    else:
-      lo, hi = f.value_range
-      targets[f.name] = ((v.astype(np.float32) - lo) / (hi - lo)).astype(np.float32)
-  return targets
-
-
-def _loss(model: FeatureNet, params, images, targets):
-  _, heads = model.apply({"params": params}, images)
-  total, metrics = 0.0, {}
-  for f in model.fields:
-    t, out = targets[f.name], heads[f.name]
-    if f.kind == CATEGORICAL:
-      known = t >= 0
-      ce = optax.softmax_cross_entropy_with_integer_labels(out, jnp.maximum(t, 0))
-      loss = jnp.sum(jnp.where(known, ce, 0.0)) / jnp.maximum(known.sum(), 1)
-      metrics[f"{f.name}_accuracy"] = (
-          jnp.sum(jnp.where(known, out.argmax(-1) == t, False))
-          / jnp.maximum(known.sum(), 1))
-    else:
-      known = jnp.isfinite(t)
-      # where() before the subtraction: NaN targets must not reach gradients.
-      err = jnp.where(known, out - jnp.where(known, t, 0.0), 0.0)
-      loss = jnp.sum(err ** 2) / jnp.maximum(known.sum(), 1)
-    metrics[f"{f.name}_loss"] = loss
-    total = total + loss
-  return total, metrics
+    if f.kind == CATEGORICAL and np.any(v >= f.num_classes):
+      raise ValueError(f"condition {f.name!r}: class index >= num_classes "
+                       f"{f.num_classes}")
+    targets[f.name] = v
+  return {k: np.asarray(v) for k, v in condition_targets(targets, fields).items()}
 
 
 def train_feature_extractor(images, conditions: Mapping[str, np.ndarray],

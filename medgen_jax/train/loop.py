@@ -8,6 +8,7 @@ summary.json.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -78,6 +79,17 @@ def validate_config(config: Any, num_devices: int) -> None:
   if config.loss.get("diversity_weight", 0.0) < 0 or config.loss.get("diversity_cap", 1.0) <= 0:
     raise ValueError(f"loss.diversity_weight must be >= 0 and loss.diversity_cap > 0, got "
                      f"{config.loss.diversity_weight}, {config.loss.diversity_cap}")
+  teacher_weight = float(config.loss.get("teacher_weight", 0.0))
+  if teacher_weight < 0:
+    raise ValueError(f"loss.teacher_weight must be >= 0, got {teacher_weight}")
+  if teacher_weight:
+    from medgen_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
+    eval_seed = int(evaluate.eval_settings(config)["extractor_seed"])
+    if int(config.loss.teacher_seed) == eval_seed or int(config.loss.teacher_steps) < 1:
+      raise ValueError(
+          f"loss.teacher_seed {config.loss.teacher_seed} must differ from "
+          f"eval.extractor_seed {eval_seed} (the teacher would be the evaluator) and "
+          f"loss.teacher_steps {config.loss.teacher_steps} must be >= 1")
   group = int(m.get("d_minibatch_std", 0))
   per_device = t.batch_size // mesh[parallel.DATA_AXIS]
   if group < 0 or (group and per_device % group):
@@ -128,11 +140,38 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       config.data, split="train", batch_size=t.batch_size // jax.process_count(),
       seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
   return run_training(config, workdir, info=info, generator=generator,
-                      discriminator=discriminator, iterator=iterator)
+                      discriminator=discriminator, iterator=iterator,
+                      teacher=build_teacher(config, info))
+
+
+def build_teacher(config: Any, info) -> tuple[Any, Any] | None:
+  """The frozen condition teacher `(FeatureNet, params)`, or None when
+  `loss.teacher_weight` is 0.
+
+  It is the evaluation's domain-extractor recipe (`config.eval` settings) with
+  its own seed (`loss.teacher_seed`) and step count (`loss.teacher_steps`),
+  trained on the real train split on first use and cached beside the dataset
+  like the extractor. The seed must differ from the extractor's
+  (`validate_config`), so evaluation never scores with the network the
+  generator was trained against.
+  """
+  if not float(config.loss.get("teacher_weight", 0.0)):
+    return None
+  # eval.features holds the classifier's training and cache; imported here
+  # so that the training library does not load the evaluation stack.
+  from medgen_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
+  settings = dict(evaluate.eval_settings(config),
+                  extractor_seed=int(config.loss.teacher_seed),
+                  extractor_steps=int(config.loss.teacher_steps))
+  train, _ = evaluate.load_real(config.data, settings)
+  model, params, meta = evaluate.get_extractor(config.data, info, train, settings)
+  logging.info("condition teacher %s (%s)", meta["path"],
+               "reused" if meta["reused"] else "trained")
+  return model, params
 
 
 def run_training(config: Any, workdir: str, *, info, generator, discriminator,
-                 iterator) -> dict:
+                 iterator, teacher: tuple[Any, Any] | None = None) -> dict:
   """The loop of `train_and_evaluate` for already built networks and data.
 
   Args:
@@ -142,11 +181,13 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
     generator, discriminator: linen modules following the models interface.
     iterator: this process's batches (dicts with 'image' `[B / processes, ...]` and
       the info's condition fields) with JSON-able get_state()/set_state().
+    teacher: frozen condition classifier for `loss.teacher_weight`
+      (`build_teacher`).
 
   Returns:
     The summary dict (also written to workdir/summary.json).
   """
-  models = state_lib.make_models(generator, discriminator, config)
+  models = state_lib.make_models(generator, discriminator, config, teacher=teacher)
   task = config.get("task", "generation")
   if task not in translation.TASKS:
     raise ValueError(f"unknown config.task {task!r}; expected one of {translation.TASKS}")

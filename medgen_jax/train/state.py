@@ -45,11 +45,17 @@ class TrainState:
 
 
 class Models(NamedTuple):
-  """The networks and their optimisers; static, closed over by the train step."""
+  """The networks and their optimisers; static, closed over by the train step.
+
+  `teacher` is an optional frozen condition classifier `(FeatureNet, params)`
+  scoring generated images for `loss.teacher_weight`; it is trained once per
+  dataset and cached, never updated, so it is not part of the TrainState.
+  """
   generator: nn.Module
   discriminator: nn.Module
   g_tx: optax.GradientTransformation
   d_tx: optax.GradientTransformation
+  teacher: Any = None
 
 
 def make_schedule(lr: float, optim_config: Any, num_steps: int) -> optax.Schedule:
@@ -77,12 +83,13 @@ def make_optimizer(lr: float, optim_config: Any, num_steps: int) -> optax.Gradie
   return optax.chain(*parts)
 
 
-def make_models(generator: nn.Module, discriminator: nn.Module, config: Any) -> Models:
+def make_models(generator: nn.Module, discriminator: nn.Module, config: Any, *,
+                teacher: Any = None) -> Models:
   """Bundles the networks with TTUR optimisers (separate G and D learning rates)."""
   n = config.train.num_steps
   return Models(generator, discriminator,
                 make_optimizer(config.optim.g_lr, config.optim, n),
-                make_optimizer(config.optim.d_lr, config.optim, n))
+                make_optimizer(config.optim.d_lr, config.optim, n), teacher)
 
 
 def dummy_conditions(info: DatasetInfo, batch: int) -> dict[str, jax.Array]:

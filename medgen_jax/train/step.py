@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from medgen_jax.models import classifier
 from medgen_jax.train import augment as augment_lib
 from medgen_jax.train import ema as ema_lib
 from medgen_jax.train import losses
@@ -109,7 +110,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     d_grad_norm, g_grad_norm and bool is_finite; with `loss.condition_weight`
     > 0 also d_cond and g_cond (D's condition-prediction loss on real and on
     generated images; d_loss and g_loss stay the adversarial terms alone);
-    with `loss.diversity_weight` > 0 also g_diversity (`losses.diversity_ratio`).
+    with `loss.diversity_weight` > 0 also g_diversity (`losses.diversity_ratio`);
+    with `loss.teacher_weight` > 0 also g_teacher (the frozen condition
+    classifier's loss on the generated images, `classifier.condition_loss`).
   """
   lcfg = config.loss
   gan = losses.get_gan_loss(lcfg.gan)
@@ -143,6 +146,10 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
   # Generator update against the updated discriminator.
   cond_weight = condition_weight(lcfg)
   div_weight = float(lcfg.get("diversity_weight", 0.0))
+  teacher_weight = float(lcfg.get("teacher_weight", 0.0))
+  if teacher_weight and models.teacher is None:
+    raise ValueError("loss.teacher_weight > 0 needs Models.teacher (the loop "
+                     "builds it with train.teacher.get_teacher)")
 
   def g_objective(g_params):
     fake, new_g_state = _apply(G, g_params, g_state, z_g, cond, train=True,
@@ -155,6 +162,13 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     if cond_weight:
       g_metrics["g_cond"] = losses.condition_prediction_loss(predictions, cond, D.conditions)
     total = g_metrics["g_loss"] + cond_weight * g_metrics.get("g_cond", 0.0)
+    if teacher_weight:
+      # The frozen classifier sees the un-augmented sample, as it saw reals.
+      teacher, teacher_params = models.teacher
+      g_metrics["g_teacher"], _ = classifier.condition_loss(
+          teacher, teacher_params, fake,
+          classifier.condition_targets(cond, teacher.fields))
+      total = total + teacher_weight * g_metrics["g_teacher"]
     if div_weight:
       # The D step's sample used the same parameters and conditions with
       # other noise, so the mode-seeking pair costs no extra forward pass.
