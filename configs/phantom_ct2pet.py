@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.unet_width = 32
   m.unet_levels = 4
   config.loss.recon_weight = 100.0  # pix2pix's lambda for L1 in [-1, 1]
+  # The paired L1 already ties the output to its source; the generation
+  # task's condition teacher does not apply to translation.
+  config.loss.teacher_weight = 0.0
   # Pairs move together; intensity jitter would change SUV/HU meaning.
   config.loss.augment = "translation"
   config.train.num_steps = 1500

@@ -25,6 +25,10 @@ def test_hand_computed_scores_and_unknowns():
   # 2 -> right; site 3 asked twice, right once; site 2 never asked: NaN.
   assert [out[f"lesion_accuracy_{c}"] for c in range(3)] == [1.0, 0.0, 1.0]
   assert out["site_accuracy_3"] == 0.5 and np.isnan(out["site_accuracy_2"])
+  # Confusion rows: requested 1 was classified 2; site 3 -> {3, 0} half each.
+  assert out["lesion_as_2_given_1"] == 1.0 and out["lesion_as_1_given_1"] == 0.0
+  assert out["site_as_0_given_3"] == 0.5 and out["site_as_3_given_3"] == 0.5
+  assert np.isnan(out["site_as_0_given_2"])
 
 
 def test_condition_blind_generator_scores_chance():

@@ -38,7 +38,9 @@ def condition_fidelity(predicted: Mapping[str, np.ndarray],
     accuracy of a condition-blind generator with the same marginals (sum over
     classes of requested frequency x predicted frequency), and per class
     '<name>_accuracy_<class name>', the accuracy among the images requested
-    as that class (does a large lesion appear when one is asked for?); per
+    as that class (does a large lesion appear when one is asked for?) and
+    the confusion row '<name>_as_<predicted>_given_<requested>' (fraction of
+    the images requested as one class that are classified as another); per
     continuous field '<name>_mae'. NaN when no entry is known.
   """
   out = {}
@@ -64,11 +66,15 @@ def condition_fidelity(predicted: Mapping[str, np.ndarray],
       rr = np.bincount(np.clip(r, 0, k - 1), minlength=k) / max(len(r), 1)
       out[f"{field.name}_chance"] = (float(pr @ rr) if known.any()
                                      else float("nan"))
+      labels = list(field.class_names) or [str(c) for c in range(k)]
       for c in range(k):
-        label = field.class_names[c] if field.class_names else str(c)
         asked = r == c
-        out[f"{field.name}_accuracy_{label}"] = (float(np.mean(p[asked] == c))
-                                                 if asked.any() else float("nan"))
+        out[f"{field.name}_accuracy_{labels[c]}"] = (float(np.mean(p[asked] == c))
+                                                     if asked.any() else float("nan"))
+        # The confusion row: where the requests for class c went.
+        for j in range(k):
+          out[f"{field.name}_as_{labels[j]}_given_{labels[c]}"] = (
+              float(np.mean(p[asked] == j)) if asked.any() else float("nan"))
     else:
       known = np.isfinite(req)
       out[f"{field.name}_mae"] = (

@@ -111,17 +111,21 @@ def condition_targets(conditions: Mapping[str, Any],
   return out
 
 
-def condition_loss(model: FeatureNet, params, images, targets):
+def condition_loss(model: FeatureNet, params, images, targets,
+                   fields: Sequence[str] | None = None):
   """(sum of the heads' losses, per-field metrics) on `condition_targets`.
 
   Cross-entropy for categorical fields and squared error for continuous ones,
-  each averaged over the known examples. The extractor is trained on it, and
-  the GAN's frozen condition teacher (`loss.teacher_weight`) scores generated
-  images with it.
+  each averaged over the known examples; `fields` limits the sum to those
+  names (None: every head). The extractor is trained on it, and the GAN's
+  frozen condition teacher (`loss.teacher_weight`) scores generated images
+  with it.
   """
   _, heads = model.apply({"params": params}, images)
   total, metrics = 0.0, {}
   for f in model.fields:
+    if fields is not None and f.name not in fields:
+      continue
     t, out = targets[f.name], heads[f.name]
     if f.kind == CATEGORICAL:
       known = t >= 0

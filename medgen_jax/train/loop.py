@@ -82,6 +82,9 @@ def validate_config(config: Any, num_devices: int) -> None:
   teacher_weight = float(config.loss.get("teacher_weight", 0.0))
   if teacher_weight < 0:
     raise ValueError(f"loss.teacher_weight must be >= 0, got {teacher_weight}")
+  if teacher_weight and config.get("task", "generation") != "generation":
+    raise ValueError(f"loss.teacher_weight {teacher_weight} applies to the generation "
+                     f"task only; set it to 0 for task {config.task!r}")
   if teacher_weight:
     from medgen_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
     eval_seed = int(evaluate.eval_settings(config)["extractor_seed"])
@@ -157,6 +160,11 @@ def build_teacher(config: Any, info) -> tuple[Any, Any] | None:
   """
   if not float(config.loss.get("teacher_weight", 0.0)):
     return None
+  names = step_lib.teacher_fields(config.loss) or ()
+  unknown = sorted(set(names) - {f.name for f in info.conditions})
+  if unknown:
+    raise ValueError(f"loss.teacher_fields {unknown} are not conditions of "
+                     f"{info.name!r}: {[f.name for f in info.conditions]}")
   # eval.features holds the classifier's training and cache; imported here
   # so that the training library does not load the evaluation stack.
   from medgen_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
