@@ -85,14 +85,24 @@ class FeatureNet(nn.Module):
     if self.pooling == "mean_max":
       pooled = jnp.concatenate([pooled, jnp.max(x, axis=spatial_axes)], axis=-1)
     features = nn.Dense(self.feature_dim, name="features")(pooled)
-    h = nn.gelu(features)
-    heads = {}
-    for f in self.fields:
-      if f.kind == CATEGORICAL:
-        heads[f.name] = nn.Dense(f.num_classes, name=f"head_{f.name}")(h)
-      else:
-        heads[f.name] = nn.Dense(1, name=f"head_{f.name}")(h)[:, 0]
-    return features, heads
+    return features, condition_heads(nn.gelu(features), self.fields, prefix="head")
+
+
+def condition_heads(h: jax.Array, fields: Sequence[ConditionField], *,
+                    prefix: str) -> dict[str, jax.Array]:
+  """One linear head per field on features `h` [B, F]: class logits [B, K]
+  (categorical) or one value [B] (continuous), named `<prefix>_<field>`.
+
+  Call from inside a compact module method; the Dense layers become its
+  submodules (the classifier here, the discriminator's AC-GAN heads).
+  """
+  heads = {}
+  for f in fields:
+    if f.kind == CATEGORICAL:
+      heads[f.name] = nn.Dense(f.num_classes, name=f"{prefix}_{f.name}")(h)
+    else:
+      heads[f.name] = nn.Dense(1, name=f"{prefix}_{f.name}")(h)[:, 0]
+  return heads
 
 
 def condition_targets(conditions: Mapping[str, Any],

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from medgen_jax.conditioning import rescale_continuous
+from medgen_jax.models.classifier import condition_heads
 from medgen_jax.data.info import CATEGORICAL, ConditionField
 from medgen_jax.models.layers import conv, space_to_depth
 from medgen_jax.models.variants import parse_dtype
@@ -213,18 +214,13 @@ class ResNetDiscriminator(nn.Module):
                ) -> dict[str, jnp.ndarray]:
     """Field name -> class logits [B, K] or rescaled value [B].
 
-    The heads are not spectrally normalised: with a normalised head the
-    logits can be no larger than the (small) features, and in a 1,200-step
-    run the heads stayed at chance cross-entropy throughout.
+    The heads are not spectrally normalised: a normalised head's logits can
+    be no larger than the features. (Normalised heads stayed at chance
+    cross-entropy over a 1,200-step run; unnormalised ones were tried for 150
+    steps only, also at chance: docs/results.md.)
     """
     del train
-    out = {}
-    for field in self.conditions:
-      if field.kind == CATEGORICAL:
-        out[field.name] = nn.Dense(field.num_classes, name=f"predict_{field.name}")(features)
-      else:
-        out[field.name] = nn.Dense(1, name=f"predict_{field.name}")(features)[:, 0]
-    return out
+    return condition_heads(features, self.conditions, prefix="predict")
 
   def _projection(self, features: jnp.ndarray,
                   conditions: Mapping[str, jnp.ndarray], *,
