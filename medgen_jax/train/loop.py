@@ -28,7 +28,7 @@ from medgen_jax.train import translation
 
 SAMPLE_COLS = 8
 LOSS_KEYS = ("d_loss", "g_loss", "r1", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
-             "g_diversity")
+             "g_teacher", "g_diversity")
 
 
 def validate_config(config: Any, num_devices: int) -> None:

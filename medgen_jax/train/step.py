@@ -157,7 +157,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
   teacher_weight = float(lcfg.get("teacher_weight", 0.0))
   if teacher_weight and models.teacher is None:
     raise ValueError("loss.teacher_weight > 0 needs Models.teacher (the loop "
-                     "builds it with train.teacher.get_teacher)")
+                     "builds it with train.loop.build_teacher)")
 
   def g_objective(g_params):
     fake, new_g_state = _apply(G, g_params, g_state, z_g, cond, train=True,
@@ -181,8 +181,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     if div_weight:
       # The D step's sample used the same parameters and conditions with
       # other noise, so the mode-seeking pair costs no extra forward pass.
-      g_metrics["g_diversity"] = losses.diversity_ratio(fake, fake_d, z_g, z_d,
-                                                 float(lcfg.diversity_cap))
+      g_metrics["g_diversity"] = losses.diversity_ratio(
+          fake, fake_d, z_g, z_d, float(lcfg.diversity_cap))
       total = total - div_weight * g_metrics["g_diversity"]
     return total, (new_g_state, new_d_state, g_metrics)
 
