@@ -20,20 +20,26 @@ def _info(spatial):
       spacing_mm=(2.0, 1.0, 1.0))
 
 
-def test_3d_config_defaults_to_axial_at_32x64x64():
+def test_3d_config_defaults_to_axial_cpu_size_and_full_is_32x64x64():
   config = phantom_3d.get_config()
   assert config.data.mode == "3d"
-  assert (config.data.depth, config.data.image_size) == (32, 64)
+  assert (config.data.depth, config.data.image_size) == (16, 32)
   assert config.model.attention == "axial"
-  grid, num_up = shapes.upsampling_plan((32, 64, 64), config.model.token_grid)
+  grid, num_up = shapes.upsampling_plan((16, 32, 32), config.model.token_grid)
+  assert grid == (4, 8, 8) and num_up == 2
+  full = phantom_3d.get_config("full")
+  assert (full.data.depth, full.data.image_size) == (32, 64)
+  assert full.model.attention == "axial" and full.model.variant == "S"
+  grid, num_up = shapes.upsampling_plan((32, 64, 64), full.model.token_grid)
   # Stage 1 has 8x16x16 = 2048 tokens: full attention's 2048^2 logits per
   # head and example is what the axial default avoids.
   assert grid == (4, 8, 8) and num_up == 3
-  # Every variant builds (sizes are valid) at the default size.
+  # Every variant builds (sizes are valid) at both sizes.
   for attention in ("full", "axial", "window", "window_shifted"):
-    cfg = phantom_3d.get_config(f"attention={attention}")
-    assert cfg.model.attention == attention
-    build_generator(cfg.model, _info((32, 64, 64)))
+    for size, spatial in (("", (16, 32, 32)), (",full", (32, 64, 64))):
+      cfg = phantom_3d.get_config(f"attention={attention}{size}")
+      assert cfg.model.attention == attention
+      build_generator(cfg.model, _info(spatial))
   quick = phantom_3d.get_config("quick")
   assert (quick.data.depth, quick.data.image_size) == (8, 16)
   build_generator(quick.model, _info((8, 16, 16)))
