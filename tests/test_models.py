@@ -184,31 +184,6 @@ def test_discriminator_projection_by_hand(shape):
                              rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,positions", [((16, 16, 1), 16), ((8, 16, 16, 1), 256)])
-def test_discriminator_pools_a_sum_counted_on_a_4x4_grid(shape, positions):
-  # 16x16 ends on 4x4: a plain sum. In 8x16x16 the depth axis stops the
-  # downsampling at 4x8x8, whose sum is scaled by 16 / 256.
-  info = _info(shape)
-  model = models.build_discriminator(_config(spectral_norm=False), info)
-  images = jax.random.uniform(jax.random.PRNGKey(0), (2, *shape), minval=-1, maxval=1)
-  cond = _conditions(2)
-  variables = _init(model, jax.random.PRNGKey(1), images, cond, train=False)
-
-  @jax.jit
-  def run(variables):
-    _, state = model.apply(variables, images, cond, train=False,
-                           mutable=["intermediates"], capture_intermediates=True)
-    return state["intermediates"]
-
-  inter = run(variables)
-  blocks = sorted(k for k in inter if k.startswith("DBlock_"))
-  last = np.asarray(inter[blocks[-1]]["__call__"][0], np.float64)
-  assert int(np.prod(last.shape[1:-1])) == positions
-  act = np.where(last > 0, last, 0.2 * last)
-  ref = act.sum(axis=tuple(range(1, last.ndim - 1))) * 16.0 / positions
-  np.testing.assert_allclose(inter["features"][0], ref, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.slow  # ~25 s of D compilation; the heads are off by default
 def test_discriminator_condition_heads_by_hand():
   info = _info()

@@ -24,7 +24,6 @@ not flow through the power iteration (flax stops them).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import chex
@@ -199,16 +198,13 @@ class ResNetDiscriminator(nn.Module):
     x = DBlock(self.width * min(2 ** num_down, _MAX_MULT), first=num_down == 0,
                downsample=False, spectral_norm=self.spectral_norm,
                dtype=self.dtype)(x, train=train)
-    # Sum pooling as in SNGAN (with spectral norm the logit scale is set by
-    # the features, not diluted by the number of positions), counted on the
-    # 4x4 grid that every square 2D input ends on (scale exactly 1 there).
-    # Volumes end on more positions (4x8x8 from 16x32x32, since the smallest
-    # axis stops the downsampling); a plain sum there made D's logits and
-    # gradients ~20x those of 2D and the 3D generator did not learn.
-    positions = math.prod(x.shape[1:-1])
+    # Sum pooling as in SNGAN: with spectral norm the logit scale is set by
+    # the features, not diluted by the number of positions. In 3D the
+    # smallest axis stops the downsampling early (4x8x8 = 256 positions from
+    # 16x32x32, against 4x4 in 2D), so logits and D gradients run ~20x
+    # larger; counting the sum on a 4x4 grid instead was tried and gave a
+    # worse 3D FD (103 against 78, one 600-step run each; docs/results.md).
     features = jnp.sum(nn.leaky_relu(x, 0.2), axis=tuple(range(1, x.ndim - 1)))
-    if positions != _MIN_SIDE ** 2:
-      features = features * (_MIN_SIDE ** 2 / positions)
     features = features.astype(jnp.float32)
     self.sow("intermediates", "features", features)
     sn = lambda layer: _Wrap(layer, self.spectral_norm)
