@@ -130,3 +130,34 @@ def test_patch_stem_and_max_pooling_learn_and_roundtrip(tmp_path):
 def test_bad_architecture_is_one_clear_error(arch, message):
   with pytest.raises(ValueError, match=message):
     features.make_extractor(FIELDS, **arch)
+
+
+def test_extractor_saved_on_another_device_topology_restores_here(tmp_path):
+  # An extractor cached on an accelerator host must load on a CPU-only one.
+  # Simulated: saved from a 2-device process with its params on device 1,
+  # restored in this (1-device) process.
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  script = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, jax.numpy as jnp
+    from medgen_jax.data.info import ConditionField
+    from medgen_jax.eval import features
+    model = features.make_extractor((ConditionField("lesion", "categorical", 2),),
+                                    widths=(4,), feature_dim=4)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    params = jax.device_put(params, jax.devices()[1])
+    features.save_extractor(sys.argv[1], model, params, input_shape=(8, 8, 1))
+    print(float(jnp.sum(params["features"]["kernel"])))
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x")], cwd=root,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  _, params, _ = features.load_extractor(tmp_path / "x")
+  np.testing.assert_allclose(float(np.sum(params["features"]["kernel"])),
+                             float(out.stdout.strip().splitlines()[-1]), rtol=1e-6)

@@ -291,8 +291,13 @@ def load_extractor(path: str | os.PathLike) -> tuple[FeatureNet, dict, dict]:
                          stem_patch=spec.get("stem_patch", 1),
                          pooling=spec.get("pooling", "mean"))
   dummy = jnp.zeros((1, *spec["input_shape"]), jnp.float32)
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0, impl="rbg"), dummy))["params"]
+  # Every leaf on this host's first device: without a target sharding orbax
+  # uses the saved one, so an extractor trained on a GPU host would not
+  # restore on a CPU-only one.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(lambda: model.init(jax.random.key(0, impl="rbg"), dummy))["params"])
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(path, "params"), abstract)
   return model, params, spec["metadata"]
