@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_samples=ml_collections.config_dict.placeholder(int), seed=0,
       extractor_path=ml_collections.config_dict.placeholder(str),
       extractor_steps=1500, kid_subsets=100, bootstrap_resamples=50))
+  # experiments.evaluate also scores the run in this workdir (e.g. a `:cnn`
+  # run on the same data and budget) with the same extractor and draws.
+  config.baseline_workdir = ""
   config.parallel = ml_collections.ConfigDict(dict(
       mode="jit", mesh=dict(data=-1, seq=1), logical_axis_rules=(("batch", "data"),),
       distributed=False, coordinator_address="", num_processes=1, process_id=0))

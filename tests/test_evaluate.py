@@ -151,6 +151,25 @@ def test_lesion_range_error_hand_computed():
   assert out["lesion_size_in_range"] == pytest.approx(0.25)
 
 
+def test_baseline_config_comes_from_its_run_and_must_match_the_data(tmp_path):
+  config = phantom_gan.get_config("quick")
+  base = tmp_path / "base"
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    ev.baseline_generator_config(config, str(base))
+  (base / "checkpoints" / "7").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    ev.baseline_generator_config(config, str(base))
+  saved = json.loads(phantom_gan.get_config("quick,cnn").to_json_best_effort())
+  (base / "config.json").write_text(json.dumps(saved))
+  out = ev.baseline_generator_config(config, str(base))
+  assert out.model.generator == "cnn" and config.model.generator == "transformer"
+  assert out.data == config.data
+  saved["data"]["image_size"] = 64
+  (base / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="data.image_size=64"):
+    ev.baseline_generator_config(config, str(base))
+
+
 @pytest.mark.slow
 def test_evaluate_end_to_end_on_trained_quick_run(tmp_path_factory):
   from medgen_jax.train import train_and_evaluate
@@ -170,3 +189,11 @@ def test_evaluate_end_to_end_on_trained_quick_run(tmp_path_factory):
   m2 = ev.evaluate(config, workdir)
   assert m2["extractor_reused"] is True
   assert m2["fd_domain"] == pytest.approx(m1["fd_domain"])  # same seed, same draw
+  # The run as its own baseline: same generator, draws and extractor, so
+  # every baseline metric equals the model's.
+  with config.unlocked():
+    config.baseline_workdir = workdir
+  m3 = ev.evaluate(config, workdir)
+  assert m3["baseline_checkpoint_step"] == 3
+  for key in REQUIRED:
+    assert m3[f"baseline_{key}"] == pytest.approx(m3[key], nan_ok=True), key

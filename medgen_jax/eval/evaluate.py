@@ -458,6 +458,37 @@ def checkpoint_generator(config: Any, workdir: str, info: DatasetInfo, *,
                              batch_size=batch_size)
 
 
+def baseline_generator_config(config: Any, baseline_workdir: str) -> Any:
+  """`config` with the model section the baseline run in `baseline_workdir`
+  was trained with (its `config.json`), after checking it has a checkpoint.
+
+  Raises:
+    FileNotFoundError: no checkpoint or no config.json there.
+    ValueError: the baseline was trained on other data (image shape,
+      modalities) than `config`.
+  """
+  import copy  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  require_checkpoint(baseline_workdir)
+  path = os.path.join(baseline_workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"baseline run {os.path.abspath(baseline_workdir)} has no "
+                            f"config.json to rebuild its generator from")
+  with open(path) as f:
+    saved = json.load(f)
+  for field in ("image_size", "depth", "mode", "modalities"):
+    mine, theirs = config.data.get(field), saved.get("data", {}).get(field)
+    if isinstance(mine, tuple):
+      mine = list(mine)
+    if theirs is not None and mine != theirs:
+      raise ValueError(f"baseline run {baseline_workdir} was trained with "
+                       f"data.{field}={theirs!r}, this evaluation uses {mine!r}")
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    out.model = ml_collections.ConfigDict(saved["model"])
+  return out
+
+
 def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """Evaluates the latest checkpoint in `workdir`; writes `workdir/eval/`.
 
@@ -466,6 +497,11 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     `checkpoint_step`, the extractor's path and whether it was reused.
     A translation config (`config.task == 'translation'`) returns
     `eval.translation.evaluate_translation`'s paired metrics instead.
+    With `config.baseline_workdir` (e.g. a `:cnn` run on the same data and
+    budget) its generator, rebuilt from its own `config.json`, is scored on
+    the same requested conditions, noise seed and extractor: `baseline_<key>`
+    for every metric, `baseline_checkpoint_step`, and figures under
+    `eval/baseline_figures/`.
   """
   if config.get("task", "generation") == "translation":
     from medgen_jax.eval import translation  # pylint: disable=import-outside-toplevel
@@ -473,6 +509,8 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
         config, workdir, baseline_workdir=config.get("baseline_workdir") or None)
   s = eval_settings(config)
   step = require_checkpoint(workdir)
+  baseline_dir = config.get("baseline_workdir") or None
+  baseline_config = baseline_generator_config(config, baseline_dir) if baseline_dir else None
   from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   info = data_lib.load_info(config.data)
   if not info.conditions:
@@ -492,8 +530,23 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
                             figures_dir=os.path.join(out_dir, "figures"))
   metrics.update(checkpoint_step=int(gen_step if gen_step is not None else step),
                  extractor_path=meta["path"], extractor_reused=meta["reused"])
+  if baseline_config is not None:
+    generate, base_step = checkpoint_generator(
+        baseline_config, baseline_dir, info, batch_size=int(s["generate_batch_size"]))
+    base = evaluate_images(generate(requested, int(s["seed"])), requested,
+                           real_train=train, real_test=test, info=info, model=model,
+                           params=params, settings=s,
+                           figures_dir=os.path.join(out_dir, "baseline_figures"))
+    base_figures = base.pop("figures", {})
+    metrics.update({f"baseline_{k}": v for k, v in base.items()
+                    if not k.endswith("_real_reference")})
+    metrics.update({f"figure_baseline_{k}": v for k, v in base_figures.items()},
+                   baseline_checkpoint_step=int(base_step if base_step is not None
+                                                else require_checkpoint(baseline_dir)),
+                   baseline_workdir=os.path.abspath(baseline_dir))
   figures = metrics.pop("figures", {})
-  metrics.update({f"figure_{k}": os.path.relpath(v, out_dir)
-                  for k, v in figures.items()})
+  metrics.update({f"figure_{k}": v for k, v in figures.items()})
+  metrics.update({k: os.path.relpath(v, out_dir) for k, v in metrics.items()
+                  if k.startswith("figure_")})
   write_metrics(os.path.join(out_dir, "metrics.json"), metrics)
   return metrics
