@@ -30,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if v not in ("quick", "cnn", "full") and not v.startswith(("attention=", "seq=")):
       raise ValueError(f"phantom_3d: unknown variant {v!r}; use quick, full, cnn, "
                        f"attention=NAME, seq=N")
+  if "quick" in variants and "full" in variants:
+    raise ValueError("phantom_3d: 'quick' and 'full' are two sizes; pick one")
   seq = [int(v.split("=", 1)[1]) for v in variants if v.startswith("seq=")]
   variants = [v for v in variants if not v.startswith("seq=")]
   config = phantom_gan.get_config(",".join(["3d"] + [v for v in variants if v != "full"]))

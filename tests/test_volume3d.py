@@ -45,6 +45,8 @@ def test_3d_config_defaults_to_axial_cpu_size_and_full_is_32x64x64():
   build_generator(quick.model, _info((8, 16, 16)))
   with pytest.raises(ValueError, match="unknown variant"):
     phantom_3d.get_config("pet")
+  with pytest.raises(ValueError, match="two sizes"):
+    phantom_3d.get_config("quick,full")
 
 
 def test_orthogonal_views_and_mip_by_index():
