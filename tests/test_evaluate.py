@@ -37,11 +37,12 @@ def setup(tmp_path_factory):
               model=model, params=params, meta=meta, ext=ext)
 
 
-def _evaluate(setup, images, requested, figures_dir=None):
+def _evaluate(setup, images, requested, figures_dir=None, baseline=None):
   return ev.evaluate_images(images, requested, real_train=setup["train"],
                             real_test=setup["test"], info=setup["info"],
                             model=setup["model"], params=setup["params"],
-                            settings=setup["s"], figures_dir=figures_dir)
+                            settings=setup["s"], figures_dir=figures_dir,
+                            baseline=baseline)
 
 
 def test_real_test_as_generated_matches_reference(setup, tmp_path):
@@ -77,6 +78,33 @@ def test_copied_training_images_are_flagged(setup):
   assert m["nearest_train_distance_median_pixel"] == pytest.approx(0.0, abs=1e-3)
   # Precision of training copies against the training set is perfect.
   assert m["precision"] == 1.0
+
+
+def test_baseline_is_scored_as_if_evaluated_alone(setup, tmp_path):
+  info, train, test = setup["info"], setup["train"], setup["test"]
+  idx = np.arange(8)
+  requested = {f.name: train[f.name][idx] for f in info.conditions}
+  model_images, baseline_images = test["image"][idx], train["image"][idx]
+  joint = _evaluate(setup, model_images, requested, figures_dir=str(tmp_path),
+                    baseline=baseline_images)
+  alone = _evaluate(setup, model_images, requested)
+  baseline_alone = _evaluate(setup, baseline_images, requested)
+  scored = [k for k in alone if f"{k}_real_reference" in alone]
+  assert scored
+  for key in scored:
+    assert joint[key] == pytest.approx(alone[key], nan_ok=True), key
+    assert joint[f"{key}_real_reference"] == pytest.approx(
+        alone[f"{key}_real_reference"], nan_ok=True), key
+    assert joint[f"baseline_{key}"] == pytest.approx(baseline_alone[key],
+                                                     nan_ok=True), key
+  assert joint["baseline_memorized_fraction_pixel"] == 1.0  # training copies
+  assert not any(k.startswith("baseline_") and k.endswith("_real_reference")
+                 for k in joint)
+  figure = joint["figures"]["baseline_samples_lesion"]
+  assert os.path.dirname(figure) == os.path.join(str(tmp_path), "baseline")
+  assert os.path.getsize(figure) > 1000
+  with pytest.raises(ValueError, match="baseline has 7 images"):
+    _evaluate(setup, model_images, requested, baseline=baseline_images[:7])
 
 
 def test_extractor_cache_is_reused(setup):

@@ -350,7 +350,8 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
                     real_test: Mapping[str, np.ndarray], info: DatasetInfo,
                     model: features.FeatureNet, params,
                     settings: Mapping[str, Any] | None = None,
-                    figures_dir: str | None = None) -> dict[str, Any]:
+                    figures_dir: str | None = None,
+                    baseline=None) -> dict[str, Any]:
   """Every metric of `generated` and its real reference (test vs train).
 
   Args:
@@ -361,19 +362,31 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
     info: the dataset's DatasetInfo.
     model, params: the domain feature extractor.
     settings: `eval_settings(...)`; defaults when None.
-    figures_dir: where report figures go; None writes none.
+    figures_dir: where report figures go; None writes none. A baseline's
+      figures go to its `baseline/` subfolder.
+    baseline: optional `[n, *spatial, C]` images of another generator for the
+      same `requested` conditions; scored against the same real side (the
+      real features, HU and reference are computed once for both).
 
   Returns:
-    flat dict: each metric name, `<name>_real_reference`, and
-    `num_samples`, `num_real_train`, `num_real_test`, `seed`.
+    flat dict: each metric name, `<name>_real_reference`, `baseline_<name>`
+    when a baseline is given, `figures` ({name: path}, baseline ones as
+    `baseline_<name>`) when figures were written, and `num_samples`,
+    `num_real_train`, `num_real_test`, `seed`.
   """
   s = dict(DEFAULTS if settings is None else settings)
-  generated = np.asarray(generated, np.float32)
-  if generated.ndim != len(info.image_shape) + 1 or (
-      tuple(generated.shape[1:]) != tuple(info.image_shape)):
-    raise ValueError(f"generated must be [n, {', '.join(map(str, info.image_shape))}]"
-                     f", got {generated.shape}")
+  sets = {"": generated} if baseline is None else {"": generated,
+                                                   "baseline_": baseline}
+  sets = {prefix: np.asarray(images, np.float32) for prefix, images in sets.items()}
+  for prefix, images in sets.items():
+    if images.ndim != len(info.image_shape) + 1 or (
+        tuple(images.shape[1:]) != tuple(info.image_shape)):
+      raise ValueError(f"{prefix or 'generated'} images must be [n, "
+                       f"{', '.join(map(str, info.image_shape))}], got {images.shape}")
   n = generated.shape[0]
+  if baseline is not None and sets["baseline_"].shape[0] != n:
+    raise ValueError(f"baseline has {sets['baseline_'].shape[0]} images for {n} "
+                     f"requested conditions")
   for f in info.conditions:
     if f.name not in requested or np.asarray(requested[f.name]).shape != (n,):
       raise ValueError(f"requested[{f.name!r}] must be [{n}]")
@@ -388,32 +401,37 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
   test_images = np.asarray(real_test["image"], np.float32)
   train_feats = features.extract_features(model, params, train_images)
   test_feats = features.extract_features(model, params, test_images)
-  gen_feats = features.extract_features(model, params, generated)
   ch = _ct_channel(info)
   train_hu = _hu(train_images, info, ch) if ch is not None else None
   real = _Real(train_images, train_feats, test_images, train_hu,
                _body_masks(train_hu) if ch is not None else None)
-
-  gen, gen_art = _score_set(generated, requested, gen_feats, real, test_feats,
-                            info, model, params, s)
   test_cond = {f.name: np.asarray(real_test[f.name]) for f in info.conditions}
   ref, ref_art = _score_set(test_images, test_cond, test_feats, real,
                             test_feats, info, model, params, s)
+
   metrics: dict[str, Any] = {}
-  for key, value in gen.items():
-    metrics[key] = value
-    metrics[f"{key}_real_reference"] = ref[key]
+  figures: dict[str, str] = {}
+  for prefix, images in sets.items():
+    feats = features.extract_features(model, params, images)
+    scored, artifacts = _score_set(images, requested, feats, real, test_feats,
+                                   info, model, params, s)
+    for key, value in scored.items():
+      metrics[prefix + key] = value
+      if not prefix:
+        metrics[f"{key}_real_reference"] = ref[key]
+    if figures_dir is not None and s.get("figures", True):
+      from medgen_jax.eval import report  # pylint: disable=import-outside-toplevel
+      written = report.write_figures(
+          os.path.join(figures_dir, prefix.rstrip("_")), generated=images,
+          requested=requested, train_images=train_images, info=info,
+          gen_artifacts=artifacts, ref_artifacts=ref_art, real_train_hu=train_hu,
+          real_train_body=real.train_body, num_pairs=int(s["num_pairs"]),
+          grid_cols=int(s["grid_cols"]))
+      figures.update({prefix + name: path for name, path in written.items()})
   metrics.update(num_samples=int(n), num_real_train=int(len(train_images)),
                  num_real_test=int(len(test_images)), seed=int(s["seed"]))
-
-  if figures_dir is not None and s.get("figures", True):
-    from medgen_jax.eval import report  # pylint: disable=import-outside-toplevel
-    metrics["figures"] = report.write_figures(
-        figures_dir, generated=generated, requested=requested,
-        train_images=train_images, info=info, gen_artifacts=gen_art,
-        ref_artifacts=ref_art, real_train_hu=train_hu,
-        real_train_body=real.train_body, num_pairs=int(s["num_pairs"]),
-        grid_cols=int(s["grid_cols"]))
+  if figures:
+    metrics["figures"] = figures
   return metrics
 
 
@@ -501,7 +519,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     budget) its generator, rebuilt from its own `config.json`, is scored on
     the same requested conditions, noise seed and extractor: `baseline_<key>`
     for every metric, `baseline_checkpoint_step`, and figures under
-    `eval/baseline_figures/`.
+    `eval/figures/baseline/`.
   """
   if config.get("task", "generation") == "translation":
     from medgen_jax.eval import translation  # pylint: disable=import-outside-toplevel
@@ -523,30 +541,24 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   generate, gen_step = checkpoint_generator(
       config, workdir, info, batch_size=int(s["generate_batch_size"]))
   generated = generate(requested, int(s["seed"]))
+  baseline = None
+  if baseline_config is not None:
+    generate_baseline, base_step = checkpoint_generator(
+        baseline_config, baseline_dir, info, batch_size=int(s["generate_batch_size"]))
+    baseline = generate_baseline(requested, int(s["seed"]))
   out_dir = os.path.join(workdir, "eval")
   metrics = evaluate_images(generated, requested, real_train=train,
                             real_test=test, info=info, model=model,
                             params=params, settings=s,
-                            figures_dir=os.path.join(out_dir, "figures"))
+                            figures_dir=os.path.join(out_dir, "figures"),
+                            baseline=baseline)
   metrics.update(checkpoint_step=int(gen_step if gen_step is not None else step),
                  extractor_path=meta["path"], extractor_reused=meta["reused"])
   if baseline_config is not None:
-    generate, base_step = checkpoint_generator(
-        baseline_config, baseline_dir, info, batch_size=int(s["generate_batch_size"]))
-    base = evaluate_images(generate(requested, int(s["seed"])), requested,
-                           real_train=train, real_test=test, info=info, model=model,
-                           params=params, settings=s,
-                           figures_dir=os.path.join(out_dir, "baseline_figures"))
-    base_figures = base.pop("figures", {})
-    metrics.update({f"baseline_{k}": v for k, v in base.items()
-                    if not k.endswith("_real_reference")})
-    metrics.update({f"figure_baseline_{k}": v for k, v in base_figures.items()},
-                   baseline_checkpoint_step=int(base_step if base_step is not None
-                                                else require_checkpoint(baseline_dir)),
+    metrics.update(baseline_checkpoint_step=int(
+        base_step if base_step is not None else require_checkpoint(baseline_dir)),
                    baseline_workdir=os.path.abspath(baseline_dir))
-  figures = metrics.pop("figures", {})
-  metrics.update({f"figure_{k}": v for k, v in figures.items()})
-  metrics.update({k: os.path.relpath(v, out_dir) for k, v in metrics.items()
-                  if k.startswith("figure_")})
+  metrics.update({f"figure_{k}": os.path.relpath(v, out_dir)
+                  for k, v in metrics.pop("figures", {}).items()})
   write_metrics(os.path.join(out_dir, "metrics.json"), metrics)
   return metrics
