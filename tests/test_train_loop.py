@@ -38,3 +38,31 @@ def test_quick_config_end_to_end(tmp_path):
   assert (run / "samples" / "step_000003.png").exists()
   assert list((run / "tensorboard").iterdir())
   assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+
+
+def test_teacher_never_shares_the_evaluation_extractors_directory(tmp_path):
+  import jax
+  from configs import phantom_gan
+  from medgen_jax import data as data_lib
+  from medgen_jax.eval import evaluate
+  from medgen_jax.train.loop import build_teacher
+  config = phantom_gan.get_config("quick")
+  config.eval.update(extractor_path=str(tmp_path / "extractor"), extractor_steps=2)
+  with config.unlocked():
+    config.eval.update(extractor_widths=(4,), extractor_feature_dim=4,
+                       extractor_batch_size=4)
+  info = data_lib.load_info(config.data)
+  teacher, params = build_teacher(config, info)
+  assert not (tmp_path / "extractor").exists()
+  # The evaluation then trains and caches its own extractor at its path
+  # (the teacher there would be refused as trained for other settings).
+  s = evaluate.eval_settings(config)
+  train, _ = evaluate.load_real(config.data, s)
+  _, _, meta = evaluate.get_extractor(config.data, info, train, s)
+  assert meta["reused"] is False and meta["path"] == str(tmp_path / "extractor")
+  # The untrained teacher (for cost measurement) has the trained one's shapes.
+  fresh, fresh_params = build_teacher(config, info, trained=False)
+  assert fresh == teacher
+  assert jax.tree.map(np.shape, fresh_params) == jax.tree.map(np.shape, params)
+  config.loss.teacher_weight = 0.0
+  assert build_teacher(config, info) is None

@@ -59,15 +59,20 @@ def step_memory(config: Any, info=None) -> dict[str, float]:
     the temporaries), so 'temp_bytes' is the number to compare there.
   """
   from medgen_jax import models as models_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.train import loop  # pylint: disable=import-outside-toplevel
   from medgen_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   from medgen_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   from medgen_jax.train import translation  # pylint: disable=import-outside-toplevel
 
   info = shape_info(config) if info is None else info
+  translating = config.get("task", "generation") == "translation"
+  # The condition teacher's pass is part of a generation step (untrained
+  # weights: only shapes matter here).
+  teacher = None if translating else loop.build_teacher(config, info, trained=False)
   models = state_lib.make_models(models_lib.build_generator(config.model, info),
                                  models_lib.build_discriminator(config.model, info),
-                                 config)
-  if config.get("task", "generation") == "translation":
+                                 config, teacher=teacher)
+  if translating:
     hooks = translation.trainer_hooks(config, models, info)
     init, step_fn = hooks["init_fn"], hooks["step_fn"]
   else:

@@ -18,6 +18,7 @@ import numpy as np
 from medgen_jax import models as models_lib
 from medgen_jax.data import builders_phantom
 from medgen_jax.data.info import DatasetInfo
+from medgen_jax.train import loop
 from medgen_jax.train import state as state_lib
 from medgen_jax.train import step as step_lib
 from medgen_jax.bench import timing
@@ -56,7 +57,10 @@ def measure_train_step(gan_config, *, warmup: int, repeats: int,
   info = phantom_info(gan_config.data)
   generator = models_lib.build_generator(gan_config.model, info)
   discriminator = models_lib.build_discriminator(gan_config.model, info)
-  models = state_lib.make_models(generator, discriminator, gan_config)
+  # The condition teacher's forward/backward is part of the step; its
+  # weights are not (an untrained one costs the same).
+  teacher = loop.build_teacher(gan_config, info, trained=False)
+  models = state_lib.make_models(generator, discriminator, gan_config, teacher=teacher)
   init = state_lib.make_init_fn(models, info, latent_dim=gan_config.model.latent_dim,
                                 seed=gan_config.train.seed)
   state = jax.jit(init)()

@@ -147,16 +147,23 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
                       teacher=build_teacher(config, info))
 
 
-def build_teacher(config: Any, info) -> tuple[Any, Any] | None:
+def build_teacher(config: Any, info, *, trained: bool = True
+                  ) -> tuple[Any, Any] | None:
   """The frozen condition teacher `(FeatureNet, params)`, or None when
   `loss.teacher_weight` is 0.
 
   It is the evaluation's domain-extractor recipe (`config.eval` settings) with
   its own seed (`loss.teacher_seed`) and step count (`loss.teacher_steps`),
   trained on the real train split on first use and cached beside the dataset
-  like the extractor. The seed must differ from the extractor's
+  under a key of those settings. The seed must differ from the extractor's
   (`validate_config`), so evaluation never scores with the network the
-  generator was trained against.
+  generator was trained against. An explicit `eval.extractor_path` names the
+  evaluation's extractor only: the teacher keeps its keyed cache, so the two
+  never share a directory.
+
+  With `trained=False` the teacher has the same architecture and fresh
+  weights and no data is read: what the step costs does not depend on the
+  weights (`medgen_jax.bench.train_step`).
   """
   if not float(config.loss.get("teacher_weight", 0.0)):
     return None
@@ -167,10 +174,14 @@ def build_teacher(config: Any, info) -> tuple[Any, Any] | None:
                      f"{info.name!r}: {[f.name for f in info.conditions]}")
   # eval.features holds the classifier's training and cache; imported here
   # so that the training library does not load the evaluation stack.
-  from medgen_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
-  settings = dict(evaluate.eval_settings(config),
+  from medgen_jax.eval import evaluate, features  # pylint: disable=import-outside-toplevel
+  settings = dict(evaluate.eval_settings(config), extractor_path=None,
                   extractor_seed=int(config.loss.teacher_seed),
                   extractor_steps=int(config.loss.teacher_steps))
+  if not trained:
+    return features.init_extractor(
+        info.conditions, info.image_shape, seed=settings["extractor_seed"],
+        **features.architecture_from(settings, prefix="extractor_"))
   train, _ = evaluate.load_real(config.data, settings)
   model, params, meta = evaluate.get_extractor(config.data, info, train, settings)
   logging.info("condition teacher %s (%s)", meta["path"],
