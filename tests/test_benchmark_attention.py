@@ -133,5 +133,7 @@ def test_train_step_mfu_amortises_the_lazy_r1_period():
   assert out["r1_every"] == 2
   want = 0.5 * out["step_ms_r1"] + 0.5 * out["step_ms_no_r1"]
   assert abs(out["step_ms"] - want) < 0.02
-  assert out["flops"] > 0 and 0 < out["mfu"] == round(
-      out["flops"] / (out["step_ms"] * 1e-3) / 1e9 / 100.0, 4)
+  # (step_ms is rounded to 0.01 ms, mfu computed before rounding.)
+  assert out["flops"] > 0 and out["mfu"] > 0
+  assert out["mfu"] == pytest.approx(
+      out["flops"] / (out["step_ms"] * 1e-3) / 1e9 / 100.0, abs=1e-4)

