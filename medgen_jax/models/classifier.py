@@ -121,6 +121,28 @@ def condition_targets(conditions: Mapping[str, Any],
   return out
 
 
+def per_example_condition_loss(kind: str, prediction: jax.Array,
+                               target: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(loss `[B]`, known `[B]`) of one condition head.
+
+  Softmax cross-entropy for categorical fields (target int class, -1
+  unknown), squared error for continuous ones (target float in the head's
+  units, NaN unknown). Unknown rows are 0; their targets are swapped out
+  before any arithmetic, so a NaN never reaches a gradient. Shared by the
+  extractor/teacher (`condition_loss`) and D's AC-GAN heads
+  (`train.losses.condition_prediction_loss`), which differ in how they average.
+  """
+  prediction = prediction.astype(jnp.float32)
+  if kind == CATEGORICAL:
+    known = target >= 0
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        prediction, jnp.where(known, target, 0).astype(jnp.int32))
+  else:
+    known = jnp.isfinite(target)
+    loss = jnp.square(prediction - jnp.where(known, target, 0.0))
+  return jnp.where(known, loss, 0.0), known
+
+
 def condition_loss(model: FeatureNet, params, images, targets,
                    fields: Sequence[str] | None = None):
   """(sum of the heads' losses, per-field metrics) on `condition_targets`.
@@ -137,18 +159,12 @@ def condition_loss(model: FeatureNet, params, images, targets,
     if fields is not None and f.name not in fields:
       continue
     t, out = targets[f.name], heads[f.name]
+    per_example, known = per_example_condition_loss(f.kind, out, t)
+    loss = jnp.sum(per_example) / jnp.maximum(known.sum(), 1)
     if f.kind == CATEGORICAL:
-      known = t >= 0
-      ce = optax.softmax_cross_entropy_with_integer_labels(out, jnp.maximum(t, 0))
-      loss = jnp.sum(jnp.where(known, ce, 0.0)) / jnp.maximum(known.sum(), 1)
       metrics[f"{f.name}_accuracy"] = (
           jnp.sum(jnp.where(known, out.argmax(-1) == t, False))
           / jnp.maximum(known.sum(), 1))
-    else:
-      known = jnp.isfinite(t)
-      # where() before the subtraction: NaN targets must not reach gradients.
-      err = jnp.where(known, out - jnp.where(known, t, 0.0), 0.0)
-      loss = jnp.sum(err ** 2) / jnp.maximum(known.sum(), 1)
     metrics[f"{f.name}_loss"] = loss
     total = total + loss
   return total, metrics

@@ -10,10 +10,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from medgen_jax.conditioning import rescale_continuous
 from medgen_jax.data.info import CATEGORICAL, ConditionField
+from medgen_jax.models import classifier
 
 
 def d_loss_nonsaturating(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
@@ -108,15 +107,13 @@ def condition_prediction_loss(predictions: dict[str, jax.Array],
   """
   total = jnp.zeros((), jnp.float32)
   for field in fields:
-    value, pred = conditions[field.name], predictions[field.name]
-    if field.kind == CATEGORICAL:
-      known = value >= 0
-      per_example = optax.softmax_cross_entropy_with_integer_labels(
-          pred.astype(jnp.float32), jnp.where(known, value, 0).astype(jnp.int32))
-    else:
-      known, target = rescale_continuous(value, *field.value_range)
-      per_example = jnp.square(pred.astype(jnp.float32) - target)
-    total = total + jnp.mean(jnp.where(known, per_example, 0.0))
+    target = conditions[field.name]
+    if field.kind != CATEGORICAL:  # [lo, hi] -> [-1, 1]; NaN stays NaN
+      lo, hi = field.value_range
+      target = 2.0 * (jnp.asarray(target, jnp.float32) - lo) / (hi - lo) - 1.0
+    per_example, _ = classifier.per_example_condition_loss(
+        field.kind, predictions[field.name], target)
+    total = total + jnp.mean(per_example)
   return total
 
 
