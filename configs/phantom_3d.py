@@ -58,7 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.model.variant = "S"
       config.model.d_width = 32
       config.train.num_steps = 1000
-  config.loss.augment = "translation,cutout"
   # Off in 3D: the teacher's 300 extra steps of batch-64 volumes would not
   # fit the CPU budget beside the GAN's (not measured; the 2D teacher is).
   config.loss.teacher_weight = 0.0
