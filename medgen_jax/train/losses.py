@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from medgen_jax.conditioning import rescale_continuous
 from medgen_jax.data.info import CATEGORICAL, ConditionField
 from medgen_jax.models import classifier
 
@@ -108,9 +109,9 @@ def condition_prediction_loss(predictions: dict[str, jax.Array],
   total = jnp.zeros((), jnp.float32)
   for field in fields:
     target = conditions[field.name]
-    if field.kind != CATEGORICAL:  # [lo, hi] -> [-1, 1]; NaN stays NaN
-      lo, hi = field.value_range
-      target = 2.0 * (jnp.asarray(target, jnp.float32) - lo) / (hi - lo) - 1.0
+    if field.kind != CATEGORICAL:  # [lo, hi] -> [-1, 1]; unknown stays NaN
+      known, scaled = rescale_continuous(target, *field.value_range)
+      target = jnp.where(known, scaled, jnp.nan)
     per_example, _ = classifier.per_example_condition_loss(
         field.kind, predictions[field.name], target)
     total = total + jnp.mean(per_example)
