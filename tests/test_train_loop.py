@@ -66,3 +66,29 @@ def test_teacher_never_shares_the_evaluation_extractors_directory(tmp_path):
   assert jax.tree.map(np.shape, fresh_params) == jax.tree.map(np.shape, params)
   config.loss.teacher_weight = 0.0
   assert build_teacher(config, info) is None
+
+
+def test_teacher_is_trained_on_the_fields_it_teaches_only(tmp_path):
+  import jax
+  from configs import phantom_gan
+  from medgen_jax import data as data_lib
+  from medgen_jax.train.loop import build_teacher
+  config = phantom_gan.get_config("quick")
+  with config.unlocked():
+    config.eval.update(extractor_widths=(4,), extractor_feature_dim=4,
+                       extractor_batch_size=4)
+  info = data_lib.load_info(config.data)
+  full, full_params = build_teacher(config, info)
+  config.loss.teacher_fields = "lesion"
+  teacher, params = build_teacher(config, info)
+  assert [f.name for f in full.fields] == [f.name for f in info.conditions]
+  assert [f.name for f in teacher.fields] == ["lesion"]
+  assert sorted(k for k in params if k.startswith("head_")) == ["head_lesion"]
+  # A separate cache entry: the all-conditions teacher is still there intact.
+  config.loss.teacher_fields = ""
+  restored, restored_params = build_teacher(config, info)
+  assert restored == full
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, restored_params, full_params)))
+  fresh, _ = build_teacher(config, info, trained=False)
+  config.loss.teacher_fields = "lesion"
+  assert build_teacher(config, info, trained=False)[0] == teacher != fresh

@@ -7,6 +7,7 @@ summary.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -155,11 +156,12 @@ def build_teacher(config: Any, info, *, trained: bool = True
   It is the evaluation's domain-extractor recipe (`config.eval` settings) with
   its own seed (`loss.teacher_seed`) and step count (`loss.teacher_steps`),
   trained on the real train split on first use and cached beside the dataset
-  under a key of those settings. The seed must differ from the extractor's
-  (`validate_config`), so evaluation never scores with the network the
-  generator was trained against. An explicit `eval.extractor_path` names the
-  evaluation's extractor only: the teacher keeps its keyed cache, so the two
-  never share a directory.
+  under a key of those settings. With `loss.teacher_fields` set it is trained
+  on those conditions only (and its loss covers them only). The seed must
+  differ from the extractor's (`validate_config`), so evaluation never scores
+  with the network the generator was trained against. An explicit
+  `eval.extractor_path` names the evaluation's extractor only: the teacher
+  keeps its keyed cache, so the two never share a directory.
 
   With `trained=False` the teacher has the same architecture and fresh
   weights and no data is read: what the step costs does not depend on the
@@ -172,6 +174,13 @@ def build_teacher(config: Any, info, *, trained: bool = True
   if unknown:
     raise ValueError(f"loss.teacher_fields {unknown} are not conditions of "
                      f"{info.name!r}: {[f.name for f in info.conditions]}")
+  if names:
+    # Trained on the fields it teaches only: at 300 steps a classifier of all
+    # three conditions was at chance on lesion (0.34 on the real test split),
+    # one of lesion alone reached 0.51 (docs/results.md, session 7). The
+    # subset is part of the cache key (the dataset identity's conditions).
+    info = dataclasses.replace(
+        info, conditions=tuple(f for f in info.conditions if f.name in names))
   # eval.features holds the classifier's training and cache; imported here
   # so that the training library does not load the evaluation stack.
   from medgen_jax.eval import evaluate, features  # pylint: disable=import-outside-toplevel
