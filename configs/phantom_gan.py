@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Conditions the teacher is trained on and teaches, comma separated
       # ('' = all). 'lesion': a requested large lesion is drawn in 91-100 %
       # of samples (two seeds; 49-93 % with all), but FD 67-75 against 37-45
-      # and age stops following (docs/results.md, session 7).
+      # and site stops following (docs/results.md, session 7).
       teacher_fields=""))
   # Evaluation (medgen_jax.eval.evaluate): None sample count = size of the real
   # test split; None extractor path = a cache keyed by the dataset's identity.

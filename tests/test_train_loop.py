@@ -68,7 +68,7 @@ def test_teacher_never_shares_the_evaluation_extractors_directory(tmp_path):
   assert build_teacher(config, info) is None
 
 
-def test_teacher_is_trained_on_the_fields_it_teaches_only(tmp_path):
+def test_teacher_is_trained_on_the_fields_it_teaches_only():
   import jax
   from configs import phantom_gan
   from medgen_jax import data as data_lib
