@@ -143,21 +143,18 @@ def per_example_condition_loss(kind: str, prediction: jax.Array,
   return jnp.where(known, loss, 0.0), known
 
 
-def condition_loss(model: FeatureNet, params, images, targets,
-                   fields: Sequence[str] | None = None):
+def condition_loss(model: FeatureNet, params, images, targets):
   """(sum of the heads' losses, per-field metrics) on `condition_targets`.
 
   Cross-entropy for categorical fields and squared error for continuous ones,
-  each averaged over the known examples; `fields` limits the sum to those
-  names (None: every head). The extractor is trained on it, and the GAN's
-  frozen condition teacher (`loss.teacher_weight`) scores generated images
-  with it.
+  each averaged over the known examples, summed over every head. The
+  extractor is trained on it, and the GAN's frozen condition teacher
+  (`loss.teacher_weight`; its heads are exactly the fields it teaches)
+  scores generated images with it.
   """
   _, heads = model.apply({"params": params}, images)
   total, metrics = 0.0, {}
   for f in model.fields:
-    if fields is not None and f.name not in fields:
-      continue
     t, out = targets[f.name], heads[f.name]
     per_example, known = per_example_condition_loss(f.kind, out, t)
     loss = jnp.sum(per_example) / jnp.maximum(known.sum(), 1)

@@ -169,7 +169,8 @@ def build_teacher(config: Any, info, *, trained: bool = True
   """
   if not float(config.loss.get("teacher_weight", 0.0)):
     return None
-  names = step_lib.teacher_fields(config.loss) or ()
+  names = tuple(n.strip() for n in str(config.loss.get("teacher_fields", "")).split(",")
+                if n.strip())
   unknown = sorted(set(names) - {f.name for f in info.conditions})
   if unknown:
     raise ValueError(f"loss.teacher_fields {unknown} are not conditions of "

@@ -55,14 +55,6 @@ def condition_weight(loss_config: Any) -> float:
   return float(loss_config.get("condition_weight", 0.0))
 
 
-def teacher_fields(loss_config: Any) -> tuple[str, ...] | None:
-  """Condition names the teacher's loss covers (`loss.teacher_fields`, comma
-  separated); None (empty setting) = every condition."""
-  names = tuple(n.strip() for n in str(loss_config.get("teacher_fields", "")).split(",")
-                if n.strip())
-  return names or None
-
-
 def _local_slice(tree: Any, axis_name: str | None, local_batch: int) -> Any:
   """This device's rows of arrays drawn for the global batch (identity under jit)."""
   if axis_name is None:
@@ -175,8 +167,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
       teacher, teacher_params = models.teacher
       g_metrics["g_teacher"], _ = classifier.condition_loss(
           teacher, teacher_params, fake,
-          classifier.condition_targets(cond, teacher.fields),
-          fields=teacher_fields(lcfg))
+          classifier.condition_targets(cond, teacher.fields))
       total = total + teacher_weight * g_metrics["g_teacher"]
     if div_weight:
       # The D step's sample used the same parameters and conditions with
