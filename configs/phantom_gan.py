@@ -50,7 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dict(
       # r1_every=1: on XLA:CPU R1 adds ~3 % to a step, while lazy R1 needs a
       # second compiled step (~50 s here). On accelerators use 4-16.
-      gan="nonsaturating", r1_gamma=0.2, r1_every=1,
+      # gan: nonsaturating | hinge | rpgan (relativistic pairing, R3GAN's
+      # objective with R1 and R2). r2_gamma penalises D's gradient on
+      # generated images; R1 and R2 share the r1_every interval.
+      gan="nonsaturating", r1_gamma=0.2, r2_gamma=0.0, r1_every=1,
       # No 'intensity' op: its +-0.5 brightness (+-500 HU) and x0.5-1.5
       # contrast hide the physical units D needs to judge (tissue HU, the
       # sites' offsets). Without it the default run's FD went 95 -> 45 and

@@ -40,7 +40,7 @@ def test_r1_of_linear_discriminator_is_squared_weight_norm():
   w = jnp.arange(12.0).reshape(2, 2, 3) / 10.0
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 3))
   d_fn = lambda im: (jnp.sum(im * w, axis=(1, 2, 3)), "aux")
-  r1, logits, aux = losses.r1_penalty(d_fn, x)
+  r1, logits, aux = losses.gradient_penalty(d_fn, x)
   np.testing.assert_allclose(r1, float(jnp.sum(w ** 2)), rtol=1e-6)
   np.testing.assert_allclose(logits, jnp.sum(x * w, axis=(1, 2, 3)), rtol=1e-6)
   assert aux == "aux"
@@ -49,13 +49,13 @@ def test_r1_of_linear_discriminator_is_squared_weight_norm():
 def test_r1_of_quadratic_discriminator_is_per_example():
   # D(x) = sum(x^2) -> grad 2x, ||grad||^2 = 4 sum(x^2); mean over the batch.
   x = jnp.array([[[[1.0]], [[2.0]]], [[[0.0]], [[3.0]]]])  # [2, 2, 1, 1]
-  r1, _, _ = losses.r1_penalty(lambda im: (jnp.sum(im ** 2, axis=(1, 2, 3)), None), x)
+  r1, _, _ = losses.gradient_penalty(lambda im: (jnp.sum(im ** 2, axis=(1, 2, 3)), None), x)
   np.testing.assert_allclose(r1, (4 * 5 + 4 * 9) / 2, rtol=1e-6)
 
 
-def test_lazy_r1_weight_scales_by_interval():
-  assert losses.lazy_r1_weight(10.0, 16) == pytest.approx(80.0)
-  assert losses.lazy_r1_weight(1.0, 1) == pytest.approx(0.5)
+def test_lazy_penalty_weight_scales_by_interval():
+  assert losses.lazy_penalty_weight(10.0, 16) == pytest.approx(80.0)
+  assert losses.lazy_penalty_weight(1.0, 1) == pytest.approx(0.5)
 
 
 def test_condition_prediction_loss_matches_hand_computed():

@@ -47,7 +47,7 @@ class TinyD(nn.Module):
 
 
 def tiny_config(**loss_overrides):
-  loss = dict(gan="nonsaturating", r1_gamma=1.0, r1_every=2,
+  loss = dict(gan="nonsaturating", r1_gamma=1.0, r2_gamma=0.0, r1_every=2,
               augment="translation,cutout,intensity", ema_decay=0.9)
   loss.update(loss_overrides)
   return ml_collections.ConfigDict(dict(

@@ -17,9 +17,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from medgen_jax import data as data_lib
+from medgen_jax import models as models_lib
 from medgen_jax import viz
+from medgen_jax.attention import ATTENTION_VARIANTS
+from medgen_jax.data import builders
 from medgen_jax.train import augment as augment_lib
 from medgen_jax.train import checkpoint as ckpt_lib
+from medgen_jax.train import extractor, extractor_cache
 from medgen_jax.train import logging as log_lib
 from medgen_jax.train import losses
 from medgen_jax.train import parallel
@@ -28,7 +33,7 @@ from medgen_jax.train import step as step_lib
 from medgen_jax.train import translation
 
 SAMPLE_COLS = 8
-LOSS_KEYS = ("d_loss", "g_loss", "r1", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
+LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
              "g_teacher", "g_diversity")
 
 
@@ -39,8 +44,6 @@ def validate_config(config: Any, num_devices: int) -> None:
   width) are made by `medgen_jax.models.build_generator`, which runs before
   anything is compiled too.
   """
-  from medgen_jax.attention import ATTENTION_VARIANTS  # pylint: disable=import-outside-toplevel
-
   t, m = config.train, config.model
   for key in ("num_steps", "batch_size", "log_every", "sample_every", "checkpoint_every",
               "keep_checkpoints"):
@@ -59,13 +62,13 @@ def validate_config(config: Any, num_devices: int) -> None:
                      f"{m.token_grid}")
   losses.get_gan_loss(config.loss.gan)
   augment_lib.parse_policy(config.loss.augment)
-  if config.loss.r1_gamma < 0 or config.loss.r1_every < 1:
-    raise ValueError(f"loss.r1_gamma must be >= 0 and loss.r1_every >= 1, got "
-                     f"{config.loss.r1_gamma}, {config.loss.r1_every}")
+  if config.loss.r1_gamma < 0 or config.loss.r2_gamma < 0 or config.loss.r1_every < 1:
+    raise ValueError(f"loss.r1_gamma and loss.r2_gamma must be >= 0 and loss.r1_every "
+                     f">= 1, got {config.loss.r1_gamma}, {config.loss.r2_gamma}, "
+                     f"{config.loss.r1_every}")
   if not 0.0 <= config.loss.ema_decay < 1.0:
     raise ValueError(f"loss.ema_decay must be in [0, 1), got {config.loss.ema_decay}")
   state_lib.make_schedule(1.0, config.optim, t.num_steps)
-  from medgen_jax.data import builders  # pylint: disable=import-outside-toplevel
   # With the model and the configured volume shape, a mesh.seq > 1 layout is
   # checked against the token grids here, before the dataset is touched.
   mesh = parallel.validate(config.parallel, t.batch_size, num_devices, model_config=m,
@@ -87,8 +90,7 @@ def validate_config(config: Any, num_devices: int) -> None:
     raise ValueError(f"loss.teacher_weight {teacher_weight} applies to the generation "
                      f"task only; set it to 0 for task {config.task!r}")
   if teacher_weight:
-    from medgen_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
-    eval_seed = int(evaluate.eval_settings(config)["extractor_seed"])
+    eval_seed = int(extractor_cache.extractor_settings(config)["extractor_seed"])
     if int(config.loss.teacher_seed) == eval_seed or int(config.loss.teacher_steps) < 1:
       raise ValueError(
           f"loss.teacher_seed {config.loss.teacher_seed} must differ from "
@@ -130,10 +132,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     The summary written to workdir/summary.json: steps, start_step,
     wall_time_s, images_per_s, last losses, preempted.
   """
-  # Imported here so that config validation errors do not wait on them.
-  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax import models as models_lib  # pylint: disable=import-outside-toplevel
-
   parallel.maybe_initialize_distributed(config.parallel)
   validate_config(config, jax.device_count())
   info = data_lib.load_info(config.data)
@@ -153,15 +151,16 @@ def build_teacher(config: Any, info, *, trained: bool = True
   """The frozen condition teacher `(FeatureNet, params)`, or None when
   `loss.teacher_weight` is 0.
 
-  It is the evaluation's domain-extractor recipe (`config.eval` settings) with
-  its own seed (`loss.teacher_seed`) and step count (`loss.teacher_steps`),
-  trained on the real train split on first use and cached beside the dataset
-  under a key of those settings. With `loss.teacher_fields` set it is trained
-  on those conditions only (and its loss covers them only). The seed must
-  differ from the extractor's (`validate_config`), so evaluation never scores
-  with the network the generator was trained against. An explicit
-  `eval.extractor_path` names the evaluation's extractor only: the teacher
-  keeps its keyed cache, so the two never share a directory.
+  It is the evaluation's domain-extractor recipe (`config.eval` settings,
+  `extractor_cache.extractor_settings`) with its own seed (`loss.teacher_seed`)
+  and step count (`loss.teacher_steps`), trained on the real train split on
+  first use and cached beside the dataset under a key of those settings.
+  With `loss.teacher_fields` set it is trained on those conditions only (and
+  its loss covers them only). The seed must differ from the extractor's
+  (`validate_config`), so evaluation never scores with the network the
+  generator was trained against. An explicit `eval.extractor_path` names the
+  evaluation's extractor only: the teacher keeps its keyed cache, so the two
+  never share a directory.
 
   With `trained=False` the teacher has the same architecture and fresh
   weights and no data is read: what the step costs does not depend on the
@@ -182,18 +181,16 @@ def build_teacher(config: Any, info, *, trained: bool = True
     # subset is part of the cache key (the dataset identity's conditions).
     info = dataclasses.replace(
         info, conditions=tuple(f for f in info.conditions if f.name in names))
-  # eval.features holds the classifier's training and cache; imported here
-  # so that the training library does not load the evaluation stack.
-  from medgen_jax.eval import evaluate, features  # pylint: disable=import-outside-toplevel
-  settings = dict(evaluate.eval_settings(config), extractor_path=None,
+  settings = dict(extractor_cache.extractor_settings(config), extractor_path=None,
                   extractor_seed=int(config.loss.teacher_seed),
                   extractor_steps=int(config.loss.teacher_steps))
   if not trained:
-    return features.init_extractor(
+    return extractor.init_extractor(
         info.conditions, info.image_shape, seed=settings["extractor_seed"],
-        **features.architecture_from(settings, prefix="extractor_"))
-  train, _ = evaluate.load_real(config.data, settings)
-  model, params, meta = evaluate.get_extractor(config.data, info, train, settings)
+        **extractor.architecture_from(settings, prefix="extractor_"))
+  train = data_lib.load_arrays(config.data, split="train",
+                               max_examples=settings["max_train"])
+  model, params, meta = extractor_cache.get_extractor(config.data, info, train, settings)
   logging.info("condition teacher %s (%s)", meta["path"],
                "reused" if meta["reused"] else "trained")
   return model, params
@@ -229,7 +226,7 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"),
+  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir),
                                   keep=t.keep_checkpoints)
   restored = ckpt_lib.restore_latest(
       manager, ckpt_lib.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding))
@@ -267,7 +264,7 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   writer = log_lib.MetricWriter(workdir, enabled=is_main)
   bar = log_lib.progress_bar(t.num_steps, start, enabled=is_main)
   pending, last, preempted = [], {}, False
-  last_r1 = None
+  last_penalties = {}
   t_start = time.perf_counter()
   t_steady, steady_from = None, start
   step = start
@@ -280,7 +277,7 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
         state, metrics = trainer.step(state, batch, with_r1=with_r1)
         pending.append((step, metrics))
         if with_r1:
-          last_r1 = metrics["r1"]
+          last_penalties = {k: metrics[k] for k in ("r1", "r2")}
         step += 1
         bar.update(1)
         if t_steady is None:  # exclude compilation from the throughput
@@ -291,8 +288,8 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
           pending = jax.device_get(pending)
           _check_finite(pending, manager.latest_step())
           last = {k: float(pending[-1][1][k]) for k in pending[-1][1] if k != "is_finite"}
-          if last_r1 is not None:  # the latest lazy-R1 value, not a skipped step's 0
-            last["r1"] = float(last_r1)
+          if last_penalties:  # the latest lazy-penalty values, not a skipped step's 0
+            last.update({k: float(v) for k, v in last_penalties.items()})
           pending = []
           elapsed = time.perf_counter() - t_steady
           ips = (step - steady_from) * t.batch_size / elapsed if elapsed > 0 else 0.0

@@ -1,8 +1,13 @@
-"""GAN objectives and the R1 gradient penalty.
+"""GAN objectives and the zero-centred gradient penalties (R1 on reals, R2 on fakes).
 
 Losses take discriminator logits `[batch]` and return scalars (means over the
 batch), so the same function works on a global batch under `jit` and on a
 per-device batch under `pmap`/`shard_map` (followed by `lax.pmean`).
+
+The relativistic pairing loss (`rpgan`) compares real example i with fake
+example i. The training step generates fake i from the conditions of real i,
+so every pair shares its conditions and the conditional D scores both with
+the same projection: pairs are formed within a condition, never across.
 """
 from __future__ import annotations
 
@@ -36,14 +41,37 @@ def g_loss_hinge(fake_logits: jax.Array) -> jax.Array:
   return -jnp.mean(fake_logits)
 
 
+def d_loss_rpgan(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+  """Relativistic pairing loss for D: mean_i softplus(-(D(x_i) - D(G(z_i)))).
+
+  (Jolicoeur-Martineau 2019; with R1 and R2 the objective of R3GAN, Huang et
+  al., NeurIPS 2024.) Real i and fake i form a pair, so both `[batch]` logits
+  must come from examples in the same order.
+  """
+  return jnp.mean(jax.nn.softplus(fake_logits - real_logits))
+
+
+def g_loss_rpgan(fake_logits: jax.Array, real_logits: jax.Array) -> jax.Array:
+  """Relativistic pairing loss for G: mean_i softplus(-(D(G(z_i)) - D(x_i)))."""
+  return jnp.mean(jax.nn.softplus(real_logits - fake_logits))
+
+
 class GanLoss(NamedTuple):
+  """d(real_logits, fake_logits) and g(fake_logits, real_logits).
+
+  `relativistic` losses need the logits of the paired real examples in the
+  generator loss too; the others ignore `real_logits` (pass None).
+  """
   d: Callable[[jax.Array, jax.Array], jax.Array]
-  g: Callable[[jax.Array], jax.Array]
+  g: Callable[..., jax.Array]
+  relativistic: bool = False
 
 
 GAN_LOSSES: dict[str, GanLoss] = {
-    "nonsaturating": GanLoss(d_loss_nonsaturating, g_loss_nonsaturating),
-    "hinge": GanLoss(d_loss_hinge, g_loss_hinge),
+    "nonsaturating": GanLoss(d_loss_nonsaturating,
+                             lambda fake, real=None: g_loss_nonsaturating(fake)),
+    "hinge": GanLoss(d_loss_hinge, lambda fake, real=None: g_loss_hinge(fake)),
+    "rpgan": GanLoss(d_loss_rpgan, g_loss_rpgan, relativistic=True),
 }
 
 
@@ -53,12 +81,14 @@ def get_gan_loss(name: str) -> GanLoss:
   return GAN_LOSSES[name]
 
 
-def r1_penalty(d_fn: Callable[[jax.Array], tuple[jax.Array, Any]],
-               real_images: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
-  """R1 = mean over the batch of ||d D(x) / d x||^2 (Mescheder et al. 2018).
+def gradient_penalty(d_fn: Callable[[jax.Array], tuple[jax.Array, Any]],
+                     images: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+  """Zero-centred penalty: mean over the batch of ||d D(x) / d x||^2.
 
-  The discriminator forward pass is shared with the real-logit loss term via
-  `jax.vjp`, so lazy R1 costs one extra backward pass, not an extra forward.
+  On real images it is R1 (Mescheder et al. 2018), on generated images R2
+  (Roth et al. 2017; R3GAN penalises both). The discriminator forward pass
+  is shared with the loss term via `jax.vjp`, so the penalty costs one extra
+  backward pass, not an extra forward.
   The gradient of sum(logits) w.r.t. the images is the per-example gradient
   when examples do not interact inside D; with D's minibatch-std channel
   they interact weakly through the group statistic, and this is then the
@@ -66,24 +96,25 @@ def r1_penalty(d_fn: Callable[[jax.Array], tuple[jax.Array, Any]],
 
   Args:
     d_fn: images `[batch, *spatial, C]` -> (logits `[batch]`, aux).
-    real_images: `[batch, *spatial, C]`.
+    images: `[batch, *spatial, C]`.
 
   Returns:
-    (r1 scalar (without gamma/2), real logits `[batch]`, aux).
+    (penalty scalar (without gamma/2), logits `[batch]`, aux).
   """
-  logits, vjp_fn, aux = jax.vjp(d_fn, real_images, has_aux=True)
+  logits, vjp_fn, aux = jax.vjp(d_fn, images, has_aux=True)
   (grads,) = vjp_fn(jnp.ones_like(logits))
   per_example = jnp.sum(jnp.square(grads).reshape(grads.shape[0], -1), axis=-1)
   return jnp.mean(per_example), logits, aux
 
 
-def lazy_r1_weight(r1_gamma: float, r1_every: int) -> float:
-  """Weight of the R1 term on the steps it is applied (StyleGAN2's lazy regularisation).
+def lazy_penalty_weight(gamma: float, every: int) -> float:
+  """Weight of an R1 / R2 term on the steps it is applied (StyleGAN2's lazy
+  regularisation).
 
-  The penalty gamma/2 * R1 applied only every k steps is scaled by k so its
+  The penalty gamma/2 * R applied only every k steps is scaled by k so its
   average strength matches applying it every step.
   """
-  return 0.5 * r1_gamma * r1_every
+  return 0.5 * gamma * every
 
 
 def condition_prediction_loss(predictions: dict[str, jax.Array],

@@ -82,10 +82,16 @@ def conditions_of(batch: Batch) -> dict[str, jax.Array]:
   return {k: v for k, v in batch.items() if k != "image"}
 
 
+def penalties_on(loss_config: Any) -> bool:
+  """Whether any zero-centred gradient penalty (R1 or R2) is configured."""
+  return ((loss_config.r1_gamma > 0 or loss_config.r2_gamma > 0)
+          and loss_config.r1_every > 0)
+
+
 def r1_due(loss_config: Any, step: int) -> bool:
-  """Whether host step `step` is a lazy-R1 step (static `with_r1` for the step fns)."""
-  return (loss_config.r1_gamma > 0 and loss_config.r1_every > 0
-          and step % loss_config.r1_every == 0)
+  """Whether host step `step` is a lazy-penalty step: R1 and R2 share the
+  `r1_every` interval (static `with_r1` for the step fns)."""
+  return penalties_on(loss_config) and step % loss_config.r1_every == 0
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
@@ -106,7 +112,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
       conditional's body ~3x slower, measured in docs/benchmarks.md).
 
   Returns:
-    (new state, metrics): scalar d_loss, g_loss, r1, d_real, d_fake,
+    (new state, metrics): scalar d_loss, g_loss, r1, r2, d_real, d_fake,
     d_grad_norm, g_grad_norm and bool is_finite; with `loss.condition_weight`
     > 0 also d_cond and g_cond (D's condition-prediction loss on real and on
     generated images; d_loss and g_loss stay the adversarial terms alone);
@@ -151,6 +157,13 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     raise ValueError("loss.teacher_weight > 0 needs Models.teacher (the loop "
                      "builds it with train.loop.build_teacher)")
 
+  real_logits = None
+  if gan.relativistic:
+    # The pairs of the D step, scored by the updated D: G's loss compares
+    # fake i with real i, which shares its conditions.
+    real_logits, d_state = _apply(D, d_params, d_state, real_aug, cond, train=True,
+                                  rngs={"dropout": drop_d})
+
   def g_objective(g_params):
     fake, new_g_state = _apply(G, g_params, g_state, z_g, cond, train=True,
                                rngs={"dropout": drop_g})
@@ -158,7 +171,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     logits, predictions, new_d_state = _score(
         D, d_params, d_state, fake_aug, cond, rngs={"dropout": drop_d},
         condition_weight=cond_weight)
-    g_metrics = dict(g_loss=gan.g(logits))
+    g_metrics = dict(g_loss=gan.g(logits, real_logits))
     if cond_weight:
       g_metrics["g_cond"] = losses.condition_prediction_loss(predictions, cond, D.conditions)
     total = g_metrics["g_loss"] + cond_weight * g_metrics.get("g_cond", 0.0)
@@ -193,19 +206,24 @@ def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Arr
                          axis_name: str | None, with_r1: bool | None = None):
   """One D optimiser step on (augmented) real and fake inputs.
 
-  Lazy R1 on the real inputs (scaled by `r1_every`) runs when `with_r1`; with
-  `with_r1=None` on steps divisible by `r1_every`, chosen on device with
-  `lax.cond`. Shared by the generation step and the paired translation step.
+  Lazy R1 on the real inputs and R2 on the fake inputs (each scaled by
+  `r1_every`; weights `loss.r1_gamma` / `loss.r2_gamma`) run when `with_r1`;
+  with `with_r1=None` on steps divisible by `r1_every`, chosen on device with
+  `lax.cond`. Real input i and fake input i are a pair for relativistic
+  losses (the fake was generated from real i's conditions). Shared by the
+  generation step and the paired translation step.
 
   Returns:
     (d_params, d_opt_state, d_state, d_grad, metrics) with metrics d_loss, r1,
-    d_real, d_fake averaged over `axis_name`.
+    r2, d_real, d_fake averaged over `axis_name`.
   """
   D, gan = models.discriminator, losses.get_gan_loss(loss_config.gan)
-  use_r1 = loss_config.r1_gamma > 0 and loss_config.r1_every > 0
-  r1_weight = (losses.lazy_r1_weight(loss_config.r1_gamma, loss_config.r1_every)
-               if use_r1 else 0.0)
+  use_penalty = penalties_on(loss_config)
+  every = int(loss_config.r1_every)
+  r1_weight = losses.lazy_penalty_weight(loss_config.r1_gamma, every) if use_penalty else 0.0
+  r2_weight = losses.lazy_penalty_weight(loss_config.r2_gamma, every) if use_penalty else 0.0
   cond_weight = condition_weight(loss_config)
+  zero = jnp.zeros((), jnp.float32)
 
   def d_objective(d_params, with_r1: bool):
     def d_real(x):
@@ -213,17 +231,22 @@ def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Arr
           D, d_params, state.d_state, x, cond, rngs={"dropout": dropout_key},
           condition_weight=cond_weight)
       return logits, (d_state, predictions)
-    if with_r1:
-      r1, real_logits, (d_state, predictions) = losses.r1_penalty(d_real, real_in)
+    if with_r1 and r1_weight:
+      r1, real_logits, (d_state, predictions) = losses.gradient_penalty(d_real, real_in)
     else:
-      (real_logits, (d_state, predictions)), r1 = (d_real(real_in),
-                                                   jnp.zeros((), jnp.float32))
-    fake_logits, d_state = _apply(D, d_params, d_state, fake_in, cond, train=True,
-                                  rngs={"dropout": dropout_key})
+      (real_logits, (d_state, predictions)), r1 = d_real(real_in), zero
+
+    def d_fake(x):
+      return _apply(D, d_params, d_state, x, cond, train=True,
+                    rngs={"dropout": dropout_key})
+    if with_r1 and r2_weight:
+      r2, fake_logits, d_state = losses.gradient_penalty(d_fake, fake_in)
+    else:
+      (fake_logits, d_state), r2 = d_fake(fake_in), zero
     loss = gan.d(real_logits, fake_logits)
-    aux = dict(d_loss=loss, r1=r1, d_real=jnp.mean(real_logits),
+    aux = dict(d_loss=loss, r1=r1, r2=r2, d_real=jnp.mean(real_logits),
                d_fake=jnp.mean(fake_logits))
-    total = loss + r1_weight * r1
+    total = loss + r1_weight * r1 + r2_weight * r2
     if cond_weight:
       # Heads learn from real images only: training them on fakes too (the
       # original AC-GAN) rewards D for classifying the generator's mistakes.
@@ -234,9 +257,9 @@ def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Arr
   def d_grads(with_r1: bool):
     return jax.grad(d_objective, has_aux=True)(state.d_params, with_r1)
 
-  if use_r1 and with_r1 is not None:
+  if use_penalty and with_r1 is not None:
     d_grad, (d_metrics, d_state) = d_grads(bool(with_r1))
-  elif use_r1:
+  elif use_penalty:
     d_grad, (d_metrics, d_state) = lax.cond(
         state.step % loss_config.r1_every == 0, lambda: d_grads(True),
         lambda: d_grads(False))

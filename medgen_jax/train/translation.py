@@ -121,13 +121,18 @@ def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
       state, real_aug, fake_aug, cond, models=models, loss_config=lcfg,
       dropout_key=drop_d, axis_name=axis_name, with_r1=with_r1)
 
+  real_logits = None
+  if gan.relativistic:  # fake pair i is compared with real pair i
+    real_logits, d_state = apply(D, d_params, d_state, real_aug, cond, train=True,
+                                 rngs={"dropout": drop_d})
+
   def g_objective(g_params):
     fake, new_g_state = apply(G, g_params, g_state, sources, cond, train=True,
                               rngs={"dropout": drop_g})
     fake_aug = augment_lib.apply_params(pair(fake), aug_fake_g, policy)
     logits, new_d_state = apply(D, d_params, d_state, fake_aug, cond, train=True,
                                 rngs={"dropout": drop_d})
-    adv = gan.g(logits)
+    adv = gan.g(logits, real_logits)
     recon = jnp.mean(jnp.abs(fake - target))
     return adv + recon_weight * recon, (adv, recon, new_g_state, new_d_state)
 
