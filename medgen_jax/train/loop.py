@@ -31,6 +31,7 @@ from medgen_jax.train import parallel
 from medgen_jax.train import state as state_lib
 from medgen_jax.train import step as step_lib
 from medgen_jax.train import translation
+from medgen_jax.train import variety as variety_lib
 
 SAMPLE_COLS = 8
 LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
@@ -245,6 +246,9 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   sample_fn = jax.jit(lambda p, s: generator.apply({"params": p, **s}, sample_z,
                                                    sample_cond, train=False))
   sample_dir = os.path.join(workdir, "samples")
+  # Collapse as it happens: the grid's same-row variety vs the real batches'.
+  meter = variety_lib.VarietyMeter(viz.row_condition(info)) if task == "generation" else None
+  variety = {}
   if task == "translation":  # rows: real pairs | translated, on the latest batch
     row_labels = list(translation.SAMPLE_ROWS)
     translate_fn = translation.make_sample_fn(generator, config, info)
@@ -253,6 +257,8 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   def write_samples(step, placed_state):
     host = trainer.get_state(placed_state)
     images = _to_numpy(sample_fn(host.ema_params, host.g_state))
+    if meter is not None:
+      variety.update(meter.score(images, sample_cond))
     if is_main:
       os.makedirs(sample_dir, exist_ok=True)
       viz.save_grid(images, info, os.path.join(sample_dir, f"step_{step:06d}.png"),
@@ -272,6 +278,8 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
     with ckpt_lib.sigterm_flag() as sigterm:
       while step < t.num_steps:
         host_batch = _host_batch(next(it), info)
+        if meter is not None:
+          meter.add_real(host_batch)
         batch = trainer.put_batch(host_batch)
         with_r1 = step_lib.r1_due(config.loss, step)
         state, metrics = trainer.step(state, batch, with_r1=with_r1)
@@ -284,21 +292,22 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
           jax.block_until_ready(metrics)
           t_steady, steady_from = time.perf_counter(), step
         due_ckpt = step % t.checkpoint_every == 0 or step == t.num_steps or sigterm.is_set()
-        if step % t.log_every == 0 or due_ckpt or step % t.sample_every == 0:
+        due_samples = step % t.sample_every == 0 or step == t.num_steps
+        if step % t.log_every == 0 or due_ckpt or due_samples:
           pending = jax.device_get(pending)
           _check_finite(pending, manager.latest_step())
           last = {k: float(pending[-1][1][k]) for k in pending[-1][1] if k != "is_finite"}
           if last_penalties:  # the latest lazy-penalty values, not a skipped step's 0
             last.update({k: float(v) for k, v in last_penalties.items()})
           pending = []
+          if due_samples:  # before the log row, so that it carries this grid's variety
+            write_samples(step, state)
           elapsed = time.perf_counter() - t_steady
           ips = (step - steady_from) * t.batch_size / elapsed if elapsed > 0 else 0.0
           if step % t.log_every == 0 or step == t.num_steps:
-            writer.write(step, {**last, "images_per_s": ips})
+            writer.write(step, {**last, **variety, "images_per_s": ips})
             bar.set_postfix(d=f"{last['d_loss']:.3f}", g=f"{last['g_loss']:.3f}",
                             img_s=f"{ips:.1f}")
-        if step % t.sample_every == 0 or step == t.num_steps:
-          write_samples(step, state)
         if due_ckpt:
           save(step, state)
         if sigterm.is_set():
@@ -315,7 +324,8 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
       steps=step, start_step=start, wall_time_s=wall,
       images_per_s=(step - steady_from) * t.batch_size / steady if steady > 0 else 0.0,
       last_losses={k: last.get(k) for k in LOSS_KEYS if k in last},
-      last_metrics=last, preempted=preempted, workdir=os.path.abspath(workdir))
+      last_metrics=last, variety=variety, preempted=preempted,
+      workdir=os.path.abspath(workdir))
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
