@@ -30,11 +30,11 @@ CHEST_Z_MM = (40.0, 200.0)
 AGE_RANGE = (20.0, 90.0)
 LESION_CLASSES = ("none", "small", "large")
 # Sized so the classes stay apart at the default 64x64 slice (5.5 mm pixels):
-# revision 1's 5-10 mm / 12-25 mm nodules covered 1-10 pixels, the size of the
-# vessel cross-sections around them, and no classifier trained on the real
-# slices told the classes apart (docs/results.md). A large lesion now covers
-# 16-42 pixels; a small one (2-6 pixels) still looks like a vessel at 64x64
-# and needs 128+ pixel slices to be seen.
+# nodules of 5-10 mm / 12-25 mm cover 1-10 pixels, the size of the vessel
+# cross-sections around them, and a classifier trained on such slices did not
+# tell the classes apart. A large lesion covers 16-42 pixels; a small one
+# (2-6 pixels) still looks like a vessel at 64x64 and needs 128+ pixel slices
+# to be seen (docs/results.md, teacher options).
 SMALL_DIAMETER_MM = (8.0, 15.0)
 LARGE_DIAMETER_MM = (25.0, 40.0)
 NODULE_HU = 30.0
