@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       discriminator="resnet", d_width=32, spectral_norm=True,
       # Minibatch-std channel in D (group size; 0 = off). Off by default: at
       # 1,200 steps groups of 4 did not raise sample variety and worsened FD
-      # (81 vs 55) in the one pair of runs made (docs/results.md).
+      # (81 vs 55) in the one pair of runs made (commit e482c20).
       d_minibatch_std=0,
       # AC-GAN heads on D predicting every condition (used by
       # loss.condition_weight; the two must be set together).
@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # No 'intensity' op: its +-0.5 brightness (+-500 HU) and x0.5-1.5
       # contrast hide the physical units D needs to judge (tissue HU, the
       # sites' offsets). Without it the default run's FD went 95 -> 45 and
-      # HU W1 127 -> 98 (docs/results.md, session 6).
+      # HU W1 127 -> 98 (commit 41b82df).
       augment="translation,cutout",
       # 0.995: half-life ~140 steps, short enough for a 1200-step run (the
       # init's weight is 0.995**1200 = 0.2 %) and smoother than 0.99.
@@ -71,12 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # loss on generated images (0 = off), its seed (must differ from
       # eval.extractor_seed) and training steps (trained once, cached). On:
       # without it a requested large lesion was drawn in 2-12 % of samples,
-      # with it in 76 % (real 73 %), at an FD cost (docs/results.md).
+      # with it in 76 % (real 73 %), at an FD cost (1,200-step runs, commit 5f2b8c2).
       teacher_weight=1.0, teacher_seed=1, teacher_steps=300,
       # Conditions the teacher is trained on and teaches, comma separated
       # ('' = all). 'lesion': a requested large lesion is drawn in 91-100 %
       # of samples (two seeds; 49-93 % with all), but FD 67-75 against 37-45
-      # and site stops following (docs/results.md, session 7).
+      # and site stops following (docs/results.md, teacher options).
       teacher_fields=""))
   # Evaluation (medgen_jax.eval.evaluate): None sample count = size of the real
   # test split; None extractor path = a cache keyed by the dataset's identity.

@@ -178,7 +178,7 @@ def build_teacher(config: Any, info, *, trained: bool = True
   if names:
     # Trained on the fields it teaches only: at 300 steps a classifier of all
     # three conditions was at chance on lesion (0.34 on the real test split),
-    # one of lesion alone reached 0.51 (docs/results.md, session 7). The
+    # one of lesion alone reached 0.51 (docs/results.md, teacher options). The
     # subset is part of the cache key (the dataset identity's conditions).
     info = dataclasses.replace(
         info, conditions=tuple(f for f in info.conditions if f.name in names))
