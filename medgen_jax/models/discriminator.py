@@ -203,7 +203,7 @@ class ResNetDiscriminator(nn.Module):
     # smallest axis stops the downsampling early (4x8x8 = 256 positions from
     # 16x32x32, against 4x4 in 2D), so logits and D gradients run ~20x
     # larger; counting the sum on a 4x4 grid instead was tried and gave a
-    # worse 3D FD (103 against 78, one 600-step run each; docs/results.md).
+    # worse 3D FD (103 against 78, one 600-step run each; commit 716d13e).
     features = jnp.sum(nn.leaky_relu(x, 0.2), axis=tuple(range(1, x.ndim - 1)))
     features = features.astype(jnp.float32)
     self.sow("intermediates", "features", features)
@@ -221,7 +221,7 @@ class ResNetDiscriminator(nn.Module):
     The heads are not spectrally normalised: a normalised head's logits can
     be no larger than the features. (Normalised heads stayed at chance
     cross-entropy over a 1,200-step run; unnormalised ones were tried for 150
-    steps only, also at chance: docs/results.md.)
+    steps only, also at chance: commit 5f2b8c2.)
     """
     del train
     return condition_heads(features, self.conditions, prefix="predict")
