@@ -109,7 +109,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     axis_name: mesh axis the batch is split over, or None under jit.
     with_r1: static R1 switch (see `r1_due`); None decides from `state.step`
       on device with `lax.cond` (one executable, but XLA:CPU runs the
-      conditional's body ~3x slower, measured in docs/benchmarks.md).
+      conditional's body ~3x slower; measured in commit c95b331).
 
   Returns:
     (new state, metrics): scalar d_loss, g_loss, r1, r2, d_real, d_fake,
