@@ -5,6 +5,8 @@
 """
 import ml_collections
 
+from configs import phantom_gan
+
 
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
@@ -26,9 +28,11 @@ def get_config(arg=None):
   config.seed = 0
   config.matmul_size = 2048
   config.memory_budget_gb = 12.0  # rows above this XLA peak are reported as out_of_memory
-  # MFU of one jitted training step of configs/phantom_gan.py (G + D).
+  # MFU of one jitted training step (G + D) of the GAN config `gan`: the
+  # default configs/phantom_gan.py, overridable field by field
+  # (--config.train_step.gan.model.attention=axial).
   config.train_step = ml_collections.ConfigDict(dict(
-      enabled=True, gan_config="", repeats=3))
+      enabled=True, gan=phantom_gan.get_config(), repeats=3))
   # Swin block side by side with timm (PyTorch, `torch_threads` threads).
   config.swin = ml_collections.ConfigDict(dict(
       enabled=True, dim=128, num_heads=4, window=8, shift=4, mlp_ratio=4.0, batch=8,

@@ -15,6 +15,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from medgen_jax.eval import precision
 from medgen_jax.inference import quantize, sample
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,9 +42,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _COMPARE.value:
-    rows = quantize.compare_precisions(_CONFIG.value, _WORKDIR.value, _OUT.value,
-                                       num_samples=_NUM.value, seed=_SEED.value,
-                                       batch_size=_BATCH.value)
+    precision.compare_precisions(_CONFIG.value, _WORKDIR.value, _OUT.value,
+                                 num_samples=_NUM.value, seed=_SEED.value,
+                                 batch_size=_BATCH.value)
     print(open(f"{_OUT.value}/precision_table.md").read())
     return
   summary = sample.sample(

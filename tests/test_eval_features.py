@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from medgen_jax.data.info import ConditionField
-from medgen_jax.eval import features
+from medgen_jax.train import extractor as features
 from medgen_jax.models.layers import space_to_depth
 
 FIELDS = (ConditionField("lesion", "categorical", num_classes=2),
@@ -145,7 +145,7 @@ def test_extractor_saved_on_another_device_topology_restores_here(tmp_path):
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp
     from medgen_jax.data.info import ConditionField
-    from medgen_jax.eval import features
+    from medgen_jax.train import extractor as features
     model = features.make_extractor((ConditionField("lesion", "categorical", 2),),
                                     widths=(4,), feature_dim=4)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]

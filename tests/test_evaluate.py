@@ -8,7 +8,12 @@ import pytest
 
 from configs import phantom_gan
 from medgen_jax import data as data_lib
+from medgen_jax.eval import baseline as baseline_lib
+from medgen_jax.eval import reference, scoring
 from medgen_jax.eval import evaluate as ev
+from medgen_jax.eval import settings as eval_settings_lib
+from medgen_jax.train import checkpoint as ckpt_lib
+from medgen_jax.train import extractor, extractor_cache
 
 REQUIRED = ("fd_domain", "kid_domain", "precision", "recall", "density",
             "coverage", "lesion_accuracy", "site_accuracy", "age_mae",
@@ -29,16 +34,16 @@ def _config(extractor_path, **overrides):
 def setup(tmp_path_factory):
   ext = tmp_path_factory.mktemp("extractor") / "phantom"
   config = _config(ext)
-  s = ev.eval_settings(config)
+  s = eval_settings_lib.eval_settings(config)
   info = data_lib.load_info(config.data)
-  train, test = ev.load_real(config.data, s)
-  model, params, meta = ev.get_extractor(config.data, info, train, s)
+  train, test = reference.load_real(config.data, s)
+  model, params, meta = extractor_cache.get_extractor(config.data, info, train, s)
   return dict(config=config, s=s, info=info, train=train, test=test,
               model=model, params=params, meta=meta, ext=ext)
 
 
 def _evaluate(setup, images, requested, figures_dir=None, baseline=None):
-  return ev.evaluate_images(images, requested, real_train=setup["train"],
+  return scoring.evaluate_images(images, requested, real_train=setup["train"],
                             real_test=setup["test"], info=setup["info"],
                             model=setup["model"], params=setup["params"],
                             settings=setup["s"], figures_dir=figures_dir,
@@ -111,30 +116,29 @@ def test_extractor_cache_is_reused(setup):
   assert setup["meta"]["reused"] is False
   params_dir = os.path.join(setup["ext"], "params")
   before = os.path.getmtime(params_dir)
-  model, params, meta = ev.get_extractor(setup["config"].data, setup["info"],
+  model, params, meta = extractor_cache.get_extractor(setup["config"].data, setup["info"],
                                          setup["train"], setup["s"])
   assert meta["reused"] is True
   assert os.path.getmtime(params_dir) == before
   x = setup["test"]["image"][:3]
-  from medgen_jax.eval import features
   np.testing.assert_allclose(
-      features.extract_features(model, params, x),
-      features.extract_features(setup["model"], setup["params"], x), rtol=1e-6)
+      extractor.extract_features(model, params, x),
+      extractor.extract_features(setup["model"], setup["params"], x), rtol=1e-6)
   # Other training settings at the same path: refused, not silently reused.
-  other = ev.eval_settings(_config(setup["ext"], extractor_steps=7))
+  other = eval_settings_lib.eval_settings(_config(setup["ext"], extractor_steps=7))
   with pytest.raises(ValueError, match="was trained for"):
-    ev.get_extractor(setup["config"].data, setup["info"], setup["train"], other)
+    extractor_cache.get_extractor(setup["config"].data, setup["info"], setup["train"], other)
 
 
 def test_default_extractor_path_is_keyed_by_settings(setup):
   config = phantom_gan.get_config("quick")
-  s1 = ev.eval_settings(config)
+  s1 = eval_settings_lib.eval_settings(config)
   config.eval = {"extractor_steps": 7}
-  s2 = ev.eval_settings(config)
-  p1 = ev.extractor_path(config.data, setup["info"], s1)
-  p2 = ev.extractor_path(config.data, setup["info"], s2)
+  s2 = eval_settings_lib.eval_settings(config)
+  p1 = extractor_cache.extractor_path(config.data, setup["info"], s1)
+  p2 = extractor_cache.extractor_path(config.data, setup["info"], s2)
   assert p1 != p2 and os.path.basename(p1).startswith("ct_phantom-")
-  assert p1 == ev.extractor_path(config.data, setup["info"], s1)
+  assert p1 == extractor_cache.extractor_path(config.data, setup["info"], s1)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -142,29 +146,29 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ev.evaluate(phantom_gan.get_config("quick"), str(tmp_path))
   # An interrupted orbax save (temporary name) is not a checkpoint.
   os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1")
-  assert ev.latest_checkpoint_step(str(tmp_path)) is None
+  assert ckpt_lib.latest_step(str(tmp_path)) is None
   os.makedirs(tmp_path / "checkpoints" / "2")
-  assert ev.latest_checkpoint_step(str(tmp_path)) == 2
+  assert ckpt_lib.latest_step(str(tmp_path)) == 2
 
 
 def test_bad_settings():
   config = phantom_gan.get_config("quick")
   config.eval = {"num_sample": 10}
   with pytest.raises(ValueError, match="num_sample"):
-    ev.eval_settings(config)
+    eval_settings_lib.eval_settings(config)
   config.eval = {"num_samples": 1}
   with pytest.raises(ValueError, match="num_samples"):
-    ev.eval_settings(config)
+    eval_settings_lib.eval_settings(config)
 
 
 def test_draw_conditions_keeps_rows_and_balance(setup):
   info, test = setup["info"], setup["test"]
   n = len(test["image"])
-  drawn = ev.draw_conditions(test, info, n, seed=3)
+  drawn = reference.draw_conditions(test, info, n, seed=3)
   rows = lambda d, m: sorted(zip(*(np.asarray(d[f.name])[:m].tolist()
                                    for f in info.conditions)))
   assert rows(drawn, n) == rows(test, n)  # a permutation of whole rows
-  drawn = ev.draw_conditions(test, info, 2 * n + 1, seed=3)
+  drawn = reference.draw_conditions(test, info, 2 * n + 1, seed=3)
   counts = np.bincount(drawn["lesion"], minlength=3)
   expected = 2 * np.bincount(test["lesion"], minlength=3)
   assert np.all(counts - expected >= 0) and (counts - expected).sum() == 1
@@ -172,7 +176,7 @@ def test_draw_conditions_keeps_rows_and_balance(setup):
 
 def test_lesion_range_error_hand_computed():
   ranges = {0: (0.0, 0.0), 1: (5.0, 10.0), 2: (12.0, 25.0)}
-  out = ev.lesion_range_error([0.0, 3.0, 11.0, 30.0, 7.0], [0, 0, 1, 2, -1],
+  out = scoring.lesion_range_error([0.0, 3.0, 11.0, 30.0, 7.0], [0, 0, 1, 2, -1],
                               ranges)
   # errors: 0, 3, 1, 5 (the -1 entry is skipped)
   assert out["lesion_diameter_error_mm"] == pytest.approx(9.0 / 4)
@@ -183,19 +187,19 @@ def test_baseline_config_comes_from_its_run_and_must_match_the_data(tmp_path):
   config = phantom_gan.get_config("quick")
   base = tmp_path / "base"
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    ev.baseline_generator_config(config, str(base))
+    baseline_lib.baseline_generator_config(config, str(base))
   (base / "checkpoints" / "7").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match="no config.json"):
-    ev.baseline_generator_config(config, str(base))
+    baseline_lib.baseline_generator_config(config, str(base))
   saved = json.loads(phantom_gan.get_config("quick,cnn").to_json_best_effort())
   (base / "config.json").write_text(json.dumps(saved))
-  out = ev.baseline_generator_config(config, str(base))
+  out = baseline_lib.baseline_generator_config(config, str(base))
   assert out.model.generator == "cnn" and config.model.generator == "transformer"
   assert out.data == config.data
   saved["data"]["image_size"] = 64
   (base / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ValueError, match="data.image_size=64"):
-    ev.baseline_generator_config(config, str(base))
+    baseline_lib.baseline_generator_config(config, str(base))
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import qwix
 from configs import phantom_gan
 from medgen_jax import data as data_lib
 from medgen_jax import models
+from medgen_jax.eval import precision
 from medgen_jax.inference import quantize, sample
 from medgen_jax.train.state import dummy_conditions
 from test_inference_sample import write_checkpoint
@@ -111,7 +112,7 @@ def test_compare_precisions_table(tmp_path):
   workdir = str(tmp_path / "run")
   write_checkpoint(config, workdir)
   out = str(tmp_path / "table")
-  rows = quantize.compare_precisions(
+  rows = precision.compare_precisions(
       config, workdir, out, num_samples=6, batch_size=6, precisions=("fp32", "int8", "int2"),
       extractor_settings=dict(extractor_steps=2, extractor_batch_size=4,
                               extractor_widths=(4, 8), extractor_feature_dim=4,

@@ -44,7 +44,8 @@ def test_teacher_never_shares_the_evaluation_extractors_directory(tmp_path):
   import jax
   from configs import phantom_gan
   from medgen_jax import data as data_lib
-  from medgen_jax.eval import evaluate
+  from medgen_jax.eval import reference, settings
+  from medgen_jax.train import extractor_cache
   from medgen_jax.train.loop import build_teacher
   config = phantom_gan.get_config("quick")
   config.eval.update(extractor_path=str(tmp_path / "extractor"), extractor_steps=2)
@@ -56,9 +57,9 @@ def test_teacher_never_shares_the_evaluation_extractors_directory(tmp_path):
   assert not (tmp_path / "extractor").exists()
   # The evaluation then trains and caches its own extractor at its path
   # (the teacher there would be refused as trained for other settings).
-  s = evaluate.eval_settings(config)
-  train, _ = evaluate.load_real(config.data, s)
-  _, _, meta = evaluate.get_extractor(config.data, info, train, s)
+  s = settings.eval_settings(config)
+  train, _ = reference.load_real(config.data, s)
+  _, _, meta = extractor_cache.get_extractor(config.data, info, train, s)
   assert meta["reused"] is False and meta["path"] == str(tmp_path / "extractor")
   # The untrained teacher (for cost measurement) has the trained one's shapes.
   fresh, fresh_params = build_teacher(config, info, trained=False)

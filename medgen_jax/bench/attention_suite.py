@@ -17,12 +17,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
 from medgen_jax import attention
 from medgen_jax.attention.layers import TransformerBlock
 from medgen_jax.bench import timing
 from medgen_jax.bench import torch_swin
+from medgen_jax.bench import train_step
 
 VARIANTS = ("full", "full_chunked", "xla_baseline", "axial", "window",
             "window_shifted")
@@ -146,10 +149,7 @@ def run_extras(config, matmul_rate: float) -> dict[str, Any]:
   out: dict[str, Any] = dict(train_step_mfu=None, swin_block_ms=None,
                              torch_swin_block_ms=None)
   if config.train_step.enabled:
-    from configs import phantom_gan  # pylint: disable=import-outside-toplevel
-    from medgen_jax.bench import train_step  # pylint: disable=import-outside-toplevel
-    gan = phantom_gan.get_config(config.train_step.gan_config or None)
-    step = train_step.measure_train_step(gan, warmup=config.warmup,
+    step = train_step.measure_train_step(config.train_step.gan, warmup=config.warmup,
                                          repeats=config.train_step.repeats,
                                          matmul_gflops_per_s=matmul_rate)
     out.update(train_step_mfu=step["mfu"], train_step=step)
@@ -194,11 +194,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig = Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   # One line per variant and grid rank: 64x64 and 16x16x16 both have 4096
   # tokens but different axial / window costs, so they must not share a line.
   for i, name in enumerate(VARIANTS):
@@ -222,7 +220,6 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     axes[0].legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def run_benchmark(config, workdir: str) -> dict[str, Any]:

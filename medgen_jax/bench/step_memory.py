@@ -19,8 +19,16 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
 
+from medgen_jax import data as data_lib
+from medgen_jax import models as models_lib
 from medgen_jax.attention import ATTENTION_VARIANTS
+from medgen_jax.train import loop
+from medgen_jax.train import state as state_lib
+from medgen_jax.train import step as step_lib
+from medgen_jax.train import translation
 
 
 def shape_info(config: Any):
@@ -30,7 +38,6 @@ def shape_info(config: Any):
   read from cache) for its channels, units and conditions; the image shape
   is then set from the config (a model only needs shapes).
   """
-  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   small = copy.deepcopy(config.data)
   with small.unlocked():
     small.image_size = 8
@@ -58,12 +65,6 @@ def step_memory(config: Any, info=None) -> dict[str, float]:
     (jax 0.10) 'peak_bytes' came out below 'temp_bytes' (it does not cover
     the temporaries), so 'temp_bytes' is the number to compare there.
   """
-  from medgen_jax import models as models_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import loop  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import translation  # pylint: disable=import-outside-toplevel
-
   info = shape_info(config) if info is None else info
   translating = config.get("task", "generation") == "translation"
   # The condition teacher's pass is part of a generation step (untrained
@@ -132,15 +133,12 @@ def format_table(results: dict[str, dict[str, float]], config: Any) -> str:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
   config = flags.FLAGS.config
   variants = [v for v in flags.FLAGS.variants.split(",") if v]
   print(format_table(memory_per_attention(config, variants), config))
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=ungrouped-imports
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Experiment config.",
                                   lock_config=True)
   flags.DEFINE_string("variants", ",".join(ATTENTION_VARIANTS),

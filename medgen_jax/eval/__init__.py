@@ -1,7 +1,17 @@
 """Evaluation metrics for generated medical images.
 
 One job per module:
-  features      domain feature extractor (condition classifier, orbax I/O)
+  evaluate      `evaluate(config, workdir)`: the end-to-end run, task dispatch
+  settings      `config.eval` keys, defaults and checks
+  reference     the real splits and the conditions drawn from them
+  scoring       `evaluate_images`: every metric of one set and its real reference
+  output        metrics.json
+  baseline      a baseline run's generator config, rebuilt from its config.json
+  report        figures
+  translation   paired translation metrics in physical units
+  precision     the fp32 / bf16 / int8 inference table
+  downstream    the data-augmentation experiment
+  probe         how well an extractor architecture reads each condition
   distances     Fréchet distance, KID, chunked nearest neighbours
   manifold      precision / recall / density / coverage (k-NN)
   fidelity      condition fidelity, lesion diameter by thresholding
@@ -9,15 +19,16 @@ One job per module:
   paired        PSNR / SSIM / MAE for translation, three-plane 3D
   memorization  nearest-training-neighbour audit and closest-pair figure
   bootstrap     bootstrap confidence intervals
+
+The domain feature extractor is trained and cached one layer down
+(`medgen_jax.train.extractor`, `medgen_jax.train.extractor_cache`): the
+GAN's condition teacher is the same network.
 """
 from medgen_jax.eval.bootstrap import bootstrap_ci
 from medgen_jax.eval.distances import (frechet_distance,
                                        frechet_distance_from_stats,
                                        kernel_inception_distance,
                                        nearest_neighbors)
-from medgen_jax.eval.features import (extract_features, init_extractor,
-                                      load_extractor, predict_conditions,
-                                      save_extractor, train_feature_extractor)
 from medgen_jax.eval.fidelity import (condition_fidelity, lesion_diameter_error,
                                       lesion_diameter_from_image)
 from medgen_jax.eval.manifold import prdc

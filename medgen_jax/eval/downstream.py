@@ -11,14 +11,15 @@ Protocol (`run_downstream`), for every seed:
      the same number of steps, on subset + synthetic images (batches drawn
      uniformly from the union);
   4. test every classifier on the held-out real test split (other subjects).
-The classifier is the domain extractor's CNN (`features.train_feature_extractor`
-with only `field`), trained from the same init seed in every arm. Results are
+The classifier is the domain extractor's CNN
+(`medgen_jax.train.extractor.train_feature_extractor` with only `field`), trained from the same init seed in every arm. Results are
 macro-F1 and accuracy, mean and std (ddof=1) over seeds per arm, the per-seed
 values, and the per-seed paired difference to 'real'.
 
 Generators come from training workdirs (`config.generators`: arm name ->
-workdir). A workdir without a checkpoint is trained first with
-`medgen_jax.train.train_and_evaluate(config.generator_configs[name], workdir)`.
+workdir, each restored with its `config.generator_configs[name]`); every
+workdir must hold a checkpoint (`experiments/downstream.py` trains the missing
+ones first).
 """
 from __future__ import annotations
 
@@ -28,9 +29,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+from medgen_jax import data as data_lib
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
-from medgen_jax.eval import evaluate as evaluate_lib
-from medgen_jax.eval import features
+from medgen_jax.eval import reference
+from medgen_jax.inference import sample
+from medgen_jax.train import extractor
 
 GenerateFn = Callable[[Mapping[str, np.ndarray], int], np.ndarray]
 
@@ -77,17 +82,17 @@ def balanced_conditions(info: DatasetInfo, field: str,
   if f.kind != CATEGORICAL:
     raise ValueError(f"downstream field {field!r} must be categorical")
   rng = np.random.default_rng(seed)
-  out = evaluate_lib.draw_conditions(pool, info, num, seed=seed)
+  out = reference.draw_conditions(pool, info, num, seed=seed)
   out[field] = rng.permutation(np.arange(num) % f.num_classes).astype(np.int32)
   return out
 
 
 def _train_and_test(images, labels, field_spec, test, cfg, seed) -> dict[str, Any]:
-  model, params, _ = features.train_feature_extractor(
+  model, params, _ = extractor.train_feature_extractor(
       images, {field_spec.name: labels}, (field_spec,), steps=int(cfg.steps),
       batch_size=int(cfg.batch_size), seed=seed, lr=float(cfg.lr),
-      **features.architecture_from(cfg))
-  pred = features.predict_conditions(model, params, test["image"])[field_spec.name]
+      **extractor.architecture_from(cfg))
+  pred = extractor.predict_conditions(model, params, test["image"])[field_spec.name]
   true = test[field_spec.name]
   return {"macro_f1": macro_f1(pred, true, field_spec.num_classes),
           "accuracy": accuracy(pred, true),
@@ -95,20 +100,25 @@ def _train_and_test(images, labels, field_spec, test, cfg, seed) -> dict[str, An
 
 
 def checkpoint_generators(config: Any, info: DatasetInfo) -> dict[str, GenerateFn]:
-  """Generate functions of `config.generators` (name -> workdir); workdirs
-  without a checkpoint are trained first with their generator config."""
-  from medgen_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  """Generate functions of `config.generators` (name -> workdir): the latest
+  fp32 EMA generator of each, built with `config.generator_configs[name]`.
+
+  Raises:
+    FileNotFoundError: a workdir holds no checkpoint.
+  """
   out = {}
   for name, workdir in config.generators.items():
-    gen_config = config.generator_configs[name]
-    if evaluate_lib.latest_checkpoint_step(workdir) is None:
-      train_and_evaluate(gen_config, workdir)
-    fn, _ = evaluate_lib.checkpoint_generator(gen_config, workdir, info)
-    out[name] = fn
+    out[name], _ = sample.generator_fn(config.generator_configs[name], workdir, info,
+                                       precision="fp32")
   return out
 
 
-def _check_config(config: Any, info: DatasetInfo, generators) -> None:
+def check_config(config: Any, info: DatasetInfo, generators=None) -> None:
+  """One ValueError for a bad experiment config, before anything is trained.
+
+  `generators`: the in-memory arms given to `run_downstream`, or None when
+  they come from `config.generators` (whose configs are then checked too).
+  """
   c = config
   f = info.condition(c.field)  # KeyError naming the fields if absent
   if f.kind != CATEGORICAL:
@@ -157,9 +167,8 @@ def run_downstream(config: Any, workdir: str, *,
   Returns:
     the results dict written to `workdir/results.json`.
   """
-  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   info = data_lib.load_info(config.data)
-  _check_config(config, info, generators)
+  check_config(config, info, generators)
   f = info.condition(config.field)
   train = data_lib.load_arrays(config.data, split="train")
   test = data_lib.load_arrays(config.data, split="test",
@@ -229,7 +238,6 @@ def protocol(config: Any, info: DatasetInfo, test: Mapping[str, np.ndarray]
 
 def save_bar_chart(path: str, results: Mapping[str, Any]) -> str:
   """Bars: mean macro-F1 and accuracy per arm, std error bars, seed dots."""
-  from matplotlib.figure import Figure  # Agg canvas, no pyplot state
   arms = list(results["arms"])
   metrics = ("macro_f1", "accuracy")
   fig = Figure(figsize=(2.0 + 1.4 * len(arms), 3.2))

@@ -1,6 +1,6 @@
 """How well can an extractor architecture read each condition from real images?
 
-`probe_extractor` trains `features.FeatureNet` on a dataset's real train split
+`probe_extractor` trains the domain extractor's `FeatureNet` on a dataset's real train split
 and scores it on the real test split (other subjects) with the same
 `fidelity.condition_fidelity` the evaluation applies to generated images.
 That accuracy is the ceiling of every condition-fidelity number: a classifier
@@ -12,7 +12,9 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from medgen_jax.eval import features, fidelity
+from medgen_jax import data as data_lib
+from medgen_jax.eval import fidelity
+from medgen_jax.train import extractor
 
 
 def probe_extractor(data_config: Any, *, fields: Sequence[str] | None = None,
@@ -24,31 +26,30 @@ def probe_extractor(data_config: Any, *, fields: Sequence[str] | None = None,
     data_config: the dataset config.
     fields: condition names to train and score (None: all).
     steps, batch_size, seed, lr: extractor training settings.
-    **architecture: `features.make_extractor` keywords.
+    **architecture: `extractor.make_extractor` keywords.
 
   Returns:
     {'steps', 'train_s', 'architecture', 'num_train', 'num_test'} plus the
     `condition_fidelity` scores ('<field>_accuracy', per-class
     '<field>_accuracy_<class>', '<field>_chance', '<field>_mae').
   """
-  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   info = data_lib.load_info(data_config)
   chosen = (tuple(info.conditions) if fields is None
             else tuple(info.condition(name) for name in fields))
   if not chosen:
     raise ValueError(f"dataset {info.name!r} has no condition fields to probe")
-  features.make_extractor(chosen, **architecture)  # bad settings fail here
+  extractor.make_extractor(chosen, **architecture)  # bad settings fail here
   train = data_lib.load_arrays(data_config, split="train")
   test = data_lib.load_arrays(data_config, split="test")
   start = time.perf_counter()
-  model, params, _ = features.train_feature_extractor(
+  model, params, _ = extractor.train_feature_extractor(
       train["image"], {f.name: train[f.name] for f in chosen}, chosen,
       steps=steps, batch_size=batch_size, seed=seed, lr=lr, **architecture)
   train_s = time.perf_counter() - start
-  predicted = features.predict_conditions(model, params, test["image"])
+  predicted = extractor.predict_conditions(model, params, test["image"])
   scores = fidelity.condition_fidelity(
       predicted, {f.name: test[f.name] for f in chosen}, chosen)
   return {"steps": int(steps), "train_s": round(train_s, 1),
-          "architecture": {k: getattr(model, k) for k in features.ARCHITECTURE_KEYS},
+          "architecture": {k: getattr(model, k) for k in extractor.ARCHITECTURE_KEYS},
           "num_train": int(len(train["image"])), "num_test": int(len(test["image"])),
           **scores}

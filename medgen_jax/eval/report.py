@@ -16,8 +16,9 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
-from medgen_jax import viz
+from medgen_jax import viz, viz_volume
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
 from medgen_jax.eval import memorization, physical
 
@@ -73,7 +74,6 @@ def save_hu_histograms(path: str, series: Mapping[str, tuple[np.ndarray, np.ndar
   Returns:
     the path.
   """
-  from matplotlib.figure import Figure  # Agg canvas, no pyplot state
   if not series:
     raise ValueError("series is empty")
   panels = [("body", None)] + list(physical.TISSUE_CLASSES.items())
@@ -118,7 +118,6 @@ def write_figures(directory: str, *, generated, requested, train_images,
         train_images, gen_artifacts[key], num_pairs=num_pairs)
   if np.ndim(generated) == 5:
     # Volumes: orthogonal mid-slices and a maximum-intensity projection.
-    from medgen_jax import viz_volume  # pylint: disable=import-outside-toplevel
     os.makedirs(directory, exist_ok=True)
     out["volumes"] = os.path.join(directory, "volumes.png")
     shown = min(num_pairs, 3)

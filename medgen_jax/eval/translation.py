@@ -16,12 +16,23 @@ trained on the same data and budget.
 """
 from __future__ import annotations
 
+import copy
+import json
+import os
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from medgen_jax import data as data_lib
+from medgen_jax import models as models_lib
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.eval import paired, physical
+from medgen_jax.models.translator import source_target_names
+from medgen_jax.train import checkpoint as ckpt_lib
+from medgen_jax.train import state as state_lib
+from medgen_jax.train import translation as train_tr
+
 
 def masked_psnr(real, generated, mask, *, data_range: tuple[float, float]) -> float:
   """PSNR in dB over the voxels of `mask`, physical values scaled by data_range.
@@ -155,21 +166,13 @@ def restore_translator(config: Any, workdir: str, info: DatasetInfo
   Raises:
     FileNotFoundError: no checkpoint in `workdir/checkpoints`.
   """
-  import os  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from medgen_jax import models as models_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import translation as train_tr  # pylint: disable=import-outside-toplevel
-
   generator = models_lib.build_generator(config.model, info)
   models = state_lib.make_models(
       generator, models_lib.build_discriminator(config.model, info), config)
   abstract = jax.eval_shape(train_tr.make_init_fn(models, info, config))
   # Only the EMA translator (and its non-param collections) is read.
   fields, step = ckpt_lib.restore_fields(
-      os.path.join(workdir, "checkpoints"),
-      {"ema_params": abstract.ema_params, "g_state": abstract.g_state},
+      workdir, {"ema_params": abstract.ema_params, "g_state": abstract.g_state},
       keep=int(config.train.keep_checkpoints))
   variables = {"params": fields["ema_params"], **fields["g_state"]}
 
@@ -199,12 +202,6 @@ def evaluate_translation(config: Any, workdir: str, *, baseline_workdir: str | N
     metrics, 'comparison': `compare_to_baseline`}; also written to
     `workdir/eval/translation_metrics.json`.
   """
-  import copy  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.models.translator import source_target_names  # pylint: disable=import-outside-toplevel
-
   info = data_lib.load_info(config.data)
   _, targets = source_target_names(config.model, info)
   arrays = data_lib.load_arrays(config.data, split=split, max_examples=max_examples)

@@ -42,10 +42,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
+from medgen_jax import data as data_lib
+from medgen_jax import viz
 from medgen_jax.attention import ATTENTION_VARIANTS, Mlp, MultiHeadAttention, RelativePositionBias
 from medgen_jax.attention.layers import resolve_shift
 from medgen_jax.conditioning import AttentionGate
+from medgen_jax.inference import sample as sample_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +244,8 @@ def rollout(matrices: Sequence[np.ndarray], grids: Sequence[Sequence[int]]) -> n
 
 def _overlay(display: np.ndarray, heat: np.ndarray, path: str, *, title: str,
              query: Sequence[int]) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(4, 4))
+  fig = Figure(figsize=(4, 4))
+  ax = fig.subplots()
   ax.imshow(display, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
   peak = float(heat.max())
   shown = np.ma.masked_where(heat <= 0, heat / peak if peak > 0 else heat)
@@ -256,7 +258,6 @@ def _overlay(display: np.ndarray, heat: np.ndarray, path: str, *, title: str,
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="relative weight")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def attention_maps(config: Any, workdir: str, *, query: Sequence[int], out_dir: str,
@@ -271,10 +272,6 @@ def attention_maps(config: Any, workdir: str, *, query: Sequence[int], out_dir: 
     ValueError: query outside the image, a 3D dataset, a generator without
       attention, or a bad condition (all before the model is loaded).
   """
-  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax import viz  # pylint: disable=import-outside-toplevel
-  from medgen_jax.inference import sample as sample_lib  # pylint: disable=import-outside-toplevel
-
   info = data_lib.load_info(config.data)
   spatial = tuple(info.spatial_shape)
   if len(spatial) != 2:

@@ -16,16 +16,14 @@
 
 `prepare` returns a `PreparedGenerator`: a pure `apply(params, z, conditions)`
 plus the params as stored, so `param_bytes` counts what actually sits in
-memory (int8 values and their scales). `compare_precisions` (end to end, from
-a checkpoint) writes the precision table.
+memory (int8 values and their scales). The precision table (end to end, from
+a checkpoint, with the domain extractor's scores) is
+`medgen_jax.eval.precision.compare_precisions`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import time
 from typing import Any, Callable, Mapping
 
 import flax
@@ -33,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+
+from medgen_jax.data.info import uniform_conditions
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # Float leaves left by qwix with at least this many elements are stored int8.
@@ -209,90 +209,6 @@ def psnr(x: np.ndarray, reference: np.ndarray, *, data_range: float = 2.0) -> fl
   return float("inf") if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
-def _markdown(rows: list[dict]) -> str:
-  cols = ["precision", "param_bytes", "ms_per_image", "psnr_vs_fp32", "fd_domain",
-          "lesion_accuracy"]
-  fmt = lambda v: ("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-  return "\n".join(lines) + "\n"
-
-
-def compare_precisions(config: Any, workdir: str, out_dir: str, *, num_samples: int = 64,
-                       seed: int = 0, batch_size: int = 16,
-                       precisions: tuple[str, ...] = PRECISIONS,
-                       extractor_settings: Mapping[str, Any] | None = None) -> list[dict]:
-  """Writes `precision_table.json` and `precision_table.md` under `out_dir`.
-
-  Every precision generates the same noise and conditions (uniform over each
-  field's support); PSNR is against the fp32 output, domain FD and lesion
-  accuracy use the evaluation suite's domain extractor (restored from its
-  cache or trained once on the real train split, see
-  `medgen_jax.eval.evaluate.get_extractor`), FD against the real test split.
-
-  Args:
-    extractor_settings: overrides of `medgen_jax.eval.evaluate.DEFAULTS`
-      (tests use a tiny extractor); default `config.eval`.
-
-  Returns:
-    the rows (precision, param_bytes, quantized_bytes, quantized_fp32_bytes,
-    ms_per_image, compile_s, psnr_vs_fp32, fd_domain, lesion_accuracy).
-  """
-  # sample imports this module; import it at call time.
-  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.data.info import uniform_conditions  # pylint: disable=import-outside-toplevel
-  from medgen_jax.eval import distances, features  # pylint: disable=import-outside-toplevel
-  from medgen_jax.eval import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.eval import fidelity  # pylint: disable=import-outside-toplevel
-  from medgen_jax.inference import sample as sample_lib  # pylint: disable=import-outside-toplevel
-
-  for p in precisions:
-    if p not in PRECISIONS + ("int4", "int2"):
-      raise ValueError(f"unknown precision {p!r}; expected one of {PRECISIONS}")
-  # fp32 runs first: it is the reference of every PSNR.
-  precisions = ("fp32",) + tuple(p for p in precisions if p != "fp32")
-  info = data_lib.load_info(config.data)
-  generator, params, step = sample_lib.restore_ema_generator(config, workdir, info)
-  settings = eval_lib.eval_settings(config)
-  settings.update(extractor_settings or {})
-  train, test = eval_lib.load_real(config.data, settings)
-  ext_model, ext_params, _ = eval_lib.get_extractor(config.data, info, train, settings)
-  real_feats = features.extract_features(ext_model, ext_params, test["image"])
-
-  conditions = uniform_conditions(info, np.random.default_rng(seed), num_samples)
-  z = sample_lib.make_noise(seed, num_samples, int(config.model.latent_dim))
-  rows, reference = [], None
-  for precision in precisions:
-    prepared = prepare_for_sampling(generator, params, precision, info=info,
-                                    batch_size=batch_size, latent_dim=z.shape[1])
-    images, latency = sample_lib.generate(prepared, z, conditions, batch_size=batch_size)
-    if precision == "fp32":
-      reference = images
-    feats = features.extract_features(ext_model, ext_params, images)
-    predicted = features.predict_conditions(ext_model, ext_params, images)
-    fid = fidelity.condition_fidelity(predicted, conditions, info.conditions)
-    # fp32 itself is the reference: its PSNR would be +inf (not valid JSON).
-    row = dict(precision=precision, **stored_bytes(prepared),
-               ms_per_image=latency["ms_per_image"], compile_s=latency["compile_s"],
-               psnr_vs_fp32=None if reference is None or precision == "fp32"
-               else psnr(images, reference),
-               fd_domain=distances.frechet_distance(feats, real_feats)
-               if len(feats) > 1 and len(real_feats) > 1 else None,
-               lesion_accuracy=fid.get("lesion_accuracy"))
-    rows.append(row)
-  fp32_bytes = next((r["param_bytes"] for r in rows if r["precision"] == "fp32"), None)
-  for r in rows:
-    r["bytes_vs_fp32"] = None if fp32_bytes is None else r["param_bytes"] / fp32_bytes
-    r["checkpoint_step"] = step
-    r["backend"] = jax.default_backend()
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "precision_table.json"), "w") as f:
-    json.dump(rows, f, indent=2)
-  with open(os.path.join(out_dir, "precision_table.md"), "w") as f:
-    f.write(_markdown(rows))
-  return rows
-
-
 def prepare_for_sampling(generator, params, precision: str, *, info, batch_size: int,
                          latent_dim: int, calibration_batches: int = 0,
                          seed: int = 0) -> PreparedGenerator:
@@ -301,7 +217,6 @@ def prepare_for_sampling(generator, params, precision: str, *, info, batch_size:
   `calibration_batches` > 0 with 'int8' turns on static int8 activations,
   calibrated on that many batches of fresh noise and uniform conditions.
   """
-  from medgen_jax.data.info import uniform_conditions  # pylint: disable=import-outside-toplevel
   z = jnp.zeros((batch_size, latent_dim), jnp.float32)
   rng = np.random.default_rng(seed + 1)
   cond = {k: jnp.asarray(v) for k, v in uniform_conditions(info, rng, batch_size).items()}

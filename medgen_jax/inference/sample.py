@@ -33,9 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medgen_jax import data as data_lib
+from medgen_jax import models
+from medgen_jax import viz
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo, uniform_conditions
 from medgen_jax.inference import nifti
 from medgen_jax.inference import quantize
+from medgen_jax.train import checkpoint as ckpt_lib
+from medgen_jax.train.state import dummy_conditions
 
 UNSPECIFIED = ("uniform", "unknown")
 
@@ -89,10 +94,6 @@ def make_noise(seed: int, n: int, latent_dim: int) -> np.ndarray:
   return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n, latent_dim)), np.float32)
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
 def restore_ema_generator(config: Any, workdir: str, info: DatasetInfo
                           ) -> tuple[Any, Any, int]:
   """(generator, EMA params, step) of the newest checkpoint in `workdir`.
@@ -104,15 +105,11 @@ def restore_ema_generator(config: Any, workdir: str, info: DatasetInfo
     FileNotFoundError: no checkpoint under `workdir/checkpoints`.
     ValueError: the checkpoint was written by a different model.
   """
-  from medgen_jax import models  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax.train.state import dummy_conditions  # pylint: disable=import-outside-toplevel
-
   generator = models.build_generator(config.model, info)
   abstract = jax.eval_shape(lambda: generator.init(
       jax.random.PRNGKey(0), jnp.zeros((1, int(config.model.latent_dim))),
       dummy_conditions(info, 1), train=False))["params"]
-  fields, step = ckpt_lib.restore_fields(checkpoint_dir(workdir), {"ema_params": abstract},
+  fields, step = ckpt_lib.restore_fields(workdir, {"ema_params": abstract},
                                          keep=int(config.train.keep_checkpoints))
   return generator, fields["ema_params"], step
 
@@ -218,9 +215,6 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
     ValueError: bad condition, precision, num_samples or batch_size.
     FileNotFoundError: no checkpoint.
   """
-  from medgen_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from medgen_jax import viz  # pylint: disable=import-outside-toplevel
-
   if num_samples < 1 or batch_size < 1:
     raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, "
                      f"{batch_size}")
@@ -234,8 +228,7 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
                      f"{sorted(viz.CT_WINDOWS)}")
   info = data_lib.load_info(config.data)
   requested = parse_condition_string(condition, info)
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"no checkpoints in {checkpoint_dir(workdir)}")
+  ckpt_lib.require_checkpoint(workdir)
 
   conditions = build_conditions(requested, info, num_samples, seed=seed,
                                 unspecified=unspecified)

@@ -4,7 +4,7 @@ A ResNet-ish CNN with one head per condition field (`DatasetInfo.conditions`):
 softmax logits for categorical fields, a value normalised to [0, 1] over the
 field's `value_range` for continuous ones. Two users:
 
-- `medgen_jax.eval.features` trains it on the real train split as the domain
+- `medgen_jax.train.extractor` trains it on the real train split as the domain
   feature extractor (its penultimate features define FD/KID/PRDC, its heads
   judge condition fidelity);
 - the GAN step scores generated images with a separately trained, frozen copy

@@ -19,6 +19,36 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run in `workdir` keeps its checkpoints: `<workdir>/checkpoints`."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def latest_step(workdir: str) -> int | None:
+  """Newest complete checkpoint step of the run in `workdir`, or None.
+
+  orbax writes into a temporary directory and renames it to the bare step
+  number when complete, so only all-digit names count. Reads the directory
+  listing only: no manager, no devices.
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(d) for d in os.listdir(directory)
+           if d.isdigit() and os.path.isdir(os.path.join(directory, d))]
+  return max(steps) if steps else None
+
+
+def require_checkpoint(workdir: str) -> int:
+  """The latest checkpoint step, or a FileNotFoundError saying how to get one."""
+  step = latest_step(workdir)
+  if step is None:
+    raise FileNotFoundError(
+        f"no checkpoint in {checkpoint_dir(workdir)}; train first: python -m "
+        f"experiments.train --config ... --workdir {workdir}")
+  return step
+
+
 def make_manager(directory: str, *, keep: int) -> ocp.CheckpointManager:
   """A manager keeping the newest `keep` checkpoints under `directory`.
 
@@ -63,7 +93,7 @@ def restore_latest(manager: ocp.CheckpointManager,
   return restored["state"], restored["data"], step
 
 
-def restore_fields(directory: str, abstract_fields: dict[str, Any], *,
+def restore_fields(workdir: str, abstract_fields: dict[str, Any], *,
                    keep: int = 3) -> tuple[dict[str, Any], int]:
   """Named TrainState fields (e.g. 'ema_params', 'g_state') of the newest checkpoint.
 
@@ -72,7 +102,7 @@ def restore_fields(directory: str, abstract_fields: dict[str, Any], *,
   states.
 
   Args:
-    directory: the run's `checkpoints` directory.
+    workdir: the run's directory (its checkpoints are in `checkpoint_dir`).
     abstract_fields: field name -> pytree of ShapeDtypeStructs (e.g. from
       `jax.eval_shape` of the model's init).
     keep: passed to the manager (it never deletes on restore).
@@ -81,12 +111,11 @@ def restore_fields(directory: str, abstract_fields: dict[str, Any], *,
     (fields, step).
 
   Raises:
-    FileNotFoundError: no (complete) checkpoint in `directory`.
+    FileNotFoundError: no (complete) checkpoint in the run.
     ValueError: a requested leaf is not in the checkpoint (another model).
   """
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {directory}; train first: python -m "
-                            f"experiments.train --config ... --workdir <run dir>")
+  directory = checkpoint_dir(workdir)
+  require_checkpoint(workdir)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   manager = make_manager(directory, keep=keep)
   try:

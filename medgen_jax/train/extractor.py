@@ -12,8 +12,10 @@ condition field (`DatasetInfo.conditions`):
 
 Its penultimate activations `[N, feature_dim]` define the domain Fréchet
 distance, KID and the k-NN manifold metrics; its heads judge condition
-fidelity of generated images. It is trained once per dataset, saved with orbax
-(`save_extractor`) and reused (`load_extractor`).
+fidelity of generated images; the GAN's condition teacher is the same network
+with its own seed (`medgen_jax.train.loop.build_teacher`). It is trained once
+per dataset, saved with orbax (`save_extractor`) and reused (`load_extractor`);
+`medgen_jax.train.extractor_cache` keys that cache by dataset and settings.
 
 Inputs are model-range images in [-1, 1], `[B, H, W, C]` (2D convolutions) or
 `[B, D, H, W, C]` (3D: the same architecture with 3D convolutions; the
@@ -36,8 +38,9 @@ import optax
 import orbax.checkpoint as ocp
 
 from medgen_jax.data.info import CATEGORICAL, ConditionField
-# The network and its loss live with the models (the GAN's condition teacher
-# uses them too); training, caching and feature extraction live here.
+# The network and its loss live with the models (the GAN step scores generated
+# images with the condition teacher through them); training, saving and
+# feature extraction live here.
 from medgen_jax.models.classifier import (POOLINGS, FeatureNet,  # noqa: F401
                                           condition_loss, condition_targets)
 

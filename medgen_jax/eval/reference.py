@@ -1,0 +1,40 @@
+"""The real reference of an evaluation: its splits and the conditions drawn from them."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from medgen_jax import data as data_lib
+from medgen_jax.data.info import CATEGORICAL, DatasetInfo
+
+
+def load_real(data_config: Any, settings: Mapping[str, Any]
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(train, test) split arrays, capped at `max_train` / `max_test` images."""
+  train = data_lib.load_arrays(data_config, split="train",
+                               max_examples=settings["max_train"])
+  test = data_lib.load_arrays(data_config, split="test",
+                              max_examples=settings["max_test"])
+  return train, test
+
+
+def draw_conditions(reference: Mapping[str, np.ndarray], info: DatasetInfo,
+                    num: int, *, seed: int) -> dict[str, np.ndarray]:
+  """`num` condition tuples drawn from the rows of a real split.
+
+  Whole rows are drawn (so correlations between fields are kept): a random
+  permutation of all rows, repeated as often as needed, then truncated. With
+  `num` equal to the split size the requested conditions are exactly the
+  split's conditions, so class balance matches the reference exactly.
+
+  Returns:
+    {field: `[num]`} int32 categorical / float32 continuous.
+  """
+  n = len(np.asarray(reference[info.conditions[0].name])) if info.conditions else 0
+  if n < 1:
+    raise ValueError("draw_conditions needs a split with condition fields")
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([rng.permutation(n) for _ in range(-(-num // n))])[:num]
+  return {f.name: np.asarray(reference[f.name])[order].astype(
+      np.int32 if f.kind == CATEGORICAL else np.float32) for f in info.conditions}
