@@ -31,7 +31,7 @@ SETTINGS: dict[str, Any] = dict(
     extractor_feature_dim=64,
     # Space-to-depth by 2 (the first stage runs on 4x fewer positions, every
     # pixel kept) and mean+max pooling: unlike the full-resolution, mean-pooled
-    # extractor it reads the phantom's lesion class (docs/results.md).
+    # extractor it reads the phantom's lesion class (probe table, commit 4499cf7).
     extractor_stem_patch=2,
     extractor_pooling="mean_max",
     extractor_seed=0,
