@@ -5,7 +5,7 @@
 """
 import ml_collections
 
-from configs import phantom_gan
+from configs import common, phantom_gan
 
 
 def get_config(arg=None):
@@ -37,7 +37,8 @@ def get_config(arg=None):
   config.swin = ml_collections.ConfigDict(dict(
       enabled=True, dim=128, num_heads=4, window=8, shift=4, mlp_ratio=4.0, batch=8,
       grid=64, torch_threads=2, warmup=1, repeats=3))
-  if arg == "quick":
+  variants, _ = common.parse_variants(arg, config="benchmark_attention", flags=("quick",))
+  if "quick" in variants:
     config.grids = ((8, 8), (16, 16), (4, 4, 4))
     config.window_size = 4
     config.chunk_size = 32
@@ -46,6 +47,4 @@ def get_config(arg=None):
     config.train_step.enabled = False  # compiling the GAN step takes minutes
     config.swin.update(dim=16, num_heads=2, window=4, shift=2, batch=1, grid=8,
                        repeats=1)
-  elif arg:
-    raise ValueError(f"unknown config variant {arg!r}; expected 'quick' or none")
   return config

@@ -27,7 +27,7 @@ Fields beyond those of configs/data_phantom.py:
 """
 import ml_collections
 
-from configs import data_phantom
+from configs import common, data_phantom
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,12 +47,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.foreground_fraction = 0.05
   config.split_fractions = (0.8, 0.1, 0.1)
   config.id_salt = "medgen_jax-default-salt"
-  for variant in (arg or "").split(","):
+  variants, _ = common.parse_variants(arg, config="data_folder", flags=("quick", "mri"))
+  for variant in variants:
     if variant == "quick":
       config.image_size = 16
       config.depth = 8
     elif variant == "mri":
       config.modalities = ("t1", "t2")
-    elif variant:
-      raise ValueError(f"data_folder: unknown variant {variant!r}; use quick, mri")
   return config

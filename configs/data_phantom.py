@@ -26,6 +26,8 @@ Fields:
 """
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -41,7 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ct_window = (-1000.0, 1000.0)
   config.pet_max_suv = 10.0
   config.seed = 0
-  for variant in (arg or "").split(","):
+  variants, _ = common.parse_variants(arg, config="data_phantom",
+                                     flags=("quick", "3d", "pet"))
+  for variant in variants:
     if variant == "quick":
       config.image_size = 32
       config.depth = 8
@@ -52,6 +56,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.mode = "3d"
     elif variant == "pet":
       config.modalities = ("ct", "pet")
-    elif variant:
-      raise ValueError(f"data_phantom: unknown variant {variant!r}; use quick, 3d, pet")
   return config

@@ -16,14 +16,11 @@ generator configs).
 """
 import ml_collections
 
-from configs import data_phantom, phantom_gan
+from configs import common, data_phantom, phantom_gan
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  unknown = [v for v in variants if v != "quick"]
-  if unknown:
-    raise ValueError(f"downstream_lesion: unknown variant {unknown}; use quick")
+  variants, _ = common.parse_variants(arg, config="downstream_lesion", flags=("quick",))
   quick = "quick" in variants
   config = ml_collections.ConfigDict()
   config.data = data_phantom.get_config("quick" if quick else None)

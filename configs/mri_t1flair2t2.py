@@ -22,18 +22,15 @@ pix2pix U-Net baseline), `attention=NAME`.
 """
 import ml_collections
 
-from configs import data_folder, phantom_ct2pet
+from configs import common, data_folder, phantom_ct2pet
 
 SOURCES = ("t1", "flair")
 TARGETS = ("t2",)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  for v in variants:
-    if v not in ("quick", "unet") and not v.startswith("attention="):
-      raise ValueError(f"mri_t1flair2t2: unknown variant {v!r}; use quick, unet, "
-                       f"attention=NAME")
+  variants, _ = common.parse_variants(
+      arg, config="mri_t1flair2t2", flags=("quick", "unet"), values=("attention",))
   config = phantom_ct2pet.get_config(arg)
   config.data = data_folder.get_config("quick" if "quick" in variants else None)
   config.data.modalities = SOURCES + TARGETS
@@ -42,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.source_modalities = SOURCES
   m.target_modalities = TARGETS
   m.modality_dropout = 0.3
-  m.token_grid = config.data.image_size // m.patch_size
+  m.token_grid = phantom_ct2pet.token_grid(config)  # of the new data section
   if "quick" in variants:
     config.train.batch_size = 4  # a test folder holds a few subjects only
   return config

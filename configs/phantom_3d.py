@@ -21,19 +21,14 @@ see docs/scaling.md).
 """
 import ml_collections
 
-from configs import phantom_gan
+from configs import common, phantom_gan
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  for v in variants:
-    if v not in ("quick", "cnn", "full") and not v.startswith(("attention=", "seq=")):
-      raise ValueError(f"phantom_3d: unknown variant {v!r}; use quick, full, cnn, "
-                       f"attention=NAME, seq=N")
+  variants, values = common.parse_variants(
+      arg, config="phantom_3d", flags=("quick", "full", "cnn"), values=("attention", "seq"))
   if "quick" in variants and "full" in variants:
     raise ValueError("phantom_3d: 'quick' and 'full' are two sizes; pick one")
-  seq = [int(v.split("=", 1)[1]) for v in variants if v.startswith("seq=")]
-  variants = [v for v in variants if not v.startswith("seq=")]
   config = phantom_gan.get_config(",".join(["3d"] + [v for v in variants if v != "full"]))
   config.model.token_grid = 4
   config.model.window_size = 4
@@ -67,10 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.attention_stages = 1
     config.model.window_size = 2
     config.train.batch_size = 2
-  for v in variants:                # explicit attention= wins over the default
-    if v.startswith("attention="):
-      config.model.attention = v.split("=", 1)[1]
-  if seq:
-    config.parallel.mesh = dict(data=-1, seq=seq[-1])
+  if "attention" in values:         # explicit attention= wins over the default
+    config.model.attention = values["attention"]
+  if "seq" in values:
+    config.parallel.mesh = dict(data=-1, seq=int(values["seq"]))
     config.parallel.logical_axis_rules = (("batch", "data"), ("depth", "seq"))
   return config

@@ -16,13 +16,16 @@ T1 + FLAIR -> T2 on a `medical_folder` dataset:
 """
 import ml_collections
 
-from configs import phantom_gan
+from configs import common, phantom_gan
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  base = [v for v in variants if v == "quick" or v.startswith("attention=")]
-  config = phantom_gan.get_config(",".join(["pet"] + base))
+  variants, values = common.parse_variants(
+      arg, config="phantom_ct2pet", flags=("quick", "unet"), values=("attention",))
+  base = ["pet"] + [v for v in variants if v == "quick"]
+  if "attention" in values:
+    base.append(f"attention={values['attention']}")
+  config = phantom_gan.get_config(",".join(base))
   config.task = "translation"
   # experiments.evaluate compares against the U-Net trained here (same data
   # and budget: --config configs/phantom_ct2pet.py:unet --workdir that dir).
@@ -39,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # budget; 4x4 patches (16x16 tokens) took 2.6 s (65 minutes).
   m.patch_size = 8
   m.encoder_depth = 1
-  m.token_grid = config.data.image_size // m.patch_size
+  # Derived, not set: a reference follows --config.data.image_size and
+  # --config.model.patch_size.
+  m.token_grid = token_grid(config)
   m.unet_width = 32
   m.unet_levels = 4
   config.loss.recon_weight = 100.0  # pix2pix's lambda for L1 in [-1, 1]
@@ -54,7 +59,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if v == "quick":
       config.data.image_size = 16
       m.patch_size = 4
-      m.token_grid = config.data.image_size // m.patch_size
       m.unet_width = 8
       m.unet_levels = 2
       config.train.num_steps = 2
@@ -62,7 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.train.sample_every = 2
     elif v == "unet":
       m.generator = "unet"
-    elif v not in base:
-      raise ValueError(f"phantom_ct2pet: unknown variant {v!r}; use quick, unet, "
-                       f"attention=NAME")
   return config
+
+
+def token_grid(config: ml_collections.ConfigDict):
+  """`data.image_size // model.patch_size` as a reference, computed when read."""
+  return config.data.get_ref("image_size") // config.model.get_ref("patch_size")

@@ -14,14 +14,19 @@ typo is an error): --config.model.attention=axial --config.train.num_steps=200.
 """
 import ml_collections
 
-from configs import data_phantom
+from configs import common, data_phantom
+
+DATA_VARIANTS = ("quick", "3d", "pet")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  data_variants = [v for v in variants if v in ("quick", "3d", "pet")]
+  variants, values = common.parse_variants(
+      arg, config="phantom_gan", flags=DATA_VARIANTS + ("cnn",), values=("attention",))
   config = ml_collections.ConfigDict()
-  config.data = data_phantom.get_config(",".join(data_variants) or None)
+  # 'generation' (this file) or 'translation' (configs/phantom_ct2pet.py).
+  config.task = "generation"
+  config.data = data_phantom.get_config(
+      ",".join(v for v in variants if v in DATA_VARIANTS) or None)
 
   config.model = ml_collections.ConfigDict(dict(
       generator="transformer", variant="S", latent_dim=128, token_grid=8,
@@ -78,12 +83,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # of samples (two seeds; 49-93 % with all), but FD 67-75 against 37-45
       # and site stops following (docs/results.md, teacher options).
       teacher_fields=""))
-  # Evaluation (medgen_jax.eval.evaluate): None sample count = size of the real
-  # test split; None extractor path = a cache keyed by the dataset's identity.
-  config.eval = ml_collections.ConfigDict(dict(
-      num_samples=ml_collections.config_dict.placeholder(int), seed=0,
-      extractor_path=ml_collections.config_dict.placeholder(str),
-      extractor_steps=1500, kid_subsets=100, bootstrap_resamples=50))
+  # Evaluation (experiments.evaluate): every setting of medgen_jax/eval/settings.py
+  # with its default there. None sample count = size of the real test split;
+  # None extractor path = a cache keyed by the dataset's identity; None
+  # max_train / max_test = the whole split.
+  config.eval = common.eval_section()
   # experiments.evaluate also scores the run in this workdir (e.g. a `:cnn`
   # run on the same data and budget) with the same extractor and draws.
   config.baseline_workdir = ""
@@ -105,13 +109,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.eval.update(extractor_steps=6, kid_subsets=3, bootstrap_resamples=3)
     elif v == "cnn":
       config.model.generator = "cnn"
-    elif v.startswith("attention="):
-      config.model.attention = v.split("=", 1)[1]
     elif v == "3d":
       config.model.attention = "axial"
       config.model.token_grid = 4
       config.train.batch_size = 8
-    elif v not in data_variants:
-      raise ValueError(f"phantom_gan: unknown variant {v!r}; use quick, cnn, 3d, pet, "
-                       f"attention=NAME")
+  if "attention" in values:  # an explicit attention= wins over a variant's default
+    config.model.attention = values["attention"]
   return config

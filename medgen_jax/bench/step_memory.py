@@ -66,7 +66,7 @@ def step_memory(config: Any, info=None) -> dict[str, float]:
     the temporaries), so 'temp_bytes' is the number to compare there.
   """
   info = shape_info(config) if info is None else info
-  translating = config.get("task", "generation") == "translation"
+  translating = config.task == "translation"
   # The condition teacher's pass is part of a generation step (untrained
   # weights: only shapes matter here).
   teacher = None if translating else loop.build_teacher(config, info, trained=False)

@@ -132,7 +132,7 @@ def check_config(config: Any, info: DatasetInfo, generators=None) -> None:
   if "real" in names:
     raise ValueError("'real' is reserved for the real-only arm")
   if generators is None:
-    missing = sorted(set(c.generators) - set(c.get("generator_configs", {})))
+    missing = sorted(set(c.generators) - set(c.generator_configs))
     if missing:
       raise ValueError(f"config.generator_configs lacks {missing}")
     for name, gc in c.generator_configs.items():
@@ -172,7 +172,7 @@ def run_downstream(config: Any, workdir: str, *,
   f = info.condition(config.field)
   train = data_lib.load_arrays(config.data, split="train")
   test = data_lib.load_arrays(config.data, split="test",
-                              max_examples=config.get("max_test", None))
+                              max_examples=config.max_test)
   known = np.flatnonzero(train[f.name] >= 0)
   if len(known) < int(config.num_real):
     raise ValueError(f"train split has {len(known)} labelled images, fewer "
@@ -231,7 +231,7 @@ def protocol(config: Any, info: DatasetInfo, test: Mapping[str, np.ndarray]
                      for k, v in dict(c.classifier).items()},
       "synthetic_conditions": "balanced classes; other fields copied from "
                               "random rows of the real subset",
-      "generators": dict(c.get("generators", {})),
+      "generators": dict(c.generators),
       "std": "sample std over seeds (ddof=1)",
   }
 

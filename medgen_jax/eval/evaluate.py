@@ -61,12 +61,12 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     for every metric, `baseline_checkpoint_step`, and figures under
     `eval/figures/baseline/`.
   """
-  if config.get("task", "generation") == "translation":
+  if config.task == "translation":
     return translation.evaluate_translation(
-        config, workdir, baseline_workdir=config.get("baseline_workdir") or None)
+        config, workdir, baseline_workdir=config.baseline_workdir or None)
   s = settings_lib.eval_settings(config)
   step = ckpt_lib.require_checkpoint(workdir)
-  baseline_dir = config.get("baseline_workdir") or None
+  baseline_dir = config.baseline_workdir or None
   baseline_config = (baseline_lib.baseline_generator_config(config, baseline_dir)
                      if baseline_dir else None)
   info = data_lib.load_info(config.data)

@@ -210,7 +210,7 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
       metrics[prefix + key] = value
       if not prefix:
         metrics[f"{key}_real_reference"] = ref[key]
-    if figures_dir is not None and s.get("figures", True):
+    if figures_dir is not None and s["figures"]:
       written = report.write_figures(
           os.path.join(figures_dir, prefix.rstrip("_")), generated=images,
           requested=requested, train_images=train_images, info=info,

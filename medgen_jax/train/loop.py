@@ -74,20 +74,19 @@ def validate_config(config: Any, num_devices: int) -> None:
   # checked against the token grids here, before the dataset is touched.
   mesh = parallel.validate(config.parallel, t.batch_size, num_devices, model_config=m,
                            spatial_shape=builders.spatial_shape(config.data))
-  weight, heads = float(config.loss.get("condition_weight", 0.0)), bool(
-      m.get("d_condition_heads", False))
+  weight, heads = float(config.loss.condition_weight), bool(m.d_condition_heads)
   if weight < 0 or (weight > 0) != heads:
     raise ValueError(
         f"loss.condition_weight {weight} and model.d_condition_heads {heads} disagree: "
         f"the condition-prediction loss (weight > 0) needs the discriminator's heads, "
         f"and heads without the loss (weight 0) would never be trained")
-  if config.loss.get("diversity_weight", 0.0) < 0 or config.loss.get("diversity_cap", 1.0) <= 0:
+  if config.loss.diversity_weight < 0 or config.loss.diversity_cap <= 0:
     raise ValueError(f"loss.diversity_weight must be >= 0 and loss.diversity_cap > 0, got "
                      f"{config.loss.diversity_weight}, {config.loss.diversity_cap}")
-  teacher_weight = float(config.loss.get("teacher_weight", 0.0))
+  teacher_weight = float(config.loss.teacher_weight)
   if teacher_weight < 0:
     raise ValueError(f"loss.teacher_weight must be >= 0, got {teacher_weight}")
-  if teacher_weight and config.get("task", "generation") != "generation":
+  if teacher_weight and config.task != "generation":
     raise ValueError(f"loss.teacher_weight {teacher_weight} applies to the generation "
                      f"task only; set it to 0 for task {config.task!r}")
   if teacher_weight:
@@ -97,7 +96,7 @@ def validate_config(config: Any, num_devices: int) -> None:
           f"loss.teacher_seed {config.loss.teacher_seed} must differ from "
           f"eval.extractor_seed {eval_seed} (the teacher would be the evaluator) and "
           f"loss.teacher_steps {config.loss.teacher_steps} must be >= 1")
-  group = int(m.get("d_minibatch_std", 0))
+  group = int(m.d_minibatch_std)
   per_device = t.batch_size // mesh[parallel.DATA_AXIS]
   if group < 0 or (group and per_device % group):
     raise ValueError(f"model.d_minibatch_std {group} must be 0 (off) or divide the "
@@ -167,9 +166,9 @@ def build_teacher(config: Any, info, *, trained: bool = True
   weights and no data is read: what the step costs does not depend on the
   weights (`medgen_jax.bench.train_step`).
   """
-  if not float(config.loss.get("teacher_weight", 0.0)):
+  if not float(config.loss.teacher_weight):
     return None
-  names = tuple(n.strip() for n in str(config.loss.get("teacher_fields", "")).split(",")
+  names = tuple(n.strip() for n in str(config.loss.teacher_fields).split(",")
                 if n.strip())
   unknown = sorted(set(names) - {f.name for f in info.conditions})
   if unknown:

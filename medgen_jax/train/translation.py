@@ -52,10 +52,10 @@ def split_pair(images: jax.Array, config: Any, info: DatasetInfo
 def validate_translation_config(config: Any, info: DatasetInfo) -> None:
   """Translation-specific checks with one clear ValueError."""
   source_target_names(config.model, info)
-  if float(config.loss.get("recon_weight", -1)) < 0:
+  if float(config.loss.recon_weight) < 0:
     raise ValueError(f"loss.recon_weight must be >= 0 for translation, got "
-                     f"{config.loss.get('recon_weight')}")
-  rate = float(config.model.get("modality_dropout", 0.0))
+                     f"{config.loss.recon_weight}")
+  rate = float(config.model.modality_dropout)
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"model.modality_dropout must be in [0, 1), got {rate}")
 

@@ -1,0 +1,66 @@
+"""What several config files share: the variant parser and the eval section."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import ml_collections
+
+from medgen_jax.eval import settings as eval_settings
+
+# Types of the eval settings whose default is None, so that the config holds
+# a typed placeholder the command line can set (--config.eval.max_test=100).
+_NONE_TYPES = dict(num_samples=int, extractor_path=str, max_train=int, max_test=int)
+
+
+def parse_variants(arg: str | None, *, config: str, flags: Iterable[str] = (),
+                   values: Iterable[str] = ()) -> tuple[list[str], dict[str, str]]:
+  """`'quick,attention=axial'` -> (['quick'], {'attention': 'axial'}).
+
+  Args:
+    arg: the text after the config file's ':' (None or '' for no variants).
+    config: the config's name, for the error message.
+    flags: the allowed bare variants.
+    values: the allowed `name=value` variants.
+
+  Returns:
+    (the bare variants in the order given, {name: value}); the last of a
+    repeated `name=value` wins.
+
+  Raises:
+    ValueError: an unknown variant, naming the allowed ones.
+  """
+  flags, values = tuple(flags), tuple(values)
+  bare, named = [], {}
+  for item in (v.strip() for v in (arg or "").split(",")):
+    if not item:
+      continue
+    name, sep, value = item.partition("=")
+    if sep and name in values:
+      named[name] = value
+    elif not sep and item in flags:
+      bare.append(item)
+    else:
+      allowed = list(flags) + [f"{v}=..." for v in values]
+      raise ValueError(f"{config}: unknown variant {item!r}; use {', '.join(allowed)}")
+  return bare, named
+
+
+def eval_section(**overrides) -> ml_collections.ConfigDict:
+  """`config.eval` with every evaluation setting (`medgen_jax.eval.settings.DEFAULTS`).
+
+  Every key is present, so each one can be read in the config file and
+  overridden on the command line; settings whose default is None are typed
+  placeholders.
+
+  Args:
+    **overrides: this config's values for some keys (unknown keys are errors).
+  """
+  unknown = sorted(set(overrides) - set(eval_settings.DEFAULTS))
+  if unknown:
+    raise ValueError(f"eval_section: unknown eval settings {unknown}")
+  section = {}
+  for key, default in {**eval_settings.DEFAULTS, **overrides}.items():
+    if default is None:
+      default = ml_collections.config_dict.placeholder(_NONE_TYPES[key])
+    section[key] = default
+  return ml_collections.ConfigDict(section)
