@@ -5,9 +5,9 @@ around `medgen_jax.eval.evaluate.evaluate`.
 
 Writes workdir/eval/metrics.json (flat keys: every metric and its
 `*_real_reference`) and workdir/eval/figures/. Evaluation settings come from
-`config.eval` (defaults in `medgen_jax.eval.evaluate.DEFAULTS`); fields the
-config defines can be overridden on the command line, e.g.
---config.eval.num_samples=1000.
+`config.eval`, which carries every one of them (defaults and meaning in
+medgen_jax/eval/settings.py), so any can be overridden on the command line,
+e.g. --config.eval.num_samples=1000 --config.eval.max_test=100.
 """
 import json
 

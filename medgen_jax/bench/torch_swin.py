@@ -22,6 +22,8 @@ def torch_swin_block_ms(*, dim: int, num_heads: int, window: int, shift: int,
     {'ms': float, 'min_ms', 'torch', 'timm', 'threads'} or
     {'ms': None, 'reason': why it could not run}.
   """
+  # torch and timm are optional (the `bench` extra): imported here so the
+  # benchmark runs, and reports why, without them.
   try:
     import torch  # pylint: disable=import-outside-toplevel
     from timm.models.swin_transformer import SwinTransformerBlock  # pylint: disable=import-outside-toplevel

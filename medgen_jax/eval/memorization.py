@@ -15,6 +15,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
 from medgen_jax.eval import distances
 
@@ -101,9 +102,6 @@ def save_closest_pairs_png(path: str | os.PathLike, generated, train,
   Returns:
     the path written, as a string.
   """
-  # A bare Figure renders with the Agg canvas and touches no pyplot state.
-  from matplotlib.figure import Figure
-
   generated, train = np.asarray(generated), np.asarray(train)
   if generated.ndim not in (4, 5) or train.ndim != generated.ndim:
     raise ValueError(f"images must be [n, H, W, C] or [n, D, H, W, C]; got "
