@@ -3,6 +3,7 @@ r"""Samples a trained run: NIfTI in physical units, a PNG grid and samples.json.
   python -m experiments.sample --config configs/phantom_gan.py --workdir runs/phantom \
       --num_samples 64 --out runs/phantom/samples \
       [--condition lesion=large,age=70,site=1] [--precision fp32|bf16|int8] [--seed 0]
+      [--truncation_psi 0.7] [--interpolate 8]
   python -m experiments.sample --config ... --workdir ... --out DIR --compare_precisions
 
 Fields missing from --condition are drawn uniformly over their range
@@ -33,6 +34,11 @@ _UNSPECIFIED = flags.DEFINE_enum("unspecified", "uniform", list(sample.UNSPECIFI
 _WINDOW = flags.DEFINE_string("ct_window", "lung", "CT display window of the grid.")
 _CALIB = flags.DEFINE_integer("calibration_batches", 0,
                               "int8: >0 also quantizes activations (static ranges).")
+_PSI = flags.DEFINE_float("truncation_psi", 1.0,
+                          "Noise scaled towards its mean (1 = off; < 1 less variety).")
+_INTERP = flags.DEFINE_integer("interpolate", 0,
+                               ">0: each grid row walks between two noise draws in this "
+                               "many columns, one condition per row.")
 _COMPARE = flags.DEFINE_bool("compare_precisions", False,
                              "Write the fp32/bf16/int8 precision table instead.")
 flags.mark_flags_as_required(["config", "workdir", "out"])
@@ -51,7 +57,8 @@ def main(argv):
       _CONFIG.value, _WORKDIR.value, num_samples=_NUM.value, out_dir=_OUT.value,
       condition=_CONDITION.value, precision=_PRECISION.value, seed=_SEED.value,
       batch_size=_BATCH.value, unspecified=_UNSPECIFIED.value, ct_window=_WINDOW.value,
-      calibration_batches=_CALIB.value)
+      calibration_batches=_CALIB.value, truncation_psi=_PSI.value,
+      interpolate=_INTERP.value)
   print(json.dumps({k: summary[k] for k in ("checkpoint_step", "precision", "latency")}))
 
 

@@ -89,9 +89,44 @@ def build_conditions(requested: Mapping[str, float | int], info: DatasetInfo, n:
   return out
 
 
-def make_noise(seed: int, n: int, latent_dim: int) -> np.ndarray:
-  """`[n, latent_dim]` standard normal noise; image i's noise does not depend on n's batching."""
-  return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n, latent_dim)), np.float32)
+def make_noise(seed: int, n: int, latent_dim: int, *, truncation_psi: float = 1.0
+               ) -> np.ndarray:
+  """`[n, latent_dim]` standard normal noise; image i's noise does not depend on n's batching.
+
+  `truncation_psi` < 1 scales the noise towards its mean, 0 (the truncation
+  trick, in z space: StyleGAN truncates towards the mean style instead):
+  samples move towards the generator's most typical output, trading variety
+  for fidelity. 1 leaves the noise as drawn.
+  """
+  if not 0.0 <= truncation_psi <= 1.0:
+    raise ValueError(f"truncation_psi must be in [0, 1], got {truncation_psi}")
+  z = jax.random.normal(jax.random.PRNGKey(seed), (n, latent_dim))
+  return np.asarray(truncation_psi * z, np.float32)
+
+
+def interpolation_noise(seed: int, rows: int, cols: int, latent_dim: int) -> np.ndarray:
+  """`[rows * cols, latent_dim]`: each row walks from one noise draw to another.
+
+  Spherical interpolation keeps every point at the norm typical of a
+  Gaussian draw (a straight line would pass through low-norm noise the
+  generator rarely saw).
+  """
+  a, b = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (2, rows, latent_dim)),
+                    np.float64)
+  t = np.linspace(0.0, 1.0, cols)
+  out = slerp(a[:, None], b[:, None], t[None, :, None])  # [rows, cols, latent]
+  return out.reshape(rows * cols, latent_dim).astype(np.float32)
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+  """Spherical interpolation (sin((1-t)W) a + sin(tW) b) / sin(W), W = angle(a, b).
+
+  Broadcasts over leading axes; vectors on the last axis.
+  """
+  cos = np.sum(a * b, -1, keepdims=True) / (
+      np.linalg.norm(a, axis=-1, keepdims=True) * np.linalg.norm(b, axis=-1, keepdims=True))
+  omega = np.arccos(np.clip(cos, -1.0, 1.0))
+  return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
 
 
 def restore_ema_generator(config: Any, workdir: str, info: DatasetInfo
@@ -198,7 +233,8 @@ def _json_conditions(conditions: Mapping[str, np.ndarray], info: DatasetInfo) ->
 def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
            condition: str | None = None, precision: str = "fp32", seed: int = 0,
            batch_size: int = 16, unspecified: str = "uniform", ct_window: str = "lung",
-           calibration_batches: int = 0) -> dict[str, Any]:
+           calibration_batches: int = 0, truncation_psi: float = 1.0,
+           interpolate: int = 0) -> dict[str, Any]:
   """Generates `num_samples` images and writes them under `out_dir`.
 
   Writes `sample_0000.nii.gz`, ... (physical units, spacing from the
@@ -210,6 +246,10 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
     precision: 'fp32' | 'bf16' | 'int8'.
     unspecified: 'uniform' | 'unknown' for fields not in `condition`.
     calibration_batches: int8 only; > 0 enables static int8 activations.
+    truncation_psi: noise scale towards its mean (`make_noise`); 1 = off.
+    interpolate: > 0 makes each row of the grid (one condition draw per
+      row, `interpolate` columns) walk between two noise draws
+      (`interpolation_noise`): what the noise controls.
 
   Raises:
     ValueError: bad condition, precision, num_samples or batch_size.
@@ -230,15 +270,23 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
   requested = parse_condition_string(condition, info)
   ckpt_lib.require_checkpoint(workdir)
 
+  if interpolate < 0 or (interpolate and num_samples % interpolate):
+    raise ValueError(f"interpolate={interpolate} must be 0 or divide num_samples "
+                     f"{num_samples} (one row per interpolation)")
+  make_noise(seed, 1, 1, truncation_psi=truncation_psi)  # validates psi before loading
   conditions = build_conditions(requested, info, num_samples, seed=seed,
                                 unspecified=unspecified)
+  if interpolate:  # one condition draw per row, repeated along it
+    conditions = {k: np.repeat(v[::interpolate], interpolate) for k, v in conditions.items()}
   generator, params, step = restore_ema_generator(config, workdir, info)
   latent = int(config.model.latent_dim)
   prepared = quantize.prepare_for_sampling(
       generator, params, precision, info=info, batch_size=min(batch_size, num_samples),
       latent_dim=latent, calibration_batches=calibration_batches, seed=seed)
-  images, latency = generate(prepared, make_noise(seed, num_samples, latent), conditions,
-                             batch_size=batch_size)
+  z = (truncation_psi * interpolation_noise(seed, num_samples // interpolate, interpolate,
+                                            latent) if interpolate else
+       make_noise(seed, num_samples, latent, truncation_psi=truncation_psi))
+  images, latency = generate(prepared, z, conditions, batch_size=batch_size)
 
   os.makedirs(out_dir, exist_ok=True)
   physical = info.to_physical(images)
@@ -248,7 +296,7 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
     name = f"sample_{i:04d}.nii.gz"
     nifti.save_nifti(os.path.join(out_dir, name), image, info.spacing_mm, unit=unit)
     files.append(name)
-  cols = min(8, num_samples)
+  cols = interpolate or min(8, num_samples)
   rows = max(1, num_samples // cols)
   viz.save_grid(images[:rows * cols], info, os.path.join(out_dir, "grid.png"),
                 row_labels=[f"#{r * cols}" for r in range(rows)], ct_window=ct_window,
@@ -256,6 +304,7 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
   summary = dict(
       num_samples=num_samples, seed=seed, checkpoint_step=step,
       precision=prepared.precision, requested=requested, unspecified=unspecified,
+      truncation_psi=truncation_psi, interpolate=interpolate,
       conditions=_json_conditions(conditions, info), latency=latency,
       param_bytes=quantize.stored_bytes(prepared)["param_bytes"],
       units=unit, spacing_mm=list(info.spacing_mm), files=files, grid="grid.png",
