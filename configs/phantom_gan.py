@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention="window_shifted", window_size=4, attention_stages=2, mlp_ratio=4,
       cond_dim=128, cond_dropout=0.1, qk_norm=True,
       chunk_size=ml_collections.config_dict.placeholder(int),
+      position_encoding="learned",  # or 'sinusoidal', added at every attention stage
       discriminator="resnet", d_width=32, spectral_norm=True,
       # Minibatch-std channel in D (group size; 0 = off). Off by default: at
       # 1,200 steps groups of 4 did not raise sample variety and worsened FD
