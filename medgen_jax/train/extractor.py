@@ -288,7 +288,7 @@ def load_extractor(path: str | os.PathLike) -> tuple[FeatureNet, dict, dict]:
       ConditionField(**{**d, "class_names": tuple(d["class_names"]),
                         "value_range": tuple(d["value_range"])})
       for d in spec["fields"])
-  # Extractors saved before stem_patch / pooling existed used 1 / 'mean'.
+  # A spec without stem_patch / pooling describes a stem_patch-1, mean-pooled net.
   model = make_extractor(fields, widths=spec["widths"],
                          feature_dim=spec["feature_dim"],
                          stem_patch=spec.get("stem_patch", 1),
