@@ -7,6 +7,7 @@ reduced in a different order (one sum over 8 examples vs a mean of 8
 per-device means via all-reduce), so results agree to float32 rounding, not
 bitwise, and Adam's normalisation can amplify the last-bit differences a little.
 """
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ SCRIPT = textwrap.dedent("""
   import os, sys
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   sys.path.insert(0, os.environ["TESTS_DIR"])
+  import json
   import jax, numpy as np
   from jax.sharding import PartitionSpec as P
   from medgen_jax.train import parallel, state as state_lib, step as step_lib
@@ -28,7 +30,7 @@ SCRIPT = textwrap.dedent("""
   out = {}
   for name, mode, devices in [("single", "jit", jax.devices()[:1]), ("jit", "jit", None),
                               ("pmap", "pmap", None), ("shard_map", "shard_map", None)]:
-    config = tiny_config()
+    config = tiny_config(**json.loads(os.environ["LOSS"]))
     config.parallel.mode = mode
     models = state_lib.make_models(TinyG(), TinyD(), config)
     trainer = parallel.build_trainer(config, models, INFO, devices=devices)
@@ -38,7 +40,7 @@ SCRIPT = textwrap.dedent("""
       if name == "jit":
         assert batch["image"].sharding.spec == P("data"), batch["image"].sharding
       state, metrics = trainer.step(state, batch, with_r1=step_lib.r1_due(config.loss, i))
-      for k in ("d_loss", "g_loss", "r1"):
+      for k in ("d_loss", "g_loss", "r1", "r2"):
         out[f"{name}/{k}/{i}"] = np.asarray(metrics[k])
     host = jax.device_get(trainer.get_state(state))
     leaves = jax.tree_util.tree_leaves_with_path(
@@ -50,17 +52,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # ~2 CPU-minutes: eight compilations of the step
-def test_modes_match_single_device(tmp_path):
+# The relativistic loss pairs real i with fake i inside each device's slice
+# and adds R2 on the fakes: it must agree across modes like the plain loss.
+@pytest.mark.slow  # ~2 CPU-minutes per loss: eight compilations of the step
+@pytest.mark.parametrize("loss", [{}, {"gan": "rpgan", "r2_gamma": 0.5}])
+def test_modes_match_single_device(tmp_path, loss):
   out = tmp_path / "out.npz"
   env = dict(os.environ, TESTS_DIR=os.path.dirname(__file__), OUT=str(out),
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", LOSS=json.dumps(loss))
   proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   res = np.load(out)
   ref = {k.split("/", 1)[1]: res[k] for k in res.files if k.startswith("single/")}
   assert int(ref["step"]) == 3 and float(ref["r1/0"]) > 0 and float(ref["r1/1"]) == 0
+  assert (float(ref["r2/0"]) > 0) == bool(loss) and float(ref["r2/1"]) == 0
   assert len([k for k in ref if k.startswith("param")]) >= 10
   for mode in ("jit", "pmap", "shard_map"):
     for key, want in ref.items():
