@@ -1,7 +1,7 @@
 """Resume after SIGKILL ends bitwise equal to an uninterrupted run; SIGTERM saves and exits.
 
 The interrupted runs are subprocesses (so they can be killed); they train the
-tiny stand-in networks of test_train_step on an in-memory grain iterator.
+tiny stand-in networks of conftest.py on an in-memory grain iterator.
 Bitwise equality holds on CPU because the resumed run restores every input of
 the remaining steps exactly (params, both Adam states, EMA, spectral-norm
 stats, step, RNG, iterator position) and XLA's CPU code is deterministic.
@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
 from medgen_jax.train import checkpoint as ckpt_lib, parallel, state as state_lib
 from medgen_jax.train.loop import run_training
-from test_train_step import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
 
 NUM_STEPS = 6
 
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
   import os, sys, time
   sys.path.insert(0, os.environ["TESTS_DIR"])
   from medgen_jax.train.loop import run_training
-  from test_train_step import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
+  from conftest import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
 
   class Slow:
     # Delegating iterator that sleeps after a few batches, so the parent can

@@ -1,63 +1,36 @@
 """Sampling end to end from a checkpoint in the training loop's layout.
 
-The module fixture writes a checkpoint with the training code's own pieces
-(`state.make_init_fn` shapes, `checkpoint.save`): compiling a real train step
-takes minutes on the shared 2-core CPU, so the params are random rather than
-trained (a slow test runs `train_and_evaluate` itself). Sampling never sees
+The `quick_checkpoint` fixture (conftest.py) writes a checkpoint with the
+training code's own pieces (`state.make_init_fn` shapes, `checkpoint.save`):
+compiling a real train step takes minutes on the shared 2-core CPU, so the
+params are random rather than trained (a slow test runs `train_and_evaluate` itself). Sampling never sees
 the difference: it restores the EMA generator from the same layout.
 """
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
 
 from configs import phantom_gan
+# Re-exported: other test modules import write_checkpoint from here.
+from conftest import write_checkpoint  # noqa: F401
 from medgen_jax import data as data_lib
-from medgen_jax import models
 from medgen_jax.inference import quantize, sample
-from medgen_jax.train import checkpoint as ckpt_lib
-from medgen_jax.train import state as state_lib
 
 
-def write_checkpoint(config, workdir, *, step=3, seed=0):
-  """A TrainState with random (non-zero, gates included) params, saved like the loop does."""
-  info = data_lib.load_info(config.data)
-  g = models.build_generator(config.model, info)
-  d = models.build_discriminator(config.model, info)
-  init = state_lib.make_init_fn(state_lib.make_models(g, d, config), info,
-                                latent_dim=config.model.latent_dim, seed=seed)
-  abstract = jax.eval_shape(init)
-  rng = np.random.default_rng(seed)
-  state = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.1, a.shape).astype(a.dtype)),
-                       abstract)
-  manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), keep=3)
-  ckpt_lib.save(manager, step, state, {})
-  manager.close()
-  return state
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  config = phantom_gan.get_config("quick")
-  workdir = str(tmp_path_factory.mktemp("run"))
-  state = write_checkpoint(config, workdir)
-  return config, workdir, state
-
-
-def test_restore_reads_ema_params(run):
-  config, workdir, state = run
+def test_restore_reads_ema_params(quick_checkpoint):
+  config, workdir, state = quick_checkpoint
   info = data_lib.load_info(config.data)
   _, params, step = sample.restore_ema_generator(config, workdir, info)
   assert step == 3
   jax.tree.map(np.testing.assert_array_equal, params, state.ema_params)
 
 
-def test_sample_fp32_and_int8(run, tmp_path):
-  config, workdir, _ = run
+def test_sample_fp32_and_int8(quick_checkpoint, tmp_path):
+  config, workdir, _ = quick_checkpoint
   info = data_lib.load_info(config.data)
   outs = {}
   for precision in ("fp32", "int8"):
@@ -97,8 +70,8 @@ def test_sample_fp32_and_int8(run, tmp_path):
     ("lesion", ["name=value"]),
     ("site=1,site=2", ["twice"]),
 ])
-def test_bad_condition_is_one_clear_error(run, tmp_path, text, words):
-  config, workdir, _ = run
+def test_bad_condition_is_one_clear_error(quick_checkpoint, tmp_path, text, words):
+  config, workdir, _ = quick_checkpoint
   with pytest.raises(ValueError) as e:
     # A missing workdir would be a different error: conditions are checked first.
     sample.sample(config, str(tmp_path / "nowhere"), num_samples=2, out_dir=str(tmp_path),

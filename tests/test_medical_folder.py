@@ -3,65 +3,13 @@ import csv
 import json
 import os
 
-import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from configs import data_folder
+from conftest import ct_volume, write_dicom_series, write_nifti
 from medgen_jax import data
 from medgen_jax.data import builders, readers
-
-IDENTIFIERS = {"PatientName": "Doe^Jane", "PatientID": "MRN7781234",
-               "PatientBirthDate": "19510314", "AccessionNumber": "ACC99812",
-               "InstitutionName": "St Elsewhere Hospital",
-               "ReferringPhysicianName": "House^Gregory", "StudyID": "STUDY4471"}
-
-
-def write_nifti(path, zyx: np.ndarray, spacing=(2.0, 1.0, 1.0)):
-  """Writes a [Z, H, W] array (our reader's convention) as RAS NIfTI."""
-  xyz = np.transpose(zyx[:, ::-1, ::-1], (2, 1, 0))
-  affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
-  nib.save(nib.Nifti1Image(xyz.astype(np.float32), affine), str(path))
-
-
-def write_dicom_series(folder, hu: np.ndarray, *, slope=1.0, intercept=-1024.0,
-                       tags=None, shuffle_names=True):
-  """Writes [Z, H, W] HU as one DICOM file per slice (file order scrambled)."""
-  os.makedirs(folder, exist_ok=True)
-  z = hu.shape[0]
-  order = np.random.default_rng(0).permutation(z) if shuffle_names else range(z)
-  for file_index, k in enumerate(order):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    path = os.path.join(folder, f"IM{file_index:04d}.dcm")
-    ds = FileDataset(path, {}, file_meta=meta, preamble=b"\0" * 128)
-    for key, value in (tags or {}).items():
-      setattr(ds, key, value)
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = hu.shape[1:]
-    ds.PixelSpacing = [0.8, 0.8]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [0.0, 0.0, 2.5 * float(k)]
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    stored = np.round((hu[k] - intercept) / slope).astype(np.uint16)
-    ds.PixelData = stored.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
-def ct_volume(seed, shape=(6, 20, 24)):
-  """A body-like block: -1000 HU air around a 40 HU box with a 600 HU core."""
-  rng = np.random.default_rng(seed)
-  v = np.full(shape, -1000.0, np.float32)
-  v[:, 4:-4, 4:-4] = 40.0
-  v[:, 8:12, 10:14] = 600.0
-  return v + rng.integers(-3, 4, shape)
 
 
 def folder_config(source, out, **overrides):

@@ -138,8 +138,8 @@ def test_generator_without_conditions():
   info = _info(conditions=())
   model = models.build_generator(_config(), info)
   z = jnp.ones((2, 8))
-  out = model.apply(_init(model, jax.random.PRNGKey(0), z, {}, train=False), z, {},
-                    train=False)
+  variables = _init(model, jax.random.PRNGKey(0), z, {}, train=False)
+  out = jax.jit(lambda v: model.apply(v, z, {}, train=False))(variables)
   assert out.shape == (2, 16, 16, 1)
 
 

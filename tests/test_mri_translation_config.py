@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from configs import mri_t1flair2t2
+from conftest import write_nifti
 from medgen_jax import data, models
 from medgen_jax.train import translation
-from tests.test_medical_folder import write_nifti
 
 
 def _mri_folder(root, subjects=4):

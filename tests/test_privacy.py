@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from test_medical_folder import IDENTIFIERS, ct_volume, write_dicom_series
+from conftest import IDENTIFIERS, ct_volume, write_dicom_series
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,12 +14,12 @@ import pytest
 import qwix
 
 from configs import phantom_gan
+from conftest import write_checkpoint
 from medgen_jax import data as data_lib
 from medgen_jax import models
 from medgen_jax.eval import precision
 from medgen_jax.inference import quantize, sample
 from medgen_jax.train.state import dummy_conditions
-from test_inference_sample import write_checkpoint
 
 B = 4
 

@@ -37,7 +37,8 @@ from medgen_jax.train import parallel
 
 SCRIPT = textwrap.dedent("""
   import os, sys
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
   from configs import phantom_3d
@@ -133,7 +134,6 @@ def _run(tmp_path, *args):
   out = tmp_path / "out.npz"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, OUT=str(out), JAX_PLATFORMS="cpu", PYTHONPATH=root)
-  env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, "-c", SCRIPT, *args], env=env, capture_output=True,
                         text=True, timeout=1200, cwd=root)
   assert proc.returncode == 0, proc.stderr[-5000:]

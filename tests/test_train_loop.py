@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
+from conftest import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
 from medgen_jax.train import train_and_evaluate
 from medgen_jax.train.loop import run_training
-from test_train_step import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):

@@ -1,78 +1,21 @@
 """The pure GAN train step on tiny stand-in models (values, lazy R1, state, NaN flag).
 
-The stand-in networks and config here are also imported by the other train
-tests (parallel equivalence, checkpoint resume); they follow the
-models interface G(z, conditions, *, train), D(images, conditions, *, train).
+The stand-in networks, configs and compiled steps come from conftest.py; they
+follow the models interface G(z, conditions, *, train), D(images, conditions,
+*, train).
 """
 import functools
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import pytest
 
-from medgen_jax.data.info import ConditionField, DatasetInfo, IntensityTransform
-from medgen_jax.train import ema, losses, state as state_lib, step as step_lib
-
-INFO = DatasetInfo(
-    name="synthetic", image_shape=(8, 8, 1), modalities=("ct",),
-    intensity=(IntensityTransform("ct", "HU", -1000.0, 1000.0),),
-    conditions=(ConditionField("lesion", "categorical", 3, ("none", "small", "large")),))
-
-
-class TinyG(nn.Module):
-  shape: tuple = INFO.image_shape
-
-  @nn.compact
-  def __call__(self, z, conditions, *, train):
-    h = nn.Dense(16)(z) + nn.Embed(3, 16)(jnp.maximum(conditions["lesion"], 0))
-    x = nn.Dense(math.prod(self.shape))(nn.relu(h))
-    return jnp.tanh(x).reshape((-1,) + tuple(self.shape))
-
-
-class TinyD(nn.Module):
-  spectral_norm: bool = True
-
-  @nn.compact
-  def __call__(self, images, conditions, *, train):
-    h = nn.Dense(8)(images.reshape(images.shape[0], -1))
-    if self.spectral_norm:
-      h = nn.SpectralNorm(nn.Dense(8))(h, update_stats=train)
-    h = nn.leaky_relu(h, 0.2)
-    proj = nn.Embed(3, 8)(jnp.maximum(conditions["lesion"], 0))
-    return nn.Dense(1)(h)[:, 0] + jnp.sum(proj * h, axis=-1)
-
-
-def tiny_config(**loss_overrides):
-  loss = dict(gan="nonsaturating", r1_gamma=1.0, r2_gamma=0.0, r1_every=2,
-              augment="translation,cutout,intensity", ema_decay=0.9)
-  loss.update(loss_overrides)
-  return ml_collections.ConfigDict(dict(
-      model=dict(latent_dim=4),
-      train=dict(num_steps=10, batch_size=8, seed=0),
-      optim=dict(g_lr=1e-3, d_lr=2e-3, b1=0.0, b2=0.99, schedule="constant",
-                 warmup_steps=0, grad_clip=1.0),
-      loss=loss,
-      parallel=dict(mode="jit", mesh=dict(data=-1, seq=1),
-                    logical_axis_rules=(("batch", "data"),))))
-
-
-def tiny_batch(i, batch_size=8):
-  rng = np.random.default_rng(i)
-  return {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 1)).astype(np.float32),
-          "lesion": rng.integers(0, 3, batch_size).astype(np.int32)}
-
-
-def make(config, spectral_norm=True):
-  """(models, initial state, jitted step); tests compile only what they need."""
-  models = state_lib.make_models(TinyG(), TinyD(spectral_norm=spectral_norm), config)
-  init = state_lib.make_init_fn(models, INFO, latent_dim=config.model.latent_dim,
-                                seed=config.train.seed)
-  step = jax.jit(functools.partial(step_lib.train_step, models=models, config=config))
-  return models, init(), step
+from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
+# Re-exported: some test modules import the tiny GAN helpers from here.
+from conftest import tiny_examples, tiny_iterator, tiny_loop_config  # noqa: F401
+from medgen_jax.models.classifier import FeatureNet
+from medgen_jax.train import ema, state as state_lib, step as step_lib
 
 
 def test_ema_matches_hand_computed():
@@ -80,9 +23,8 @@ def test_ema_matches_hand_computed():
   np.testing.assert_allclose(out["a"], [0.75 * 1 + 0.25 * 3, 0.75 * 2], rtol=1e-6)
 
 
-def test_losses_match_independent_computation():
-  config = tiny_config(augment="", r1_gamma=0.0)
-  models, state, step = make(config, spectral_norm=False)
+def test_losses_match_independent_computation(plain_tiny_step):
+  models, state, step = plain_tiny_step
   batch = jax.tree.map(jnp.asarray, tiny_batch(0))
   new_state, m = step(state, batch, None)
   # The step's documented RNG layout: keys = split(fold_in(rng, step), 8), z from keys[0:2].
@@ -105,13 +47,8 @@ def test_losses_match_independent_computation():
                want_ema)
 
 
-@functools.cache
-def _default():
-  return make(tiny_config())  # shared so the step compiles once for two tests
-
-
-def test_lazy_r1_only_on_multiples_and_state_threads():
-  _, state, step = _default()
+def test_lazy_r1_only_on_multiples_and_state_threads(tiny_step):
+  _, state, step = tiny_step
   assert "batch_stats" in state.d_state
   s1, m0 = step(state, jax.tree.map(jnp.asarray, tiny_batch(0)), None)
   s2, m1 = step(s1, jax.tree.map(jnp.asarray, tiny_batch(1)), None)
@@ -123,9 +60,9 @@ def test_lazy_r1_only_on_multiples_and_state_threads():
     assert bool(m["is_finite"]) and float(m["g_grad_norm"]) > 0
 
 
-def test_static_r1_switch_equals_on_device_cond():
+def test_static_r1_switch_equals_on_device_cond(tiny_step):
   """with_r1=True/False (the Trainer's two executables) == the lax.cond path."""
-  models, state, cond_step = _default()
+  models, state, cond_step = tiny_step
   config = tiny_config()
   static = {w: jax.jit(functools.partial(step_lib.train_step, models=models, config=config,
                                          with_r1=w)) for w in (True, False)}
@@ -142,40 +79,12 @@ def test_static_r1_switch_equals_on_device_cond():
     s = want_state
 
 
-def test_non_finite_batch_sets_flag():
-  _, state, step = _default()
+def test_non_finite_batch_sets_flag(tiny_step):
+  _, state, step = tiny_step
   batch = tiny_batch(0)
   batch["image"][0] = np.nan  # a whole image, so augmentation cannot crop it away
   _, m = step(state, jax.tree.map(jnp.asarray, batch), None)
   assert not bool(m["is_finite"])
-
-
-def tiny_examples(n=24, nan_at=None):
-  """In-memory examples in the data layer's format ('image' [8, 8, 1], 'lesion')."""
-  rng = np.random.default_rng(0)
-  out = [{"image": rng.uniform(-1, 1, (8, 8, 1)).astype(np.float32),
-          "lesion": np.int32(rng.integers(0, 3))} for _ in range(n)]
-  if nan_at is not None:
-    out[nan_at]["image"][:] = np.nan
-  return out
-
-
-def tiny_iterator(batch_size=8, shuffle=True, **kwargs):
-  """A checkpointable grain iterator over tiny_examples (like load_dataset's)."""
-  import grain  # pylint: disable=import-outside-toplevel
-  ds = grain.MapDataset.source(tiny_examples(**kwargs))
-  if shuffle:
-    ds = ds.shuffle(seed=0)
-  return iter(ds.repeat().batch(batch_size, drop_remainder=True))
-
-
-def tiny_loop_config(**train_overrides):
-  """tiny_config plus the loop's train fields."""
-  config = tiny_config()
-  config.train.update(dict(num_steps=6, log_every=1, sample_every=100, checkpoint_every=1,
-                           keep_checkpoints=10))
-  config.train.update(train_overrides)
-  return config
 
 
 class TinyHeadD(nn.Module):
@@ -227,8 +136,7 @@ def test_condition_and_diversity_terms_match_independent_computation():
                          jax.tree.leaves(new_state.g_params)[0])
 
 
-def test_teacher_term_matches_independent_computation():
-  from medgen_jax.models.classifier import FeatureNet
+def test_teacher_term_matches_independent_computation(plain_tiny_step):
   teacher = FeatureNet(INFO.conditions, widths=(4,), feature_dim=4)
   teacher_params = teacher.init(jax.random.PRNGKey(5), jnp.zeros((1, 8, 8, 1)))["params"]
   config = tiny_config(augment="", r1_gamma=0.0, teacher_weight=0.7)
@@ -249,9 +157,8 @@ def test_teacher_term_matches_independent_computation():
   np.testing.assert_allclose(m["g_teacher"], want, rtol=1e-5)
   # The teacher is frozen (not in the state) and its loss reaches G's gradient
   # (compared by norm: Adam's first update is sign-like, so params may agree).
-  plain = tiny_config(augment="", r1_gamma=0.0)
-  plain_models = state_lib.make_models(TinyG(), TinyD(spectral_norm=False), plain)
-  _, plain_m = jax.jit(functools.partial(step_lib.train_step, models=plain_models,
-                                         config=plain))(state, batch, None)
+  # The plain step is this step without the teacher (same config otherwise).
+  _, _, plain_step = plain_tiny_step
+  _, plain_m = plain_step(state, batch, None)
   assert "g_teacher" not in plain_m
   assert abs(float(plain_m["g_grad_norm"]) - float(m["g_grad_norm"])) > 1e-4
