@@ -2,6 +2,12 @@
 
 Layout everywhere: `[batch, *spatial, heads, head_dim]`, scores scaled by
 `1/sqrt(head_dim)`. Variants are chosen by name from `ATTENTION_VARIANTS`.
+
+Modules: `functional` (`full_attention` and its backend dispatch, axial and
+window layouts, the variant registry), `chunked` (the exact blocked kernel
+with its custom VJP, and the online-softmax block steps), `sequence_parallel`
+(ring and all-to-all attention over sharded tokens, built on those block
+steps), `position` and `layers`.
 """
 from medgen_jax.attention.functional import (
     ATTENTION_VARIANTS,

@@ -1,9 +1,14 @@
-"""Attention as pure functions over arrays: full, chunked, axial and windowed.
+"""Attention as pure functions over arrays: dispatch, axial and windowed layouts.
 
 Every function takes q/k/v laid out channels last with heads before head-dim,
 `[batch, *spatial, heads, head_dim]`, and scales scores by `1/sqrt(head_dim)`
 exactly as `jax.nn.dot_product_attention` does. Softmax statistics are always
 accumulated in float32, whatever the input dtype.
+
+`full_attention` chooses between XLA's dense attention and the blocked exact
+kernel of `medgen_jax.attention.chunked`; `axial_attention` and
+`window_attention` re-lay tokens out (lines, windows) and call it;
+`ATTENTION_VARIANTS` names the spatial variants the layers use.
 
 Conventions for `bias` / `mask` (those of `jax.nn.dot_product_attention`):
 bias is added to the scaled logits and must broadcast to
@@ -13,20 +18,19 @@ masked row averages all values, as in JAX).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+
+from medgen_jax.attention.chunked import MASK_VALUE, chunked_attention
 
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
 
-# The value JAX uses for masked logits: finite, so fully masked rows stay NaN-free.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+SCORES_DIMS = "[batch, heads, q_len, kv_len]"
 
 
 def _check_qkv(q: Array, k: Array, v: Array, *, min_rank: int, name: str) -> None:
@@ -41,26 +45,39 @@ def _check_qkv(q: Array, k: Array, v: Array, *, min_rank: int, name: str) -> Non
         f"{name}: q {q.shape} and k {k.shape} must agree on batch, heads and head_dim")
 
 
-def _as_4d(x: Array | None, target: tuple[int, int, int, int], what: str) -> Array | None:
-  """Left-pads `x` to rank 4 and checks it broadcasts to `target` [B, h, N, M]."""
+def _as_4d(x: Array | None, target: tuple[int, int, int, int], what: str,
+           dims: str = SCORES_DIMS) -> Array | None:
+  """Left-pads `x` to rank 4 and checks it broadcasts to `target`.
+
+  Args:
+    x: a bias or mask, or None.
+    target: the score shape, e.g. `(batch, heads, q_len, kv_len)`.
+    what: how error messages name `x`, e.g. 'bias' or 'ring_attention: bias'.
+    dims: how error messages name the axes of `target`.
+
+  Returns:
+    None or `x` reshaped to rank 4.
+  """
   if x is None:
     return None
   x = jnp.asarray(x)
   if x.ndim > 4:
     raise ValueError(f"{what} must have rank <= 4 (broadcastable to "
-                     f"[batch, heads, q_len, kv_len] = {target}); got shape {x.shape}")
+                     f"{dims} = {target}); got shape {x.shape}")
   x = x.reshape((1,) * (4 - x.ndim) + x.shape)
   for have, want in zip(x.shape, target):
     if have not in (1, want):
       raise ValueError(f"{what} of shape {x.shape} does not broadcast to "
-                       f"[batch, heads, q_len, kv_len] = {target}")
+                       f"{dims} = {target}")
   return x
 
 
-# On CPU the blocked form beats XLA's dense attention (which writes the whole
-# [B, h, N, M] score tensor several times) from about 512 x 512 scores on:
-# measured 1.5x at 512, 2.2x at 1024 and 2x-3x at 2048 tokens (B=4, 4 heads,
-# head_dim 32, fwd+bwd); see docs/benchmarks.md.
+# On CPU the blocked form beats XLA's dense attention, which writes the whole
+# [B, h, N, M] score tensor several times, once the score matrix is large: in
+# docs/benchmarks.md (2 CPU cores, B=4, 4 heads, head_dim 32, fwd+bwd, float32)
+# dense is faster at 256 tokens, the two are about even at 512 (blocked 65-83
+# ms, dense 68 ms), and the blocked form is 1.5x faster at 1,024 and 1.8x at
+# 4,096.
 _CPU_CHUNKED_MIN_SCORES = 512 * 512
 # Default block: about 2^18 float32 scores per (B, h, bq, bk) block (1 MiB), so
 # a block and its exp stay in L2; measured 128 x 128 at B * h = 16 beats 256+.
@@ -70,7 +87,7 @@ IMPLEMENTATIONS = ("xla", "chunked")
 
 def default_chunk_size(batch_heads: int, q_len: int, kv_len: int,
                        backend: str | None = None) -> int | None:
-  """Block size `full_attention` uses when chunk_size is None (None = XLA path).
+  """Block size `full_attention` uses when chunk_size is None (None = dense XLA path).
 
   Args:
     batch_heads: batch * heads, the number of independent attention maps.
@@ -78,8 +95,9 @@ def default_chunk_size(batch_heads: int, q_len: int, kv_len: int,
     backend: a jax backend name; None is the default backend.
 
   Returns:
-    A power-of-two block in [64, 512] on CPU for q_len * kv_len >= 512 * 512,
-    else None (GPU/TPU keep `jax.nn.dot_product_attention`, i.e. cuDNN/XLA).
+    A power-of-two block in [64, 512] on CPU for q_len * kv_len >= 512 * 512;
+    otherwise None, which means `jax.nn.dot_product_attention` with its
+    default implementation: XLA's dense attention, on every backend.
   """
   backend = backend or jax.default_backend()
   if backend != "cpu" or q_len * kv_len < _CPU_CHUNKED_MIN_SCORES:
@@ -94,22 +112,36 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
                    implementation: str | None = None) -> Array:
   """Softmax attention of every query over every key.
 
+  What runs:
+
+  * 'chunked' (`medgen_jax.attention.chunked`): exact online softmax over key
+    blocks inside a loop over query blocks, with a backward pass that
+    recomputes blocks, so forward and backward memory grow linearly with the
+    sequence length. Plain XLA loops, not a fused kernel; the same code on
+    every backend. Takes any bias and mask.
+  * 'xla': `jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)` with
+    its default `implementation=None`, which in jax 0.10-0.11 is XLA's dense
+    attention on every backend, GPU included: it materialises the float32
+    `[batch, heads, q_len, kv_len]` scores, so memory grows quadratically.
+    cuDNN's fused flash attention would need `implementation='cudnn'` (and
+    bf16/fp16 inputs), which this function never requests.
+
+  With chunk_size and implementation both None the choice is made by backend
+  (`default_chunk_size`): on CPU 'chunked' for q_len * kv_len >= 512 * 512,
+  with blocks of ~1 MiB of scores, and 'xla' below that; on GPU and TPU
+  always 'xla', whatever the sequence length.
+
   Args:
     q: `[batch, q_len, heads, head_dim]`.
     k: `[batch, kv_len, heads, head_dim]` (kv_len != q_len is cross-attention).
     v: `[batch, kv_len, heads, head_dim]`.
     bias: added to the scaled logits, broadcastable to `[batch, heads, q_len, kv_len]`.
     mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`; True = may attend.
-    chunk_size: an int (or a `(query_block, key_block)` pair) runs the exact
-      memory-efficient version: online softmax over key blocks inside a loop
-      over query blocks, with a flash-attention backward that recomputes
-      blocks, so forward and backward memory grow linearly with the sequence
-      length. None picks by backend (`default_chunk_size`): on CPU the chunked
-      form for q_len * kv_len >= 512 * 512, where it is faster, with blocks of
-      ~1 MiB of scores; otherwise `jax.nn.dot_product_attention` (cuDNN on GPU).
-    implementation: None (choose as above), 'xla' (always
-      `jax.nn.dot_product_attention`, ignoring chunk_size) or 'chunked' (the
-      blocked form, with the default block when chunk_size is None).
+    chunk_size: an int (or a `(query_block, key_block)` pair) runs 'chunked'
+      with blocks of at most that size, on any backend; None chooses as above.
+    implementation: None (choose as above), 'xla' (always the dense path,
+      ignoring chunk_size) or 'chunked' (always the blocked form; with
+      chunk_size None, the CPU default block, or 128 below 512 * 512 scores).
 
   Returns:
     `[batch, q_len, heads, head_dim]` in q's dtype.
@@ -139,7 +171,7 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
                       else tuple(chunk_size))
   if q_chunk < 1 or k_chunk < 1:
     raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-  return _chunked_attention(q, k, v, bias, mask, q_chunk, k_chunk)
+  return chunked_attention(q, k, v, bias, mask, q_chunk, k_chunk)
 
 
 def attention_weights(q: Array, k: Array, *, bias: Array | None = None,
@@ -165,238 +197,8 @@ def attention_weights(q: Array, k: Array, *, bias: Array | None = None,
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
-    logits = jnp.where(mask.astype(bool), logits, _MASK_VALUE)
+    logits = jnp.where(mask.astype(bool), logits, MASK_VALUE)
   return jax.nn.softmax(logits, axis=-1)
-
-
-# ---------------------------------------------------------------------------
-# Chunked (flash-style) exact attention.
-# ---------------------------------------------------------------------------
-
-
-def _block_size(length: int, chunk: int) -> int:
-  """Equal blocks of at most `chunk`, so padding is under one row per block."""
-  num_blocks = -(-length // chunk)
-  return -(-length // num_blocks)
-
-
-def _pad_axis(x: Array, axis: int, size: int, value) -> Array:
-  if x.shape[axis] == size or x.shape[axis] == 1:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads, constant_values=value)
-
-
-def _chunked_attention(q, k, v, bias, mask, q_chunk, k_chunk):
-  b, n, h, d = q.shape
-  m = k.shape[1]
-  bq, bk = _block_size(n, q_chunk), _block_size(m, k_chunk)
-  n_pad, m_pad = -(-n // bq) * bq, -(-m // bk) * bk
-  scale = 1.0 / math.sqrt(d)
-  # [B, h, N, d] makes every block product one batched matmul over (B, h).
-  # q is scaled once here rather than every [bq, bk] logit block.
-  qt = _pad_axis((q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3), 2, n_pad, 0)
-  kt = _pad_axis(k.transpose(0, 2, 1, 3), 2, m_pad, 0)
-  vt = _pad_axis(v.transpose(0, 2, 1, 3), 2, m_pad, 0)
-  if bias is not None:
-    bias = _pad_axis(_pad_axis(bias, 2, n_pad, 0), 3, m_pad, 0)
-  if mask is not None:
-    mask = _pad_axis(_pad_axis(mask, 2, n_pad, True), 3, m_pad, True)
-  cfg = _FlashConfig(bq=bq, bk=bk, kv_len=m, scale=scale)
-  out = _flash(cfg, qt, kt, vt, bias, mask)
-  return out[:, :, :n].transpose(0, 2, 1, 3)
-
-
-class _FlashConfig:
-  """Static block configuration (hashable, so it can be a nondiff argument)."""
-
-  def __init__(self, *, bq: int, bk: int, kv_len: int, scale: float):
-    self.bq, self.bk, self.kv_len, self.scale = bq, bk, kv_len, scale
-
-  def _key(self):
-    return (self.bq, self.bk, self.kv_len, self.scale)
-
-  def __hash__(self):
-    return hash(self._key())
-
-  def __eq__(self, other):
-    return isinstance(other, _FlashConfig) and self._key() == other._key()
-
-
-def _full(shape, fill: float, *like) -> Array:
-  """float32 loop-carry init, varying over the same shard_map axes as `like`.
-
-  Inside `shard_map` a scan carry must keep its varying-axes type; a constant
-  init would not match the per-shard values the loop body produces.
-  """
-  out = jnp.full(shape, fill, jnp.float32)
-  for x in like:
-    if x is not None:  # full_like takes on x's varying axes; XLA folds the zeros away
-      out = out + lax.full_like(x, 0, jnp.float32, shape)
-  return out
-
-
-def _slice(x: Array, axis: int, start, size: int) -> Array:
-  """Block of `x` along `axis`, or all of it where the axis is broadcast (size 1)."""
-  if x.shape[axis] == 1:
-    return x
-  return lax.dynamic_slice_in_dim(x, start, size, axis)
-
-
-def _rows(x: Array, i, size: int) -> Array:
-  """Rows [i * size, (i + 1) * size) of axis 2; the whole array if there is one block."""
-  if x.shape[2] == size:
-    return x
-  return lax.dynamic_slice_in_dim(x, i * size, size, 2)
-
-
-def _mm(x: Array, y: Array, contract: tuple[int, int]) -> Array:
-  """float32 batched matmul over the leading (batch, heads) axes of 4D x and y."""
-  return lax.dot_general(x, y, (((contract[0],), (contract[1],)), ((0, 1), (0, 1))),
-                         preferred_element_type=jnp.float32)
-
-
-def _block_logits(cfg: _FlashConfig, qi, kj, bias, mask, i, j):
-  """Biased, masked float32 logits of (pre-scaled) query block i vs key block j."""
-  s = _mm(qi, kj, (3, 3))  # [B, h, bq, bk]
-  if bias is not None:
-    s = s + _slice(_slice(bias, 2, i * cfg.bq, cfg.bq), 3, j * cfg.bk, cfg.bk).astype(jnp.float32)
-  if mask is not None:
-    mask_ij = _slice(_slice(mask, 2, i * cfg.bq, cfg.bq), 3, j * cfg.bk, cfg.bk)
-    s = jnp.where(mask_ij, s, _MASK_VALUE)
-  else:
-    mask_ij = None
-  if cfg.kv_len % cfg.bk:
-    # Padded keys must vanish even from fully masked rows, hence -inf, not _MASK_VALUE.
-    key_idx = j * cfg.bk + jnp.arange(cfg.bk)
-    s = jnp.where(key_idx < cfg.kv_len, s, -jnp.inf)
-  return s, mask_ij
-
-
-def _flash_forward(cfg: _FlashConfig, q, k, v, bias, mask):
-  """Returns out `[B, h, N, d]` (q dtype) and the row max and 1/row-sum `[B, h, N]`.
-
-  `q` is already scaled by 1/sqrt(d). The softmax statistics stay split (not
-  one logsumexp) because a fully masked row has max = _MASK_VALUE, and adding
-  log(row_sum) to it rounds away.
-  """
-  b, h, n, d = q.shape
-  m = k.shape[2]
-  nq, nk = n // cfg.bq, m // cfg.bk
-  like = (q, k, v, bias, mask)
-
-  def query_block(_, i):
-    qi = _rows(q, i, cfg.bq)
-
-    def key_step(carry, j):
-      row_max, row_sum, acc = carry
-      s, _ = _block_logits(cfg, qi, _rows(k, j, cfg.bk), bias, mask, i, j)
-      new_max = jnp.maximum(row_max, s.max(axis=-1))
-      p = jnp.exp(s - new_max[..., None])
-      correction = jnp.exp(row_max - new_max)
-      row_sum = correction * row_sum + p.sum(axis=-1)
-      acc = correction[..., None] * acc + _mm(p.astype(v.dtype), _rows(v, j, cfg.bk), (3, 2))
-      return (new_max, row_sum, acc), None
-
-    init = (_full((b, h, cfg.bq), -jnp.inf, *like), _full((b, h, cfg.bq), 0.0, *like),
-            _full((b, h, cfg.bq, d), 0.0, *like))
-    (row_max, row_sum, acc), _ = lax.scan(key_step, init, jnp.arange(nk))
-    inv_sum = 1.0 / row_sum
-    return None, ((acc * inv_sum[..., None]).astype(q.dtype), row_max, inv_sum)
-
-  _, (out, row_max, inv_sum) = lax.scan(query_block, None, jnp.arange(nq))
-  out = jnp.moveaxis(out, 0, 2).reshape(b, h, n, d)  # [nq, B, h, bq, d] -> [B, h, N, d]
-  stats = tuple(jnp.moveaxis(x, 0, 2).reshape(b, h, n) for x in (row_max, inv_sum))
-  return out, stats
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, bias, mask):
-  return _flash_forward(cfg, q, k, v, bias, mask)[0]
-
-
-def _flash_fwd(cfg, q, k, v, bias, mask):
-  out, stats = _flash_forward(cfg, q, k, v, bias, mask)
-  return out, (q, k, v, bias, mask, out, stats)
-
-
-def _flash_bwd(cfg, res, dout):
-  """Flash backward: recompute each block's probabilities from the row statistics.
-
-  The loop runs over query blocks outside and key blocks inside, so dq of a
-  query block is a loop-local accumulator, while dk/dv (and dbias) accumulate
-  into full-size carries. With p = e * inv_sum (e = exp(s - row_max)), the
-  1/row-sum is folded into the [bq, d] rows of dout and into delta instead of
-  every [bq, bk] block:
-    dv = e^T (dout * inv),  ds = e * ((dout * inv) v^T - delta * inv).
-  """
-  q, k, v, bias, mask, out, (row_max, inv_sum) = res
-  b, h, n, d = q.shape
-  m = k.shape[2]
-  nq, nk = n // cfg.bq, m // cfg.bk
-  like = (q, k, v, bias, mask, dout)
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  dout_s = (dout.astype(jnp.float32) * inv_sum[..., None]).astype(dout.dtype)
-  delta_s = delta * inv_sum
-
-  def query_block(carry, i):
-    qi, doi = _rows(q, i, cfg.bq), _rows(dout_s, i, cfg.bq)
-    max_i, delta_i = _rows(row_max, i, cfg.bq), _rows(delta_s, i, cfg.bq)
-
-    def key_step(carry, j):
-      dq_i, dk, dv, dbias = carry
-      kj, vj = _rows(k, j, cfg.bk), _rows(v, j, cfg.bk)
-      s, mask_ij = _block_logits(cfg, qi, kj, bias, mask, i, j)
-      e = jnp.exp(s - max_i[..., None])
-      dv_j = _mm(e.astype(doi.dtype), doi, (2, 2))  # [B, h, bk, d]
-      ds = e * (_mm(doi, vj, (3, 3)) - delta_i[..., None])
-      if mask_ij is not None:
-        ds = jnp.where(mask_ij, ds, 0.0)  # masked logits are constants
-      if dbias is not None:
-        dbias = _accumulate_bias_grad(cfg, dbias, ds, i, j)
-      ds = ds.astype(q.dtype)
-      dq_i = dq_i + _mm(ds, kj, (3, 2))
-      dk_j = _mm(ds, qi, (2, 2))  # qi is pre-scaled, so this is already dL/dk
-      dk = _add_rows(dk, dk_j, j, cfg.bk)
-      dv = _add_rows(dv, dv_j, j, cfg.bk)
-      return (dq_i, dk, dv, dbias), None
-
-    dk, dv, dbias = carry
-    init = (_full((b, h, cfg.bq, d), 0.0, *like), dk, dv, dbias)
-    (dq_i, dk, dv, dbias), _ = lax.scan(key_step, init, jnp.arange(nk))
-    return (dk, dv, dbias), dq_i
-
-  dbias0 = None if bias is None else _full(bias.shape, 0.0, *like)
-  init = (_full(k.shape, 0.0, *like), _full(v.shape, 0.0, *like), dbias0)
-  (dk, dv, dbias), dq = lax.scan(query_block, init, jnp.arange(nq))
-  # This is the gradient w.r.t. the pre-scaled q; autodiff of `q * scale` in
-  # `_chunked_attention` applies the scale.
-  dq = jnp.moveaxis(dq, 0, 2).reshape(q.shape)
-  if dbias is not None:
-    dbias = dbias.astype(bias.dtype)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None)
-
-
-def _add_rows(acc: Array, block: Array, j, size: int) -> Array:
-  """acc[:, :, j * size:(j + 1) * size] += block (in place inside the loop)."""
-  if acc.shape[2] == size:
-    return acc + block
-  current = lax.dynamic_slice_in_dim(acc, j * size, size, 2)
-  return lax.dynamic_update_slice_in_dim(acc, current + block, j * size, 2)
-
-
-def _accumulate_bias_grad(cfg: _FlashConfig, dbias: Array, ds: Array, i, j) -> Array:
-  """Adds block (i, j) of dlogits into dbias, summing over its broadcast axes."""
-  sum_axes = tuple(a for a in range(4) if dbias.shape[a] == 1 and ds.shape[a] != 1)
-  contrib = ds.sum(axis=sum_axes, keepdims=True) if sum_axes else ds
-  start = (0, 0, i * cfg.bq if dbias.shape[2] > 1 else 0,
-           j * cfg.bk if dbias.shape[3] > 1 else 0)
-  current = lax.dynamic_slice(dbias, start, contrib.shape)
-  return lax.dynamic_update_slice(dbias, current + contrib, start)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ---------------------------------------------------------------------------

@@ -6,11 +6,13 @@ mesh axis. Two exact schemes live here:
 * `ring_attention`: full attention. Each device keeps its query shard and
   passes key/value blocks around the ring with `lax.ppermute`; after
   `P = axis_size` hops every query has seen every key. Softmax is accumulated
-  online (running max, denominator and numerator in float32), so no device
-  ever holds more than one `[N/P, N/P]` block of logits. The backward pass is
-  a custom VJP that makes a second trip around the ring, recomputing each block
-  from the stored logsumexp, and carries dK/dV along with K/V so each ends up on
-  the device that owns it.
+  online (running max, denominator and numerator in float32, with the block
+  update of `medgen_jax.attention.chunked`), so no device ever holds more
+  than one `[N/P, N/P]` block of logits. Each hop's block attention is plain
+  XLA ops (batched matmuls and elementwise softmax) on every backend, not a
+  fused kernel. The backward pass is a custom VJP that makes a second trip
+  around the ring, recomputing each block from the stored logsumexp, and
+  carries dK/dV along with K/V so each ends up on the device that owns it.
 * `all_to_all_axial_attention`: attention along one spatial axis. Along an axis
   that is not sharded it is purely local. Along the sharded axis one
   `lax.all_to_all` trades the sharding of that axis for a sharding of the heads
@@ -41,7 +43,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medgen_jax.attention.functional import _num_spatial, axial_attention
+from medgen_jax.attention.chunked import (accumulate_bias_grad, batched_matmul, block,
+                                          online_softmax_update)
+from medgen_jax.attention.functional import _as_4d, _num_spatial, axial_attention
 
 Array = jax.Array
 
@@ -89,22 +93,12 @@ def _ring_perm(size: int) -> list[tuple[int, int]]:
   return [(i, (i + 1) % size) for i in range(size)]
 
 
-def _rows(x: Array | None, start, size: int) -> Array | None:
-  """Query rows [start, start + size) of a `[B, h, N, ...]` array (all of a broadcast one)."""
-  if x is None or x.shape[2] == 1:
-    return x
-  return lax.dynamic_slice_in_dim(x, start, size, axis=2)
-
-
 def _block_logits(q, k_blk, bias, src, scale):
   """float32 logits `[B, h, Nq, Mk]` of queries `q` vs key block `src` (bias rows pre-sliced)."""
-  s = jnp.einsum("bhqd,bhkd->bhqk", q, k_blk, preferred_element_type=jnp.float32)
-  s = s * scale
+  s = batched_matmul(q, k_blk, (3, 3)) * scale
   if bias is not None:
-    if bias.shape[3] > 1:
-      block = k_blk.shape[2]
-      bias = lax.dynamic_slice_in_dim(bias, src * block, block, axis=3)
-    s = s + bias.astype(jnp.float32)
+    size = k_blk.shape[2]
+    s = s + block(bias, src * size, size, axis=3).astype(jnp.float32)
   return s
 
 
@@ -125,16 +119,10 @@ def _ring_forward(axis_name, q_chunk, q, k, v, bias):
 
     def chunk(i, state):
       start = i * q_chunk
-      row_max, row_sum, acc = (_rows(x, start, q_chunk) for x in state)
-      s = _block_logits(_rows(q, start, q_chunk), k_blk, _rows(bias, start, q_chunk), src, scale)
-      new_max = jnp.maximum(row_max, s.max(axis=-1))
-      p = jnp.exp(s - new_max[..., None])
-      correction = jnp.exp(row_max - new_max)
-      row_sum = correction * row_sum + p.sum(axis=-1)
-      acc = correction[..., None] * acc + jnp.einsum(
-          "bhqk,bhkd->bhqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+      s = _block_logits(block(q, start, q_chunk), k_blk, block(bias, start, q_chunk), src, scale)
+      rows = online_softmax_update(tuple(block(x, start, q_chunk) for x in state), s, v_blk)
       return tuple(lax.dynamic_update_slice_in_dim(whole, part, start, axis=2)
-                   for whole, part in zip(state, (new_max, row_sum, acc)))
+                   for whole, part in zip(state, rows))
 
     return lax.fori_loop(0, num_chunks, chunk, state)
 
@@ -181,21 +169,18 @@ def _ring_bwd(axis_name, q_chunk, res, dout):
     def chunk(i, acc):
       dk_blk, dv_blk, dq, dbias = acc
       start = i * q_chunk
-      qi, doi = _rows(q, start, q_chunk), _rows(dout, start, q_chunk)
-      s = _block_logits(qi, k_blk, _rows(bias, start, q_chunk), src, scale)
-      p = jnp.exp(s - _rows(lse, start, q_chunk)[..., None])
-      dv_blk = dv_blk + jnp.einsum("bhqk,bhqd->bhkd", p.astype(doi.dtype), doi,
-                                   preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bhqd,bhkd->bhqk", doi, v_blk, preferred_element_type=jnp.float32)
-      ds = p * (dp - _rows(delta, start, q_chunk)[..., None])
+      qi, doi = block(q, start, q_chunk), block(dout, start, q_chunk)
+      s = _block_logits(qi, k_blk, block(bias, start, q_chunk), src, scale)
+      p = jnp.exp(s - block(lse, start, q_chunk)[..., None])
+      dv_blk = dv_blk + batched_matmul(p.astype(doi.dtype), doi, (2, 2))
+      dp = batched_matmul(doi, v_blk, (3, 3))
+      ds = p * (dp - block(delta, start, q_chunk)[..., None])
       if dbias is not None:
-        dbias = _accumulate_bias_grad(dbias, ds, start, src * k_blk.shape[2])
+        dbias = accumulate_bias_grad(dbias, ds, start, src * k_blk.shape[2])
       ds = ds * scale
-      dq_i = _rows(dq, start, q_chunk) + jnp.einsum(
-          "bhqk,bhkd->bhqd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=jnp.float32)
+      dq_i = block(dq, start, q_chunk) + batched_matmul(ds.astype(k_blk.dtype), k_blk, (3, 2))
       dq = lax.dynamic_update_slice_in_dim(dq, dq_i, start, axis=2)
-      dk_blk = dk_blk + jnp.einsum("bhqk,bhqd->bhkd", ds.astype(qi.dtype), qi,
-                                   preferred_element_type=jnp.float32)
+      dk_blk = dk_blk + batched_matmul(ds.astype(qi.dtype), qi, (2, 2))
       return dk_blk, dv_blk, dq, dbias
 
     return lax.fori_loop(0, num_chunks, chunk, acc)
@@ -222,15 +207,6 @@ def _ring_bwd(axis_name, q_chunk, res, dout):
   if dbias is not None:
     dbias = _match_vma(dbias.astype(bias.dtype), bias)
   return cts + (dbias,)
-
-
-def _accumulate_bias_grad(dbias: Array, ds: Array, q_start, k_start) -> Array:
-  """Adds the dlogits block at (q_start, k_start) into dbias, summing over broadcast axes."""
-  sum_axes = tuple(a for a in range(4) if dbias.shape[a] == 1 and ds.shape[a] != 1)
-  contrib = ds.sum(axis=sum_axes, keepdims=True) if sum_axes else ds
-  start = (0, 0, q_start if dbias.shape[2] > 1 else 0, k_start if dbias.shape[3] > 1 else 0)
-  current = lax.dynamic_slice(dbias, start, contrib.shape)
-  return lax.dynamic_update_slice(dbias, current + contrib, start)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -273,15 +249,8 @@ def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
                      f"of the local query length {n}")
   if bias is not None:
     kv_global = k.shape[1] * lax.axis_size(axis_name)
-    bias = jnp.asarray(bias)
-    if bias.ndim > 4:
-      raise ValueError(f"ring_attention: bias must have rank <= 4; got {bias.shape}")
-    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    for have, want in zip(bias.shape, (b, h, n, kv_global)):
-      if have not in (1, want):
-        raise ValueError(
-            f"ring_attention: bias of shape {bias.shape} does not broadcast to "
-            f"[batch, heads, q_local, kv_global] = {(b, h, n, kv_global)}")
+    bias = _as_4d(bias, (b, h, n, kv_global), "ring_attention: bias",
+                  dims="[batch, heads, q_local, kv_global]")
   to_heads_first = lambda x: x.transpose(0, 2, 1, 3)  # block products become batched matmuls
   out = _ring(axis_name, q_chunk, to_heads_first(q), to_heads_first(k), to_heads_first(v), bias)
   return to_heads_first(out)
@@ -408,14 +377,7 @@ def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh
   args = [_place(x, mesh, spec) for x in (q, k, v)]
   in_specs = [spec] * 3
   if bias is not None:
-    bias = jnp.asarray(bias)
-    if bias.ndim > 4:
-      raise ValueError(f"{name}: bias must have rank <= 4; got {bias.shape}")
-    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    target = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-    if any(have not in (1, want) for have, want in zip(bias.shape, target)):
-      raise ValueError(f"{name}: bias of shape {bias.shape} does not broadcast to "
-                       f"[batch, heads, q_len, kv_len] = {target}")
+    bias = _as_4d(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]), f"{name}: bias")
     bias_spec = P(batch_axis if bias.shape[0] > 1 else None, None,
                   seq_axis if bias.shape[2] > 1 else None, None)
     args.append(_place(bias, mesh, bias_spec))
