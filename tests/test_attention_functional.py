@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medgen_jax.attention import (attention_weights, axial_attention, full_attention,
-                                  shifted_window_mask, window_attention)
+from medgen_jax.attention import (ATTENTION_VARIANTS, attention_weights, axial_attention,
+                                  full_attention, half_window_shift, shifted_window_mask,
+                                  window_attention)
 
 
 def _normal(seed, shape, dtype=jnp.float32):
@@ -182,3 +183,12 @@ def test_errors_are_clear():
     full_attention(q, q, q, bias=jnp.zeros((3, 5, 5)))
   with pytest.raises(ValueError, match="chunk_size"):
     full_attention(q, q, q, chunk_size=0)
+
+
+def test_window_shifted_variant_does_not_shift_along_a_spanned_axis():
+  assert half_window_shift((4, 4), (4, 8)) == (0, 2)
+  assert half_window_shift((2, 4, 4), (8, 4, 16)) == (1, 0, 2)
+  q, k, v = (_normal(s, (2, 4, 8, 2, 4)) for s in range(3))
+  np.testing.assert_array_equal(
+      ATTENTION_VARIANTS["window_shifted"](q, k, v, window_size=4),
+      window_attention(q, k, v, window_size=4, shift=(0, 2)))

@@ -147,3 +147,37 @@ def test_transformer_block_without_cond_dropout_and_bf16():
   bf = TransformerBlock(num_heads=2, dtype=jnp.bfloat16)
   out = jax.jit(lambda v, x: bf.apply(v, x, deterministic=True))(variables, x.astype(jnp.bfloat16))
   assert out.dtype == jnp.bfloat16
+
+
+def test_transformer_block_does_not_shift_a_window_that_spans_the_grid():
+  # Shifting a window as wide as the grid would only split it at the roll
+  # border (see the functional check below), so the block must not shift.
+  x, cond = _x((2, 4, 4, 8)), _x((2, 6), seed=3)
+  kwargs = dict(num_heads=2, mlp_ratio=2, window_size=4)
+  unshifted = TransformerBlock(attention="window", **kwargs)
+  variables = unshifted.init(KEY, x, cond, deterministic=True)
+  # Move the adaLN gates off zero so the attention branch reaches the output.
+  variables = jax.tree_util.tree_map(lambda p: p + 0.1, variables)
+  want = unshifted.apply(variables, x, cond, deterministic=True)
+  for block in (TransformerBlock(attention="window_shifted", **kwargs),
+                TransformerBlock(attention="window_shifted", shift=2, **kwargs),
+                TransformerBlock(attention="window", shift=(2, 2), **kwargs)):
+    np.testing.assert_array_equal(block.apply(variables, x, cond, deterministic=True), want)
+  q, k, v = (_x((2, 4, 4, 2, 4), seed=s) for s in (4, 5, 6))
+  assert not np.allclose(window_attention(q, k, v, window_size=4, shift=2),
+                         window_attention(q, k, v, window_size=4), atol=1e-3)
+
+
+def test_transformer_block_shift_guard_is_per_axis():
+  # Grid 4 x 8, window 4: axis 0 is spanned (no shift), axis 1 still shifts by 2.
+  x, cond = _x((2, 4, 8, 8)), _x((2, 6), seed=3)
+  kwargs = dict(num_heads=2, mlp_ratio=2, window_size=4)
+  block = TransformerBlock(attention="window_shifted", **kwargs)
+  variables = jax.tree_util.tree_map(lambda p: p + 0.1,
+                                     block.init(KEY, x, cond, deterministic=True))
+  explicit = TransformerBlock(attention="window", shift=(0, 2), **kwargs)
+  np.testing.assert_array_equal(block.apply(variables, x, cond, deterministic=True),
+                                explicit.apply(variables, x, cond, deterministic=True))
+  unshifted = TransformerBlock(attention="window", **kwargs)
+  assert not np.allclose(block.apply(variables, x, cond, deterministic=True),
+                         unshifted.apply(variables, x, cond, deterministic=True), atol=1e-3)

@@ -374,12 +374,23 @@ def _spatial_axial(q, k, v, *, window_size=None, shift=None, bias=None, chunk_si
   return sum(outs[1:], outs[0])
 
 
+def half_window_shift(window: Sequence[int], spatial: Sequence[int]) -> tuple[int, ...]:
+  """Swin's shift: window // 2 per axis, but 0 along an axis the window covers whole.
+
+  A window as long as its axis has no neighbour along that axis to exchange
+  tokens with, so a shift there would only cut the window in two at the roll
+  border (see `shifted_window_mask`) and take context away.
+  """
+  return tuple(w // 2 if w < size else 0 for w, size in zip(window, spatial))
+
+
 def _spatial_window(shifted: bool) -> Callable[..., Array]:
   def attend(q, k, v, *, window_size=8, shift=None, bias=None, chunk_size=None):
     del chunk_size  # windows are small; blocking them buys nothing
     if shift is None:
-      window = _per_axis(window_size, _num_spatial(q, "window attention"), "window_size")
-      shift = tuple(w // 2 for w in window) if shifted else 0
+      num = _num_spatial(q, "window attention")
+      window = _per_axis(window_size, num, "window_size")
+      shift = half_window_shift(window, q.shape[1:1 + num]) if shifted else 0
     return window_attention(q, k, v, window_size=window_size, shift=shift, bias=bias)
   return attend
 
@@ -388,7 +399,8 @@ def _spatial_window(shifted: bool) -> Callable[..., Array]:
 # `fn(q, k, v, *, window_size=, shift=None, bias=None, chunk_size=None)`.
 # 'full' flattens the spatial axes; 'axial' sums attention along every spatial
 # axis (each token sees its row, column and, in 3D, depth line in one call);
-# 'window_shifted' defaults to shift = window // 2.
+# 'window_shifted' defaults to `half_window_shift` (window // 2, 0 along an axis
+# the window spans).
 ATTENTION_VARIANTS: dict[str, Callable[..., Array]] = {
     "full": _spatial_full,
     "axial": _spatial_axial,

@@ -29,11 +29,22 @@ def _window_tuple(window_size: int | Sequence[int], num: int) -> tuple[int, ...]
 
 
 def resolve_shift(attention: str, window: Sequence[int],
-                  shift: int | Sequence[int] | None) -> tuple[int, ...]:
-  """Per-axis shift: explicit value, else window // 2 for 'window_shifted', else 0."""
+                  shift: int | Sequence[int] | None,
+                  grid: Sequence[int] | None = None) -> tuple[int, ...]:
+  """Per-axis shift: explicit value, else window // 2 for 'window_shifted', else 0.
+
+  With `grid` (the token grid's spatial sizes) the shift is 0 along every axis
+  that the window covers whole, whether explicit or not: such a window has no
+  neighbour to exchange tokens with, and shifting it would only split it at
+  the roll border (as `half_window_shift` does for the functional variant).
+  """
   if shift is None:
-    return tuple(w // 2 if attention == "window_shifted" else 0 for w in window)
-  return _window_tuple(shift, len(window))
+    shifts = tuple(w // 2 if attention == "window_shifted" else 0 for w in window)
+  else:
+    shifts = _window_tuple(shift, len(window))
+  if grid is not None:
+    shifts = tuple(0 if w >= size else s for s, w, size in zip(shifts, window, grid))
+  return shifts
 
 
 class MultiHeadAttention(nn.Module):
@@ -47,7 +58,8 @@ class MultiHeadAttention(nn.Module):
       in 3D, depth line), 'window' or 'window_shifted' (Swin).
     window_size: int or per-axis window for the windowed variants.
     shift: per-axis cyclic shift for windowed variants; None = window // 2 for
-      'window_shifted' and 0 for 'window'.
+      'window_shifted' and 0 for 'window'. Along an axis the window covers
+      whole the shift is always 0 (see `resolve_shift`).
     qk_norm: LayerNorm over head_dim on q and k (stabilises large logits).
     chunk_size: memory-efficient blocks for 'full' / 'axial' (see `full_attention`).
     use_relative_bias: learned Swin `RelativePositionBias` for windowed variants.
@@ -120,7 +132,7 @@ class MultiHeadAttention(nn.Module):
       bias, shift = None, None
       if self.attention in _WINDOWED:
         window = _window_tuple(self.window_size, x.ndim - 2)
-        shift = resolve_shift(self.attention, window, self.shift)
+        shift = resolve_shift(self.attention, window, self.shift, grid=x.shape[1:-1])
         if self.use_relative_bias:
           bias = RelativePositionBias(self.num_heads, window, name="relative_bias")()
           bias = bias.astype(self.dtype)
@@ -255,7 +267,8 @@ class TransformerBlock(nn.Module):
 
   Attributes:
     num_heads, attention, window_size, shift, qk_norm, chunk_size: see
-      `MultiHeadAttention` ('window_shifted' uses shift = window // 2).
+      `MultiHeadAttention` ('window_shifted' uses shift = window // 2, and no
+      block shifts along an axis its window covers whole).
     mlp_ratio: MLP hidden width / channels.
     dropout_rate: dropout in attention output and MLP.
     attention_fn: see `MultiHeadAttention` (None = `ATTENTION_VARIANTS[attention]`).
