@@ -32,7 +32,7 @@ setup(
     packages=find_packages(include=["medgen_jax", "medgen_jax.*", "experiments", "configs"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8"],
         # PyTorch + timm only for the peer comparison in the attention benchmark.
         "bench": ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0"],
     },
