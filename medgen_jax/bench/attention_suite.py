@@ -62,7 +62,8 @@ def variant_fn(name: str, grid: tuple[int, ...], *, window_size: int,
   if name == "window":
     return functools.partial(attention.window_attention, window_size=window)
   if name == "window_shifted":
-    shift = tuple(w // 2 for w in window)
+    # No shift along an axis the window covers whole (nothing to exchange).
+    shift = attention.half_window_shift(window, grid)
     return functools.partial(attention.window_attention, window_size=window,
                              shift=shift)
   raise ValueError(f"unknown benchmark variant {name!r}; expected one of {VARIANTS}")

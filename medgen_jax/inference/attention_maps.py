@@ -111,7 +111,7 @@ def capture(generator: nn.Module, params: Any, z: jax.Array,
         if m.attention.startswith("window"):
           ws = m.window_size
           window = (ws,) * nd if isinstance(ws, int) else tuple(ws)
-          shift = resolve_shift(m.attention, window, m.shift)
+          shift = resolve_shift(m.attention, window, m.shift, grid=out.shape[1:-1])
         meta[_path(m)] = (m.attention, window, tuple(shift))
         rec[_path(m)] = out
       elif isinstance(m, (Mlp, RelativePositionBias)):
