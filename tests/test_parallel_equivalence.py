@@ -9,22 +9,28 @@ bitwise, and Adam's normalisation can amplify the last-bit differences a little.
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
+from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
+from medgen_jax.train import parallel, state as state_lib, step as step_lib
+
 SCRIPT = textwrap.dedent("""
   import os, sys
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
   sys.path.insert(0, os.environ["TESTS_DIR"])
   import json
   import jax, numpy as np
   from jax.sharding import PartitionSpec as P
   from medgen_jax.train import parallel, state as state_lib, step as step_lib
-  from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
+  from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
 
   assert jax.device_count() == 8
   out = {}
@@ -76,11 +82,12 @@ def test_modes_match_single_device(tmp_path, loss):
 
 MULTI_SCRIPT = textwrap.dedent("""
   import os, sys
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=2")
   sys.path.insert(0, os.environ["TESTS_DIR"])
   import jax, numpy as np
   from medgen_jax.train import parallel, state as state_lib, step as step_lib
-  from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
+  from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
 
   pid = int(os.environ["PID"])
   config = tiny_config()
@@ -105,11 +112,6 @@ MULTI_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow  # two processes plus a reference, each compiling the step
 def test_two_processes_train_in_lockstep_like_one(tmp_path):
-  import socket
-  import jax
-  from medgen_jax.train import parallel, state as state_lib, step as step_lib
-  from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
-
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
