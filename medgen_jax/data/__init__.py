@@ -6,14 +6,14 @@ Public API (docs/architecture.md):
   load_arrays(data_config, *, split, max_examples=None) -> dict of arrays
   build(data_config) -> summary dict (what experiments/build_dataset.py runs)
 """
-from medgen_jax.data.builders import build, validate
+from medgen_jax.data.builders import build, condition_names, validate
 from medgen_jax.data.info import (CATEGORICAL, CONTINUOUS, ConditionField, DatasetInfo,
                                   IntensityTransform, condition_dict,
                                   uniform_conditions)
 from medgen_jax.data.pipeline import load_arrays, load_dataset, load_info
 
 __all__ = [
-    "build", "validate", "load_arrays", "load_dataset", "load_info",
+    "build", "condition_names", "validate", "load_arrays", "load_dataset", "load_info",
     "CATEGORICAL", "CONTINUOUS", "ConditionField", "DatasetInfo",
     "IntensityTransform", "condition_dict", "uniform_conditions",
 ]

@@ -6,17 +6,24 @@ write the dataset, validated up front (bad input fails here, before TFDS
 creates any directory). `build(data_config)` turns a plan into array_record
 files under `data_dir/<name>/<config_name>/<version>` through TFDS's
 incomplete-directory mechanism (written to a temp dir, renamed on success), so a
-failed build never leaves a dataset that looks complete.
+failed build never leaves a dataset that looks complete. Builds of one
+configuration hold a lock file beside it: a second process waits and then
+reuses the finished dataset, and the `incomplete.*` directory a killed build
+left behind is removed before the next build starts from scratch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import glob
 import hashlib
 import importlib
 import json
 import logging
 import os
+import shutil
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -131,6 +138,18 @@ def validate(data_config) -> None:
   builder_module(data_config.name).validate(data_config)
 
 
+def condition_names(data_config) -> tuple[str, ...] | None:
+  """The condition fields `data_config`'s dataset has, without building it.
+
+  From the builder's declaration (ct_phantom) or the labels CSV header
+  (medical_folder); None where only the built dataset can tell (medmnist
+  reads its label layout from the release files). Validates the config.
+  """
+  validate(data_config)
+  names = getattr(builder_module(data_config.name), "condition_names", None)
+  return None if names is None else tuple(names(data_config))
+
+
 def builder_dir(data_config, config_name: str) -> str:
   return os.path.join(data_dir(data_config), data_config.name, config_name, VERSION)
 
@@ -190,16 +209,43 @@ def build(data_config, *, overwrite: bool = False) -> dict[str, Any]:
   module = builder_module(data_config.name)
   config_name = module.config_name(data_config)
   path = builder_dir(data_config, config_name)
-  if overwrite or not os.path.exists(os.path.join(path, "dataset_info.json")):
-    plan = module.plan(data_config)
-    builder = _builder_class(data_config.name)(
-        plan=plan, data_dir=data_dir(data_config), file_format="array_record")
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=mode))
-    log.info("built %s/%s", data_config.name, config_name)
+  done = lambda: os.path.exists(os.path.join(path, "dataset_info.json"))
+  if overwrite or not done():
+    with _build_lock(os.path.dirname(path)):
+      if overwrite or not done():  # (another process may have built it meanwhile)
+        _remove_stale_partials(os.path.dirname(path))
+        plan = module.plan(data_config)
+        builder = _builder_class(data_config.name)(
+            plan=plan, data_dir=data_dir(data_config), file_format="array_record")
+        mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+                else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(download_mode=mode))
+        log.info("built %s/%s", data_config.name, config_name)
   return read_summary(path)
+
+
+@contextlib.contextmanager
+def _build_lock(config_dir: str):
+  """An exclusive lock on `<config_dir>/.build.lock` (released by the kernel if we die)."""
+  os.makedirs(config_dir, exist_ok=True)
+  with open(os.path.join(config_dir, ".build.lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale_partials(config_dir: str) -> None:
+  """Removes what a killed build left (TFDS's `incomplete.*` directories).
+
+  Called under `_build_lock`, so no live build of this configuration is
+  writing them.
+  """
+  for partial in glob.glob(os.path.join(config_dir, "incomplete.*")):
+    log.warning("removing %s, left by a build that did not finish", partial)
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def read_builder(path: str):

@@ -59,7 +59,9 @@ def _policies(data_config) -> dict[str, str]:
 def validate(data_config) -> None:
   src = data_config.get("source_dir")
   if not src or not os.path.isdir(os.path.expanduser(src)):
-    raise ValueError(f"medical_folder: source_dir {src!r} is not a directory")
+    raise ValueError(f"medical_folder: source_dir {src!r} is not a directory; point "
+                     f"data.source_dir at your folder (--config.data.source_dir=DIR, "
+                     f"or --config.source_dir=DIR with configs/data_folder.py)")
   mods = builders.as_tuple(data_config.modalities)
   if not mods or any(not _NAME.match(m) or m in RESERVED for m in mods):
     raise ValueError(f"medical_folder: modalities must be lowercase names like "
@@ -71,6 +73,7 @@ def validate(data_config) -> None:
   csv_path = data_config.get("labels_csv")
   if csv_path and not os.path.isfile(os.path.expanduser(csv_path)):
     raise ValueError(f"medical_folder: labels_csv {csv_path!r} does not exist")
+  condition_names(data_config)  # the CSV header's columns, checked before any image
   fr = builders.as_tuple(data_config.split_fractions)
   if len(fr) != 3 or min(float(f) for f in fr) < 0 or sum(float(f) for f in fr) <= 0:
     raise ValueError(f"medical_folder: split_fractions must be 3 non-negative "
@@ -86,7 +89,8 @@ def _fingerprint(data_config) -> list:
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
     for f in sorted(filenames):
-      st = os.stat(os.path.join(dirpath, f))
+      # lstat: a dangling link is a source entry too (skipped when read), not a crash.
+      st = os.lstat(os.path.join(dirpath, f))
       out.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size,
                   st.st_mtime_ns))
   csv_path = data_config.get("labels_csv")
@@ -141,6 +145,17 @@ def _discover(root: str, modalities: tuple[str, ...], salt: str):
     if _is_hidden(entry):
       ignored += 1
       continue
+    if not os.path.isdir(path) and not os.path.isfile(path):
+      # A dangling link or special file named like an image: an unreadable
+      # subject (skipped and counted); anything else is ignored.
+      if readers.image_suffix(entry):
+        name = _strip_suffix(entry)
+        opaque = readers.opaque_id(name, salt)
+        skipped.append({"subject": opaque, "reason": "not a readable file"})
+        log.warning("skipping subject %s: not a readable file", opaque)
+      else:
+        ignored += 1
+      continue
     if os.path.isfile(path):
       if readers.image_suffix(entry) in (".nii", ".nii.gz", ".npy", ".png"):
         if len(modalities) != 1:
@@ -153,8 +168,13 @@ def _discover(root: str, modalities: tuple[str, ...], salt: str):
       else:
         ignored += 1  # labels CSV, notes, ...
       continue
-    children = {c.lower(): c for c in os.listdir(path) if not _is_hidden(c)}
     opaque = readers.opaque_id(entry, salt)
+    try:
+      children = {c.lower(): c for c in os.listdir(path) if not _is_hidden(c)}
+    except OSError:  # no permission, stale network mount
+      skipped.append({"subject": opaque, "reason": "folder not readable"})
+      log.warning("skipping subject %s: folder not readable", opaque)
+      continue
     sources = {}
     for m in modalities:
       if m in children and os.path.isdir(os.path.join(path, children[m])):
@@ -182,6 +202,38 @@ def _discover(root: str, modalities: tuple[str, ...], salt: str):
       continue
     subjects[entry] = _Subject(opaque, sources)
   return subjects, skipped, ignored
+
+
+def _condition_name(column: str, csv_path: str, data_config) -> str:
+  """A CSV column's condition name (lowercased), or a ValueError naming it."""
+  name = column.strip().lower()
+  if not _NAME.match(name) or name in RESERVED or name in builders.as_tuple(
+      data_config.modalities):
+    raise ValueError(f"{csv_path}: column {column!r} cannot be a condition name "
+                     f"(lowercase letters, digits, _; not {RESERVED} or a modality)")
+  return name
+
+
+def condition_names(data_config) -> tuple[str, ...]:
+  """The condition fields the dataset will have, in CSV column order.
+
+  Read from the labels CSV's header alone (no image, no other row), so the
+  training and evaluation checks that depend on conditions run before any
+  build. () without a labels CSV.
+  """
+  csv_path = data_config.get("labels_csv")
+  if not csv_path:
+    return ()
+  csv_path = os.path.expanduser(csv_path)
+  with open(csv_path, newline="") as f:
+    header = next(csv.reader(f), [])
+  key = data_config.subject_column
+  if not header:
+    raise ValueError(f"{csv_path}: labels CSV has no rows")
+  if key not in header:
+    raise ValueError(f"{csv_path}: no subject column {key!r}; columns are "
+                     f"{header} (set data.subject_column)")
+  return tuple(_condition_name(c, csv_path, data_config) for c in header if c != key)
 
 
 def _read_labels(data_config, subject_names):
@@ -214,11 +266,7 @@ def _read_labels(data_config, subject_names):
   for column in rows[0]:
     if column == key:
       continue
-    name = column.strip().lower()
-    if not _NAME.match(name) or name in RESERVED or name in builders.as_tuple(
-        data_config.modalities):
-      raise ValueError(f"{csv_path}: column {column!r} cannot be a condition name "
-                       f"(lowercase letters, digits, _; not {RESERVED} or a modality)")
+    name = _condition_name(column, csv_path, data_config)
     values = {n: (row.get(column) or "").strip() for n, (_, row) in by_subject.items()}
     known = [v for v in values.values() if v]
 
@@ -300,6 +348,39 @@ def _load(subject: _Subject, data_config, policies, transforms):
           for i in indices], first
 
 
+def _output_geometry(volume: readers.Volume, data_config
+                     ) -> tuple[tuple[float, ...], np.ndarray | None]:
+  """(spacing in mm per axis, 4x4 affine) of the examples built from `volume`.
+
+  3D: the affine maps voxel index `(d, h, w, 1)` of the built volume to the
+  scanner's RAS millimetres. 2D: it maps `(h, w, k, 1)` of a slice to RAS
+  with k along the slice normal, placed at the source's middle slice. The
+  affine is None when the source has no geometry (PNG, NPY).
+  """
+  z_n, h_n, w_n = volume.array.shape
+  side, size = max(h_n, w_n), int(data_config.image_size)
+
+  def axis(n_in: int, n_out: int, pad: int) -> tuple[float, float]:
+    # ndimage.zoom(grid_mode=True) samples output index o at input coordinate
+    # (o + 0.5) * n_in / n_out - 0.5; `_square` pads (side - n) // 2 in front.
+    scale = n_in / n_out
+    return scale, 0.5 * scale - 0.5 - pad
+
+  (sr, orow), (sc, ocol) = axis(side, size, (side - h_n) // 2), axis(side, size,
+                                                                       (side - w_n) // 2)
+  dz, dr, dc = volume.spacing_mm
+  if data_config.mode == "3d":
+    sz, oz = axis(z_n, int(data_config.depth), 0)
+    to_source = np.array([[sz, 0, 0, oz], [0, sr, 0, orow], [0, 0, sc, ocol], [0, 0, 0, 1]])
+    spacing = (dz * sz, dr * sr, dc * sc)
+  else:
+    to_source = np.array([[0, 0, 1, (z_n - 1) // 2], [sr, 0, 0, orow], [0, sc, 0, ocol],
+                          [0, 0, 0, 1]], np.float64)
+    spacing = (dr * sr, dc * sc)
+  affine = None if volume.affine is None else volume.affine @ to_source
+  return tuple(float(x) for x in spacing), affine
+
+
 def plan(data_config) -> builders.Plan:
   validate(data_config)
   root = os.path.expanduser(data_config.source_dir)
@@ -317,7 +398,7 @@ def plan(data_config) -> builders.Plan:
   fields, labels, unlabelled = _read_labels(data_config, list(subjects))
   # Read every subject once: corrupt files are skipped, fatal problems raise
   # here, before TFDS creates anything.
-  counts, spacings = {}, []
+  counts, geometry = {}, {}
   for name in list(subjects):
     subject = subjects[name]
     try:
@@ -333,9 +414,7 @@ def plan(data_config) -> builders.Plan:
       del subjects[name]
       continue
     counts[name] = len(examples)
-    z, r, c = first.spacing_mm
-    extent = max(r * first.array.shape[1], c * first.array.shape[2])
-    spacings.append((z * first.array.shape[0] / data_config.depth, extent / data_config.image_size))
+    geometry[name] = _output_geometry(first, data_config)
   if not subjects:
     raise ValueError(f"{root}: every subject was skipped: "
                      f"{sorted({s['reason'] for s in skipped})}")
@@ -365,15 +444,21 @@ def plan(data_config) -> builders.Plan:
     return generate
 
   splits = {s: split_examples(n) for s, n in by_split.items() if n}
-  spacing = np.median(np.asarray(spacings), axis=0)
-  spacing_mm = ((float(spacing[0]),) if data_config.mode == "3d" else ()) + (
-      float(spacing[1]),) * 2
+  # Geometry of the subject whose spacing is nearest the median (ties: first
+  # in opaque-id order): its spacing and affine go with every sample, so the
+  # NIfTI header agrees with itself.
+  ordered = sorted(geometry, key=lambda n: subjects[n].opaque)
+  spacings = np.asarray([geometry[n][0] for n in ordered])
+  median = np.median(spacings, axis=0)
+  reference = ordered[int(np.argmin(np.abs(spacings - median).sum(axis=1)))]
+  spacing_mm, affine = geometry[reference]
   info = DatasetInfo(
       name="medical_folder", image_shape=spatial + (len(mods),), modalities=mods,
       intensity=tuple(transforms[m] for m in mods), conditions=fields,
       spacing_mm=spacing_mm,
       extra={"intensity_policy": policies, "has_lesion_mask": False,
-             "skipped_subjects": len(skipped)})
+             "skipped_subjects": len(skipped),
+             "affine": None if affine is None else affine.round(6).tolist()})
   reasons = {}
   for s in skipped:
     reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
@@ -384,6 +469,7 @@ def plan(data_config) -> builders.Plan:
       "empty_splits": [s for s, n in by_split.items() if not n],
       "image_shape": list(info.image_shape), "modalities": list(mods),
       "spacing_mm": list(spacing_mm),
+      "affine": None if affine is None else affine.round(6).tolist(),
       "intensity_policy": {m: transforms[m].description for m in mods},
       "conditions": [f.name for f in fields], "skipped": skipped,
       "skipped_counts": reasons, "ignored_files": ignored,

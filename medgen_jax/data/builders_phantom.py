@@ -27,6 +27,12 @@ CONDITIONS = (
 )
 
 
+def condition_names(data_config) -> tuple[str, ...]:
+  """Every ct_phantom example carries the same conditions."""
+  del data_config
+  return tuple(f.name for f in CONDITIONS)
+
+
 def _num_subjects(data_config) -> dict[str, int]:
   n = data_config.num_subjects
   return {s: int(n[s]) for s in builders.SPLITS}

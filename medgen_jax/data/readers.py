@@ -39,10 +39,15 @@ class Volume:
     array: float32 [Z, H, W] (Z = 1 for 2D images).
     spacing_mm: (z, row, column) spacing; 1.0 where unknown.
     is_2d: the source was a single 2D image (PNG, 2D NPY, one DICOM file).
+    affine: 4x4 map from array index `(z, row, column, 1)` to scanner RAS
+      millimetres (NIfTI: its affine; DICOM: ImagePositionPatient and
+      ImageOrientationPatient), or None where the source has no geometry
+      (PNG, NPY).
   """
   array: np.ndarray
   spacing_mm: tuple[float, float, float]
   is_2d: bool = False
+  affine: np.ndarray | None = None
 
 
 def opaque_id(name: str, salt: str) -> str:
@@ -77,10 +82,14 @@ def read_nifti(path: str) -> Volume:
     zooms = zooms[:2] + (1.0,)
   if data.ndim != 3:
     raise BadFileError(path, f"expected a 2D or 3D image, got shape {data.shape}")
-  # RAS (x, y, z) -> [z, rows anterior->posterior, columns right->left].
+  # RAS (x, y, z) -> [z, rows anterior->posterior, columns right->left]:
+  # vol[z, r, c] = data[X - 1 - c, Y - 1 - r, z].
   vol = np.transpose(data, (2, 1, 0))[:, ::-1, ::-1]
+  nx, ny = data.shape[:2]
+  index = np.array([[0, 0, -1, nx - 1], [0, -1, 0, ny - 1], [1, 0, 0, 0], [0, 0, 0, 1]],
+                   np.float64)
   return Volume(np.ascontiguousarray(vol), (zooms[2], zooms[1], zooms[0]),
-                is_2d=data.shape[2] == 1)
+                is_2d=data.shape[2] == 1, affine=np.asarray(img.affine, np.float64) @ index)
 
 
 def read_dicom_series(paths: Sequence[str]) -> Volume:
@@ -104,7 +113,8 @@ def read_dicom_series(paths: Sequence[str]) -> Volume:
                           np.float64)
     normal = np.cross(orient[:3], orient[3:])
     spacing = [float(s) for s in getattr(ds, "PixelSpacing", [1.0, 1.0])]
-    slices.append((float(position @ normal), pixels * slope + intercept, spacing, path))
+    slices.append((float(position @ normal), pixels * slope + intercept, spacing, path,
+                   position, orient))
   shapes = {s[1].shape for s in slices}
   if len(shapes) > 1:
     raise ValueError(f"{os.path.dirname(paths[0])}: DICOM series mixes slice "
@@ -121,7 +131,16 @@ def read_dicom_series(paths: Sequence[str]) -> Volume:
     dz = 1.0
   vol = np.stack([s[1] for s in slices])
   row, col = slices[0][2]
-  return Volume(vol, (dz, row, col), is_2d=len(slices) == 1)
+  # DICOM patient coordinates are LPS; pixel (r, c) of a slice lies at
+  # position + c * col_spacing * orient[:3] + r * row_spacing * orient[3:].
+  first, orient = slices[0][4], slices[0][5]
+  z_step = ((slices[-1][4] - first) / (len(slices) - 1) if len(slices) > 1
+            else np.cross(orient[:3], orient[3:]))
+  lps = np.eye(4)
+  lps[:3, 0], lps[:3, 1], lps[:3, 2] = z_step, orient[3:] * row, orient[:3] * col
+  lps[:3, 3] = first
+  return Volume(vol, (dz, row, col), is_2d=len(slices) == 1,
+                affine=np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
 
 
 def read_png(path: str) -> Volume:
