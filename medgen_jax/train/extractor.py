@@ -10,6 +10,15 @@ condition field (`DatasetInfo.conditions`):
 - continuous fields (age): regression of the value normalised to [0, 1] over
   the field's `value_range`, squared error; NaN (unknown) is masked out.
 
+A dataset without conditions (a folder without a labels CSV) trains the same
+network on a label-free pretext task instead (`train_pretext_extractor`):
+predicting which of four in-plane rotations (0, 90, 180, 270 degrees) was
+applied to a real train image. Telling them apart needs the anatomy's
+layout (which way is anterior, where the spine sits), not just grey-level
+statistics, so the features describe what a scan looks like without any
+label; the rotated copies are seen in training only, features are always
+taken of unrotated images.
+
 Its penultimate activations `[N, feature_dim]` define the domain Fréchet
 distance, KID and the k-NN manifold metrics; its heads judge condition
 fidelity of generated images; the GAN's condition teacher is the same network
@@ -144,6 +153,86 @@ def _normalised_targets(conditions: Mapping[str, np.ndarray],
   return {k: np.asarray(v) for k, v in condition_targets(targets, fields).items()}
 
 
+PRETEXT_ROTATION = ConditionField("pretext_rotation", CATEGORICAL, 4,
+                                  ("0", "90", "180", "270"))
+
+
+def rotate_in_plane(images: np.ndarray, quarter_turns: np.ndarray) -> np.ndarray:
+  """Each image `[N, *spatial, C]` turned by its `quarter_turns[i]` x 90 degrees in (H, W).
+
+  The H and W axes are the last two spatial ones, so volumes `[N, D, H, W, C]`
+  turn about their depth axis. Images must be square in (H, W).
+  """
+  images = np.asarray(images)
+  h, w = images.shape[-3:-1]
+  if h != w:
+    raise ValueError(f"in-plane rotation needs square images, got {h}x{w}")
+  return np.stack([np.rot90(x, int(k), axes=(-3, -2)) for x, k in zip(images, quarter_turns)])
+
+
+def _fit(model_fields, images: np.ndarray, batch_fn, *, steps: int, seed: int, lr: float,
+         architecture: Mapping) -> tuple[FeatureNet, dict, list[dict[str, float]]]:
+  """AdamW with cosine decay on `batch_fn(rng) -> (x, targets)` for `steps` steps."""
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  model, params = init_extractor(model_fields, images.shape[1:], seed=seed, **architecture)
+  schedule = (float(lr), min(10, steps // 4), int(steps))
+  opt_state = _optimizer(*schedule).init(params)
+  rng = np.random.default_rng(seed)
+  history = []
+  for _ in range(steps):
+    x, targets = batch_fn(rng)
+    params, opt_state, metrics = _train_step(
+        model, schedule, params, opt_state, jnp.asarray(x),
+        {k: jnp.asarray(v) for k, v in targets.items()})
+    history.append({k: float(v) for k, v in metrics.items()})
+  return model, params, history
+
+
+def train_pretext_extractor(images, *, steps: int, batch_size: int, seed: int,
+                            lr: float = 1e-3, **architecture
+                            ) -> tuple[FeatureNet, dict, list[dict[str, float]]]:
+  """Trains the extractor without labels: rotation prediction on real images.
+
+  Args:
+    images: `[N, H, W, C]` or `[N, D, H, W, C]` real images in [-1, 1], H == W.
+    steps, batch_size, seed, lr, **architecture: as `train_feature_extractor`.
+
+  Returns:
+    (model, params, history); the model has one 4-class head,
+    `PRETEXT_ROTATION`, and history carries its training-batch accuracy.
+  """
+  images = _check_images(images)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  n = images.shape[0]
+
+  def batch(rng):
+    idx = rng.choice(n, batch_size, replace=n < batch_size)
+    turns = rng.integers(0, 4, batch_size).astype(np.int32)
+    return rotate_in_plane(images[idx], turns), {PRETEXT_ROTATION.name: turns}
+
+  return _fit((PRETEXT_ROTATION,), images, batch, steps=steps, seed=seed, lr=lr,
+              architecture=architecture)
+
+
+def pretext_accuracy(model: FeatureNet, params, images, *, seed: int = 0) -> float:
+  """Rotation-prediction accuracy on `images`, each turned by a random quarter turn.
+
+  On the real test split it says whether the label-free extractor learned
+  anatomy that holds beyond its train subjects (chance is 0.25).
+  """
+  images = _check_images(images)
+  turns = np.random.default_rng(seed).integers(0, 4, images.shape[0])
+  predicted = predict_conditions(model, params, rotate_in_plane(images, turns))
+  return float(np.mean(predicted[PRETEXT_ROTATION.name] == turns))
+
+
+def is_pretext(model: FeatureNet) -> bool:
+  """True for an extractor trained by `train_pretext_extractor` (its head is no condition)."""
+  return tuple(model.fields) == (PRETEXT_ROTATION,)
+
+
 def train_feature_extractor(images, conditions: Mapping[str, np.ndarray],
                             fields: Sequence[ConditionField], *, steps: int,
                             batch_size: int, seed: int, lr: float = 1e-3,
@@ -170,26 +259,20 @@ def train_feature_extractor(images, conditions: Mapping[str, np.ndarray],
   images = _check_images(images)
   fields = tuple(fields)
   if not fields:
-    raise ValueError("fields is empty: the extractor needs a condition to learn")
+    raise ValueError("fields is empty: the extractor needs a condition to learn "
+                     "(train_pretext_extractor learns without labels)")
   if steps < 1 or batch_size < 1:
     raise ValueError(f"steps and batch_size must be >= 1, got {steps}, "
                      f"{batch_size}")
   n = images.shape[0]
   targets = _normalised_targets(conditions, fields, n)
-  model, params = init_extractor(fields, images.shape[1:], seed=seed,
-                                 **architecture)
-  schedule = (float(lr), min(10, steps // 4), int(steps))
-  opt_state = _optimizer(*schedule).init(params)
 
-  rng = np.random.default_rng(seed)
-  history = []
-  for _ in range(steps):
+  def batch(rng):
     idx = rng.choice(n, batch_size, replace=n < batch_size)
-    params, opt_state, metrics = _train_step(
-        model, schedule, params, opt_state, jnp.asarray(images[idx]),
-        {k: jnp.asarray(v[idx]) for k, v in targets.items()})
-    history.append({k: float(v) for k, v in metrics.items()})
-  return model, params, history
+    return images[idx], {k: v[idx] for k, v in targets.items()}
+
+  return _fit(fields, images, batch, steps=steps, seed=seed, lr=lr,
+              architecture=architecture)
 
 
 # The module is a hashable dataclass: static, so one compile per model/shape.

@@ -5,13 +5,18 @@ real train split: the evaluation's domain extractor and, with its own seed
 and step count, the GAN's frozen condition teacher
 (`medgen_jax.train.loop.build_teacher`). Either is trained once and cached:
 `get_extractor` restores it from a directory keyed by the dataset's identity
-and the recipe, or trains and saves it there.
+and the recipe, or trains and saves it there. A dataset without conditions
+gets the label-free rotation-pretext extractor
+(`extractor.train_pretext_extractor`; its key says `objective`). The cache
+directory is written under a temporary name and renamed when complete, so a
+process killed while saving leaves nothing that looks like an extractor.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
@@ -78,9 +83,12 @@ def extractor_key(data_config: Any, info: DatasetInfo,
                   settings: Mapping[str, Any]) -> dict[str, Any]:
   """What identifies an extractor: the dataset (built dir, channels, window)
   and its training settings. Stored beside it and compared on reuse."""
-  return {"dataset": _dataset_identity(data_config, info),
-          "training": {k: (list(settings[k]) if isinstance(settings[k], tuple)
-                           else settings[k]) for k in KEY_FIELDS}}
+  key = {"dataset": _dataset_identity(data_config, info),
+         "training": {k: (list(settings[k]) if isinstance(settings[k], tuple)
+                          else settings[k]) for k in KEY_FIELDS}}
+  if not info.conditions:  # (conditioned keys stay as they were: their caches still match)
+    key["objective"] = "rotation_pretext"
+  return key
 
 
 def extractor_path(data_config: Any, info: DatasetInfo,
@@ -127,14 +135,28 @@ def get_extractor(data_config: Any, info: DatasetInfo, train: Mapping[str, np.nd
           f"not for this evaluation ({key}); delete it or set "
           f"config.eval.extractor_path elsewhere")
     return model, params, {**meta, "reused": True, "path": path}
-  model, params, history = extractor.train_feature_extractor(
-      train["image"], {f.name: train[f.name] for f in info.conditions},
-      info.conditions, steps=int(settings["extractor_steps"]),
-      batch_size=int(settings["extractor_batch_size"]),
-      seed=int(settings["extractor_seed"]), lr=float(settings["extractor_lr"]),
-      **extractor.architecture_from(settings, prefix="extractor_"))
+  recipe = dict(steps=int(settings["extractor_steps"]),
+                batch_size=int(settings["extractor_batch_size"]),
+                seed=int(settings["extractor_seed"]), lr=float(settings["extractor_lr"]),
+                **extractor.architecture_from(settings, prefix="extractor_"))
+  if info.conditions:
+    model, params, history = extractor.train_feature_extractor(
+        train["image"], {f.name: train[f.name] for f in info.conditions},
+        info.conditions, **recipe)
+  else:
+    model, params, history = extractor.train_pretext_extractor(train["image"], **recipe)
   meta = {"key": key, "num_train_images": int(train["image"].shape[0]),
           "final_train_metrics": history[-1]}
-  extractor.save_extractor(path, model, params, input_shape=info.image_shape,
+  # Written beside, renamed when complete: a half-written directory (killed
+  # process, full disk) is never restored, and a leftover one is replaced.
+  partial = f"{path}.partial-{os.getpid()}"
+  shutil.rmtree(partial, ignore_errors=True)
+  extractor.save_extractor(partial, model, params, input_shape=info.image_shape,
                            metadata=meta)
+  if os.path.exists(os.path.join(path, "extractor.json")):
+    shutil.rmtree(partial)  # another process finished the same recipe first
+  else:
+    if os.path.isdir(path):  # incomplete (no extractor.json): a killed earlier save
+      shutil.rmtree(path)
+    os.replace(partial, path)
   return model, params, {**meta, "reused": False, "path": path}
