@@ -6,10 +6,13 @@ One evaluation run:
 2. loads the real train and test splits (`reference.load_real`);
 3. gets the domain feature extractor: restored from its orbax cache, or
    trained once on the real train split and cached
-   (`medgen_jax.train.extractor_cache.get_extractor`);
+   (`medgen_jax.train.extractor_cache.get_extractor`; without conditions it
+   learns the label-free rotation pretext, and its rotation accuracy on the
+   real test and train splits is reported as `extractor_pretext_accuracy_*`);
 4. draws `num_samples` condition tuples from the real test split's rows (so
-   class balance and covariate mix match the reference) and generates images
-   for them with the latest EMA generator (`medgen_jax.inference.sample`);
+   class balance and covariate mix match the reference; none for an
+   unconditional model) and generates images for them with the latest EMA
+   generator (`medgen_jax.inference.sample`);
 5. scores the generated set against the real TRAIN split, and scores the real
    TEST split against the real train split in exactly the same way
    (`scoring.evaluate_images`);
@@ -34,15 +37,16 @@ from medgen_jax.eval import output, reference, scoring, translation
 from medgen_jax.eval import settings as settings_lib
 from medgen_jax.inference import sample
 from medgen_jax.train import checkpoint as ckpt_lib
-from medgen_jax.train import extractor_cache
+from medgen_jax.train import extractor, extractor_cache
 
-GenerateFn = Callable[[Mapping[str, np.ndarray], int], np.ndarray]
+GenerateFn = Callable[..., np.ndarray]  # (conditions, seed, num=None) -> images
 
 
 def checkpoint_generator(config: Any, workdir: str, info: DatasetInfo, *,
                          batch_size: int = 64) -> tuple[GenerateFn, int]:
-  """(generate(conditions, seed) -> `[n, *spatial, C]` images in [-1, 1],
-  checkpoint step) for the latest fp32 EMA generator in `workdir`."""
+  """(generate(conditions, seed, num=None) -> `[n, *spatial, C]` images in
+  [-1, 1], checkpoint step) for the latest fp32 EMA generator in `workdir`;
+  n is the conditions' length, or `num` when there are none."""
   return sample.generator_fn(config, workdir, info, precision="fp32",
                              batch_size=batch_size)
 
@@ -70,21 +74,18 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   baseline_config = (baseline_lib.baseline_generator_config(config, baseline_dir)
                      if baseline_dir else None)
   info = data_lib.load_info(config.data)
-  if not info.conditions:
-    raise ValueError(f"dataset {info.name!r} has no condition fields: the "
-                     f"domain extractor has nothing to learn")
   train, test = reference.load_real(config.data, s)
   model, params, meta = extractor_cache.get_extractor(config.data, info, train, s)
   num = int(s["num_samples"] or len(test["image"]))
   requested = reference.draw_conditions(test, info, num, seed=int(s["seed"]))
   generate, gen_step = checkpoint_generator(
       config, workdir, info, batch_size=int(s["generate_batch_size"]))
-  generated = generate(requested, int(s["seed"]))
+  generated = generate(requested, int(s["seed"]), num)
   baseline = None
   if baseline_config is not None:
     generate_baseline, base_step = checkpoint_generator(
         baseline_config, baseline_dir, info, batch_size=int(s["generate_batch_size"]))
-    baseline = generate_baseline(requested, int(s["seed"]))
+    baseline = generate_baseline(requested, int(s["seed"]), num)
   out_dir = os.path.join(workdir, "eval")
   metrics = scoring.evaluate_images(generated, requested, real_train=train,
                                     real_test=test, info=info, model=model,
@@ -93,6 +94,13 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                     baseline=baseline)
   metrics.update(checkpoint_step=int(gen_step if gen_step is not None else step),
                  extractor_path=meta["path"], extractor_reused=meta["reused"])
+  if extractor.is_pretext(model):
+    # Does the label-free extractor know anatomy beyond its train subjects?
+    metrics.update(
+        extractor_pretext_accuracy_test=extractor.pretext_accuracy(
+            model, params, test["image"], seed=int(s["seed"])),
+        extractor_pretext_accuracy_train=extractor.pretext_accuracy(
+            model, params, train["image"][:len(test["image"])], seed=int(s["seed"])))
   if baseline_config is not None:
     metrics.update(baseline_checkpoint_step=int(
         base_step if base_step is not None else ckpt_lib.require_checkpoint(baseline_dir)),

@@ -135,6 +135,38 @@ def hu_distribution_distances(real_hu, generated_hu, *, paired: bool,
   return out
 
 
+FOREGROUND_MODEL_LEVEL = -0.8  # 10 % of the intensity window, the builder's foreground rule
+
+
+def intensity_distance(real_model, generated_model, transform, *, max_values: int = 2_000_000,
+                       seed: int = 0) -> dict[str, float]:
+  """Intensity realism of one non-CT channel, in the units of its intensity policy.
+
+  Both sides are mapped back with the channel's `IntensityTransform` (SUV for
+  PET, percentile-normalised [0, 1] for MRI, raw units) and compared over
+  their foreground voxels: those above 10 % of the window (model range
+  > -0.8, the `medical_folder` builder's foreground rule), so the background
+  that fills most of a scan does not decide the distance.
+
+  Args:
+    real_model, generated_model: `[N, *spatial]` one channel in [-1, 1].
+    transform: its `DatasetInfo.intensity` entry.
+
+  Returns:
+    {'intensity_w1': W1 over foreground voxels in the policy's units (NaN
+     when a side has none), 'intensity_foreground_diff': generated minus real
+     foreground fraction}.
+  """
+  real, gen = np.asarray(real_model, np.float32), np.asarray(generated_model, np.float32)
+  rmask, gmask = real > FOREGROUND_MODEL_LEVEL, gen > FOREGROUND_MODEL_LEVEL
+  rng = np.random.default_rng(seed)
+  w1 = (wasserstein1(_subsample(transform.to_physical(real[rmask]), max_values, rng),
+                     _subsample(transform.to_physical(gen[gmask]), max_values, rng))
+        if rmask.any() and gmask.any() else float("nan"))
+  return {"intensity_w1": w1,
+          "intensity_foreground_diff": float(gmask.mean() - rmask.mean())}
+
+
 def _squeeze_channel(name: str, x) -> np.ndarray:
   x = np.asarray(x, np.float32)
   if x.ndim >= 4 and x.shape[-1] == 1:

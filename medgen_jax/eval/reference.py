@@ -29,9 +29,12 @@ def draw_conditions(reference: Mapping[str, np.ndarray], info: DatasetInfo,
   split's conditions, so class balance matches the reference exactly.
 
   Returns:
-    {field: `[num]`} int32 categorical / float32 continuous.
+    {field: `[num]`} int32 categorical / float32 continuous; {} for a
+    dataset without conditions.
   """
-  n = len(np.asarray(reference[info.conditions[0].name])) if info.conditions else 0
+  if not info.conditions:  # an unconditional model: nothing to request
+    return {}
+  n = len(np.asarray(reference[info.conditions[0].name]))
   if n < 1:
     raise ValueError("draw_conditions needs a split with condition fields")
   rng = np.random.default_rng(seed)

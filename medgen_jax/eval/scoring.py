@@ -114,11 +114,20 @@ def _score_set(images: np.ndarray, requested: Mapping[str, np.ndarray],
         real.train_hu, hu, paired=False, real_mask=real.train_body,
         generated_mask=body, seed=seed))
     artifacts["hu"], artifacts["body"] = hu, body
-    if info.name == "ct_phantom" and "lesion" in requested:
+    if info.name == "ct_phantom" and "lesion" in requested:  # (ct channel only)
       measured = np.asarray([fidelity.lesion_diameter_from_image(
           x, spacing_mm=info.spacing_mm) for x in hu])
       out.update(lesion_range_error(measured, requested["lesion"],
                                     phantom_lesion_ranges()))
+
+  # Every other channel: W1 of its foreground intensities in the units of
+  # its intensity policy (SUV, normalised MRI, raw), named by modality.
+  for c, (modality, transform) in enumerate(zip(info.modalities, info.intensity)):
+    if c == ch:
+      continue
+    scored = physical.intensity_distance(real.train_images[..., c], images[..., c],
+                                         transform, seed=seed)
+    out.update({f"{key}_{modality}": v for key, v in scored.items()})
 
   pct = float(s["memorization_percentile"])
   audit_f = memorization.memorization_audit(feats, tr, real_test_feats,

@@ -1,9 +1,13 @@
-"""Writing generated images as NIfTI (`.nii.gz`) with their voxel spacing.
+"""Writing generated images as NIfTI (`.nii.gz`) in the training data's geometry.
 
-Voxel axes follow the array axes (`[H, W]` or `[D, H, W]`), and the affine is
-`diag(spacing_mm, 1)`: voxel (i, j, k) sits at (i * s0, j * s1, k * s2) mm.
-That is exact about sizes and distances (what measurements need) and makes no
-claim about patient orientation, which a synthetic image does not have.
+Voxel axes follow the array axes (`[H, W]` or `[D, H, W]`). With the
+dataset's affine (`DatasetInfo.extra['affine']`, recorded by `medical_folder`
+from the scanner's NIfTI affine or DICOM position and orientation) a sample
+opens in a viewer aligned with the real scans: in 3D the affine maps
+`(d, h, w)` to RAS mm, in 2D `(h, w, 0)` onto the middle slice of the
+reference scan. Without one (the phantom, PNG/NPY folders) the affine is
+`diag(spacing_mm, 1)`: exact about sizes and distances, no claim about
+patient orientation.
 """
 from __future__ import annotations
 
@@ -22,8 +26,26 @@ def spacing_affine(spacing_mm: Sequence[float]) -> np.ndarray:
   return np.diag(spacing + [1.0] * (4 - len(spacing)))
 
 
+def check_affine(affine, spacing_mm: Sequence[float]) -> np.ndarray:
+  """`affine` as a 4x4 float array whose first columns' lengths are `spacing_mm`.
+
+  Raises:
+    ValueError: not 4x4, singular, or a voxel size that disagrees with the
+      spacing (an affine of another dataset).
+  """
+  a = np.asarray(affine, np.float64)
+  if a.shape != (4, 4) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+    raise ValueError(f"affine must be an invertible 4x4 matrix, got {a.tolist()}")
+  spacing = np.asarray([float(s) for s in spacing_mm])
+  lengths = np.linalg.norm(a[:3, :len(spacing)], axis=0)
+  if not np.allclose(lengths, spacing, rtol=1e-3):
+    raise ValueError(f"affine voxel sizes {lengths.round(4).tolist()} disagree with "
+                     f"spacing_mm {spacing.tolist()}")
+  return a
+
+
 def save_nifti(path: str, image: np.ndarray, spacing_mm: Sequence[float], *,
-               unit: str = "") -> str:
+               unit: str = "", affine=None) -> str:
   """Writes one image in physical units.
 
   Args:
@@ -32,6 +54,8 @@ def save_nifti(path: str, image: np.ndarray, spacing_mm: Sequence[float], *,
       NIfTI dimension), spatial 2D or 3D, already in physical units (HU, SUV).
     spacing_mm: one spacing per spatial axis.
     unit: intensity unit written to the header's description (e.g. 'HU').
+    affine: optional 4x4 voxel-index -> RAS mm map (`check_affine`); None
+      writes `spacing_affine(spacing_mm)`.
 
   Returns:
     the path written.
@@ -49,7 +73,11 @@ def save_nifti(path: str, image: np.ndarray, spacing_mm: Sequence[float], *,
                      f"{spacing} ({nd} spatial axes)")
   if not path.endswith((".nii", ".nii.gz")):
     raise ValueError(f"NIfTI path must end in .nii or .nii.gz, got {path!r}")
-  img = nib.Nifti1Image(image, spacing_affine(spacing))
+  matrix = spacing_affine(spacing) if affine is None else check_affine(affine, spacing)
+  img = nib.Nifti1Image(image, matrix)
+  if affine is not None:  # scanner coordinates: qform and sform both say so
+    img.set_qform(matrix, code="scanner")
+    img.set_sform(matrix, code="scanner")
   zooms = spacing + (1.0,) * (image.ndim - nd)
   img.header.set_zooms(zooms)
   img.header.set_xyzt_units(xyz="mm")

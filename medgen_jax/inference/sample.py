@@ -203,17 +203,22 @@ def generate(prepared: quantize.PreparedGenerator, z: np.ndarray,
 def generator_fn(config: Any, workdir: str, info: DatasetInfo, *, precision: str = "fp32",
                  batch_size: int = 64) -> tuple[Callable[[Mapping[str, np.ndarray], int],
                                                         np.ndarray], int]:
-  """(generate(conditions, seed) -> images `[N, *spatial, C]` in [-1, 1], step).
+  """(generate(conditions, seed, num=None) -> images `[N, *spatial, C]` in [-1, 1], step).
 
-  For the evaluation suite: the latest EMA generator at `precision`.
+  For the evaluation suite: the latest EMA generator at `precision`. N is
+  the length of the condition arrays, or `num` for an unconditional model
+  (empty `conditions`).
   """
   generator, params, step = restore_ema_generator(config, workdir, info)
   latent = int(config.model.latent_dim)
   prepared = quantize.prepare_for_sampling(generator, params, precision, info=info,
                                            batch_size=batch_size, latent_dim=latent)
 
-  def run(conditions: Mapping[str, np.ndarray], seed: int) -> np.ndarray:
-    n = len(next(iter(conditions.values()))) if conditions else 0
+  def run(conditions: Mapping[str, np.ndarray], seed: int,
+          num: int | None = None) -> np.ndarray:
+    n = len(next(iter(conditions.values()))) if conditions else int(num or 0)
+    if n < 1:
+      raise ValueError("generate: give conditions, or num for an unconditional model")
     return generate(prepared, make_noise(seed, n, latent), conditions,
                     batch_size=batch_size)[0]
   return run, step
@@ -237,9 +242,10 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
            interpolate: int = 0) -> dict[str, Any]:
   """Generates `num_samples` images and writes them under `out_dir`.
 
-  Writes `sample_0000.nii.gz`, ... (physical units, spacing from the
-  dataset), `grid.png` (CT in `ct_window`, via `medgen_jax.viz`) and
-  `samples.json` (the returned summary).
+  Writes `sample_0000.nii.gz`, ... (physical units, spacing and, where the
+  dataset recorded one, the scanner affine of the training data),
+  `grid.png` (CT in `ct_window`, via `medgen_jax.viz`) and `samples.json`
+  (the returned summary).
 
   Args:
     condition: e.g. 'lesion=large,age=70,site=1' (validated first).
@@ -294,7 +300,8 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
   files = []
   for i, image in enumerate(physical):
     name = f"sample_{i:04d}.nii.gz"
-    nifti.save_nifti(os.path.join(out_dir, name), image, info.spacing_mm, unit=unit)
+    nifti.save_nifti(os.path.join(out_dir, name), image, info.spacing_mm, unit=unit,
+                     affine=info.extra.get("affine"))
     files.append(name)
   cols = interpolate or min(8, num_samples)
   rows = max(1, num_samples // cols)
@@ -307,7 +314,8 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
       truncation_psi=truncation_psi, interpolate=interpolate,
       conditions=_json_conditions(conditions, info), latency=latency,
       param_bytes=quantize.stored_bytes(prepared)["param_bytes"],
-      units=unit, spacing_mm=list(info.spacing_mm), files=files, grid="grid.png",
+      units=unit, spacing_mm=list(info.spacing_mm), affine=info.extra.get("affine"),
+      files=files, grid="grid.png",
       ct_window=ct_window, workdir=os.path.abspath(workdir))
   with open(os.path.join(out_dir, "samples.json"), "w") as f:
     json.dump(summary, f, indent=2)
