@@ -31,12 +31,16 @@ from medgen_jax.models.generator import (TransformerGenerator,
 from medgen_jax.models.translator import Translator, build_translator
 from medgen_jax.models.unet import UNet, build_unet
 from medgen_jax.models.variants import VARIANTS, Variant, decode_variant
+from medgen_jax.models.velocity import FlowGenerator, build_flow_generator
 
 Builder = Callable[..., nn.Module]
 
 GENERATORS: dict[str, Builder] = {
     "transformer": build_transformer_generator,
     "cnn": build_cnn_generator,
+    # Flow matching (config.task = 'flow'): G(z, conditions) integrates the
+    # ODE; training calls G.apply(..., method='velocity').
+    "flow": build_flow_generator,
     # Image-to-image (config.task = 'translation'): called as
     # G(sources, conditions, *, train, source_mask=None).
     "translator": build_translator,
@@ -77,6 +81,6 @@ def build_discriminator(model_config, info: DatasetInfo) -> nn.Module:
 __all__ = [
     "GENERATORS", "DISCRIMINATORS", "build_generator", "build_discriminator",
     "TransformerGenerator", "CNNGenerator", "ResNetDiscriminator",
-    "Translator", "UNet",
+    "Translator", "UNet", "FlowGenerator",
     "VARIANTS", "Variant", "decode_variant",
 ]
