@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from medgen_jax.train import losses, state as state_lib, step as step_lib
-from test_train_step import INFO, TinyD, TinyG, tiny_batch, tiny_config
+from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
 
 
 def _softplus(x):

@@ -6,7 +6,7 @@ import numpy as np
 
 from medgen_jax.train import variety
 from medgen_jax.train.loop import run_training
-from test_train_step import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
+from conftest import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
 
 
 def _brute_force(images, groups):
