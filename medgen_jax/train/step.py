@@ -107,7 +107,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     models: networks and optimisers (static).
     config: the experiment ConfigDict (static; reads model.latent_dim and loss).
     axis_name: mesh axis the batch is split over, or None under jit.
-    with_r1: static R1 switch (see `r1_due`); None decides from `state.step`
+    with_r1: static switch of the lazy penalties, R1 and R2 together (see
+      `r1_due`); None decides from `state.step`
       on device with `lax.cond` (one executable, but XLA:CPU runs the
       conditional's body ~3x slower; measured in commit c95b331).
 
