@@ -1,9 +1,13 @@
 """Flow-matching objective: path, target, loss, time distribution and condition dropout
 against hand-computed values."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from scipy import special
 
 from configs import phantom_flow
@@ -74,3 +78,19 @@ def test_latent_dim_follows_image_size():
   assert config.model.latent_dim == 32 * 32
   config = phantom_flow.get_config("3d")
   assert config.model.latent_dim == config.data.depth * config.data.image_size ** 2
+
+
+def test_command_line_overrides_reach_the_flow_config():
+  # The locked config experiments/*.py gets: latent_dim follows the image size.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = ["prog", f"--config={os.path.join(root, 'configs/phantom_flow.py')}:quick",
+          "--config.data.image_size=16", "--config.model.sample_steps=8",
+          "--config.model.solver=heun"]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  config = values.config
+  assert config.model.latent_dim == 16 * 16
+  assert (config.model.sample_steps, config.model.solver) == (8, "heun")
+  assert config.task == "flow" and set(config.eval) == set(phantom_flow.get_config().eval)
