@@ -89,10 +89,12 @@ def _fingerprint(data_config) -> list:
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
     for f in sorted(filenames):
-      # lstat: a dangling link is a source entry too (skipped when read), not a crash.
-      st = os.lstat(os.path.join(dirpath, f))
-      out.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size,
-                  st.st_mtime_ns))
+      path = os.path.join(dirpath, f)
+      try:
+        st = os.stat(path)
+      except OSError:  # a dangling link: skipped when read, not a crash here
+        st = os.lstat(path)
+      out.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
   csv_path = data_config.get("labels_csv")
   if csv_path:
     st = os.stat(os.path.expanduser(csv_path))
