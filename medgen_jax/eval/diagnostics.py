@@ -121,12 +121,14 @@ def diagnose_run(config: Any, workdir: str, *, num_noise: int = 16, num_real: in
   For every class of the sample grid's condition (others unknown), the
   EMA generator's relative spread over `num_noise` draws at each top-level
   module, beside the same spread of `num_noise` real training images of that
-  class; and D's mean logit on `num_real` training, held-out test and
-  generated images (generated from the test images' conditions).
+  class; the same spread with every condition given (the first test slice's);
+  and D's mean logit on `num_real` training, held-out test and generated
+  images (generated from the test images' conditions).
 
   Returns:
     {'checkpoint_step', 'noise_spread': {class: {module: spread}},
-     'real_spread': {class: spread}, 'discriminator': discriminator_gap(...)}.
+     'real_spread': {class: spread}, 'noise_spread_all_conditions':
+     {'conditions', module: spread}, 'discriminator': discriminator_gap(...)}.
   """
   info = data_lib.load_info(config.data)
   generator = models_lib.build_generator(config.model, info)
@@ -163,10 +165,17 @@ def diagnose_run(config: Any, workdir: str, *, num_noise: int = 16, num_real: in
     same = train_x if field is None else train_x[train_c[field] == row]
     real_spread[label] = relative_spread(same[:num_noise]) if len(same) > 1 else float("nan")
 
+  # Every condition given (the first test slice's), as the evaluation asks:
+  # with age and site fixed too, only the noise can make samples differ.
+  full = {k: jnp.repeat(jnp.asarray(v[:1]), num_noise, axis=0) for k, v in test_c.items()}
+  spread_full = noise_spread(generator, g_variables, full, np.asarray(z[:num_noise]))
+
   z_fake = jax.random.normal(jax.random.PRNGKey(seed + 2), (len(test_x), latent))
   fake = generator.apply(g_variables, z_fake, test_c, train=False)
   gap = discriminator_gap(discriminator, d_variables, {
       "train": (train_x, train_c), "test": (test_x, test_c),
       "generated": (np.asarray(fake), test_c)})
   return dict(checkpoint_step=step, noise_spread=spread, real_spread=real_spread,
+              noise_spread_all_conditions=dict(
+                  conditions={k: float(v[0]) for k, v in test_c.items()}, **spread_full),
               discriminator=gap)
