@@ -25,6 +25,7 @@ from medgen_jax.data import builders
 from medgen_jax.train import augment as augment_lib
 from medgen_jax.train import checkpoint as ckpt_lib
 from medgen_jax.train import extractor, extractor_cache
+from medgen_jax.train import flow
 from medgen_jax.train import logging as log_lib
 from medgen_jax.train import losses
 from medgen_jax.train import parallel
@@ -35,7 +36,7 @@ from medgen_jax.train import variety as variety_lib
 
 SAMPLE_COLS = 8
 LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
-             "g_teacher", "g_diversity")
+             "g_teacher", "g_diversity", "flow_loss")
 
 
 def validate_config(config: Any, num_devices: int) -> None:
@@ -136,7 +137,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   validate_config(config, jax.device_count())
   info = data_lib.load_info(config.data)
   generator = models_lib.build_generator(config.model, info)
-  discriminator = models_lib.build_discriminator(config.model, info)
+  # Flow matching trains the velocity network alone (train/flow.py).
+  discriminator = (None if config.get("task") == "flow" else
+                   models_lib.build_discriminator(config.model, info))
   t = config.train
   iterator, _ = data_lib.load_dataset(
       config.data, split="train", batch_size=t.batch_size // jax.process_count(),
@@ -215,9 +218,14 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   """
   models = state_lib.make_models(generator, discriminator, config, teacher=teacher)
   task = config.get("task", "generation")
-  if task not in translation.TASKS:
-    raise ValueError(f"unknown config.task {task!r}; expected one of {translation.TASKS}")
-  hooks = translation.trainer_hooks(config, models, info) if task == "translation" else {}
+  if task not in translation.TASKS + flow.TASKS:
+    raise ValueError(f"unknown config.task {task!r}; expected one of "
+                     f"{translation.TASKS + flow.TASKS}")
+  hooks = {}
+  if task == "translation":
+    hooks = translation.trainer_hooks(config, models, info)
+  elif task == "flow":
+    hooks = flow.trainer_hooks(config, models, info)
   trainer = parallel.build_trainer(config, models, info, **hooks)
   it = iterator
   t = config.train
@@ -237,7 +245,9 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
     state = trainer.put_state(global_state)
     it.set_state(data_state)
 
-  # Fixed noise and one row per condition value, for comparable grids over time.
+  # Fixed noise and one row per condition value, for comparable grids over time
+  # (for flow runs the noise is the image at t = 1 and the generator's call
+  # integrates the ODE: models.velocity.FlowGenerator).
   sample_cond, row_labels = viz.grid_conditions(info, SAMPLE_COLS)
   num_samples = len(row_labels) * SAMPLE_COLS
   sample_z = jax.random.normal(jax.random.PRNGKey(t.seed + 1),
@@ -246,7 +256,8 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
                                                    sample_cond, train=False))
   sample_dir = os.path.join(workdir, "samples")
   # Collapse as it happens: the grid's same-row variety vs the real batches'.
-  meter = variety_lib.VarietyMeter(viz.row_condition(info)) if task == "generation" else None
+  meter = (variety_lib.VarietyMeter(viz.row_condition(info))
+           if task in ("generation", "flow") else None)
   variety = {}
   if task == "translation":  # rows: real pairs | translated, on the latest batch
     row_labels = list(translation.SAMPLE_ROWS)
@@ -305,8 +316,8 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
           ips = (step - steady_from) * t.batch_size / elapsed if elapsed > 0 else 0.0
           if step % t.log_every == 0 or step == t.num_steps:
             writer.write(step, {**last, **variety, "images_per_s": ips})
-            bar.set_postfix(d=f"{last['d_loss']:.3f}", g=f"{last['g_loss']:.3f}",
-                            img_s=f"{ips:.1f}")
+            bar.set_postfix(**{k: f"{last[k]:.3f}" for k in ("d_loss", "g_loss", "flow_loss")
+                               if k in last}, img_s=f"{ips:.1f}")
         if due_ckpt:
           save(step, state)
         if sigterm.is_set():
