@@ -7,6 +7,7 @@ summary.json.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,12 +40,63 @@ LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_
              "g_teacher", "g_diversity", "flow_loss")
 
 
+def _teacher_names(config: Any) -> tuple[str, ...]:
+  return tuple(n.strip() for n in str(config.loss.get("teacher_fields", "") or "").split(",")
+               if n.strip())
+
+
+def teacher_weight(config: Any, condition_names: tuple[str, ...] | None) -> float:
+  """`loss.teacher_weight`; None (configs/folder_gan.py's default) means
+  "on when the dataset has conditions": 1.0 with condition fields (or when
+  they are only known after the build), 0.0 without."""
+  weight = config.loss.get("teacher_weight", 0.0)
+  if weight is None:
+    return 0.0 if condition_names == () else 1.0
+  return float(weight)
+
+
+def _no_conditions_hint(data_config: Any) -> str:
+  if data_config.get("name") != "medical_folder":
+    return f"dataset {data_config.get('name')!r} has no condition fields"
+  if not data_config.get("labels_csv"):
+    return ("the dataset has no conditions: data.labels_csv is not set (give "
+            "--config.data.labels_csv=labels.csv to condition on its columns)")
+  return (f"the dataset has no conditions: the labels CSV {data_config.labels_csv} has "
+          f"only the subject column {data_config.get('subject_column')!r}")
+
+
+def check_condition_settings(config: Any, names: tuple[str, ...] | None) -> None:
+  """Settings that need condition fields, against the dataset's `names`
+  (`data.condition_names`: declared, or the labels CSV header; None = known
+  only after the build, then `build_teacher` checks). One ValueError naming
+  the setting and what to change."""
+  if names is None:
+    return
+  weight = teacher_weight(config, names)
+  if weight and not names:
+    raise ValueError(
+        f"loss.teacher_weight {weight} needs conditions to teach, but "
+        f"{_no_conditions_hint(config.data)}; set --config.loss.teacher_weight=0")
+  unknown = sorted(set(_teacher_names(config)) - set(names))
+  if weight and unknown:
+    raise ValueError(f"loss.teacher_fields names {unknown}, which are not conditions of "
+                     f"the dataset (it has {list(names)}); fix --config.loss.teacher_fields "
+                     f"('' = all)")
+  if float(config.loss.get("condition_weight", 0.0)) > 0 and not names:
+    raise ValueError(
+        f"loss.condition_weight {config.loss.condition_weight} (the discriminator's "
+        f"condition heads) needs conditions, but {_no_conditions_hint(config.data)}; set "
+        f"--config.loss.condition_weight=0 --config.model.d_condition_heads=False")
+
+
 def validate_config(config: Any, num_devices: int) -> None:
   """Cheap checks with one clear ValueError, before data or compilation.
 
   Model size checks (image size vs token grid, window vs grid, heads vs
   width) are made by `medgen_jax.models.build_generator`, which runs before
-  anything is compiled too.
+  anything is compiled too. Settings that need conditions are checked
+  against the dataset's condition names, read without building it
+  (`check_condition_settings`).
   """
   t, m = config.train, config.model
   for key in ("num_steps", "batch_size", "log_every", "sample_every", "checkpoint_every",
@@ -84,13 +136,15 @@ def validate_config(config: Any, num_devices: int) -> None:
   if config.loss.diversity_weight < 0 or config.loss.diversity_cap <= 0:
     raise ValueError(f"loss.diversity_weight must be >= 0 and loss.diversity_cap > 0, got "
                      f"{config.loss.diversity_weight}, {config.loss.diversity_cap}")
-  teacher_weight = float(config.loss.teacher_weight)
-  if teacher_weight < 0:
-    raise ValueError(f"loss.teacher_weight must be >= 0, got {teacher_weight}")
-  if teacher_weight and config.task != "generation":
-    raise ValueError(f"loss.teacher_weight {teacher_weight} applies to the generation "
+  names = (builders.condition_names(config.data) if config.task == "generation" else None)
+  weight = teacher_weight(config, names)
+  if weight < 0:
+    raise ValueError(f"loss.teacher_weight must be >= 0, got {weight}")
+  if weight and config.task != "generation":
+    raise ValueError(f"loss.teacher_weight {weight} applies to the generation "
                      f"task only; set it to 0 for task {config.task!r}")
-  if teacher_weight:
+  check_condition_settings(config, names)
+  if weight:
     eval_seed = int(extractor_cache.extractor_settings(config)["extractor_seed"])
     if int(config.loss.teacher_seed) == eval_seed or int(config.loss.teacher_steps) < 1:
       raise ValueError(
@@ -135,7 +189,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   """
   parallel.maybe_initialize_distributed(config.parallel)
   validate_config(config, jax.device_count())
+  # Before the data: a second run on this workdir stops here, not after a build.
+  with (ckpt_lib.workdir_lock(workdir) if jax.process_index() == 0
+        else contextlib.nullcontext()):
+    return _build_and_train(config, workdir)
+
+
+def _build_and_train(config: Any, workdir: str) -> dict:
+  """`train_and_evaluate` after validation, holding the workdir lock."""
   info = data_lib.load_info(config.data)
+  if config.loss.get("teacher_weight", 0.0) is None:  # auto: recorded in config.json
+    config.loss.teacher_weight = teacher_weight(config, tuple(f.name for f in info.conditions))
   generator = models_lib.build_generator(config.model, info)
   # Flow matching trains the velocity network alone (train/flow.py).
   discriminator = (None if config.get("task") == "flow" else
@@ -169,14 +233,10 @@ def build_teacher(config: Any, info, *, trained: bool = True
   weights and no data is read: what the step costs does not depend on the
   weights (`medgen_jax.bench.train_step`).
   """
-  if not float(config.loss.teacher_weight):
+  if not teacher_weight(config, tuple(f.name for f in info.conditions)):
     return None
-  names = tuple(n.strip() for n in str(config.loss.teacher_fields).split(",")
-                if n.strip())
-  unknown = sorted(set(names) - {f.name for f in info.conditions})
-  if unknown:
-    raise ValueError(f"loss.teacher_fields {unknown} are not conditions of "
-                     f"{info.name!r}: {[f.name for f in info.conditions]}")
+  check_condition_settings(config, tuple(f.name for f in info.conditions))
+  names = _teacher_names(config)
   if names:
     # Trained on the fields it teaches only: at 300 steps a classifier of all
     # three conditions was at chance on lesion (0.34 on the real test split),
