@@ -267,3 +267,18 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypa
   ckpt_lib.save(manager, 4, _state(4.0), {"pos": 4})  # with space again, it saves
   assert manager.all_steps() == [4]
   manager.close()
+
+
+def test_sampling_reads_the_newest_good_checkpoint(tmp_path, caplog):
+  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(str(tmp_path)), keep=3)
+  ckpt_lib.save(manager, 2, _state(2.0), {})
+  ckpt_lib.save(manager, 4, _state(4.0), {})
+  manager.close()
+  _damage(tmp_path / "checkpoints" / "4")
+  with caplog.at_level(logging.WARNING, logger="medgen_jax.train"):
+    fields, step = ckpt_lib.restore_fields(
+        str(tmp_path), {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)})
+  assert step == 2
+  np.testing.assert_array_equal(np.asarray(fields["w"]), np.full((4, 3), 2.0))
+  assert "checkpoint step 4" in caplog.text and "is damaged" in caplog.text
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # read-only: nothing moved
