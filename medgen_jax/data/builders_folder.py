@@ -17,6 +17,10 @@ fails before a dataset directory exists (policy in docs/data.md):
     summary that name only the subject's opaque id.
 Subject names (often patient ids) never leave this module: examples carry a
 salted-hash id, summaries and logs use its hex form.
+
+Geometry: `info.spacing_mm` and `info.extra['affine']` describe the built
+voxels in the scanner's RAS millimetres (`_output_geometry`), so samples can
+be written back in the training scans' frame (`medgen_jax.inference.nifti`).
 """
 from __future__ import annotations
 
