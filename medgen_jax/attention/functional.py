@@ -5,7 +5,8 @@ Every function takes q/k/v laid out channels last with heads before head-dim,
 exactly as `jax.nn.dot_product_attention` does. Softmax statistics are always
 accumulated in float32, whatever the input dtype.
 
-`full_attention` chooses between XLA's dense attention and the blocked exact
+`full_attention` chooses per backend between cuDNN / Pallas flash kernels
+(`medgen_jax.attention.kernels`), XLA's dense attention and the blocked exact
 kernel of `medgen_jax.attention.chunked`; `axial_attention` and
 `window_attention` re-lay tokens out (lines, windows) and call it;
 `ATTENTION_VARIANTS` names the spatial variants the layers use.
@@ -25,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medgen_jax.attention import kernels
 from medgen_jax.attention.chunked import MASK_VALUE, chunked_attention
+from medgen_jax.attention.kernels import IMPLEMENTATIONS
 
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
@@ -72,22 +75,9 @@ def _as_4d(x: Array | None, target: tuple[int, int, int, int], what: str,
   return x
 
 
-# On CPU the blocked form beats XLA's dense attention, which writes the whole
-# [B, h, N, M] score tensor several times, once the score matrix is large: in
-# docs/benchmarks.md (2 CPU cores, B=4, 4 heads, head_dim 32, fwd+bwd, float32)
-# dense is faster at 256 tokens, the two are about even at 512 (blocked 65-83
-# ms, dense 68 ms), and the blocked form is 1.5x faster at 1,024 and 1.8x at
-# 4,096.
-_CPU_CHUNKED_MIN_SCORES = 512 * 512
-# Default block: about 2^18 float32 scores per (B, h, bq, bk) block (1 MiB), so
-# a block and its exp stay in L2; measured 128 x 128 at B * h = 16 beats 256+.
-_CPU_BLOCK_SCORES = 2 ** 18
-IMPLEMENTATIONS = ("xla", "chunked")
-
-
 def default_chunk_size(batch_heads: int, q_len: int, kv_len: int,
                        backend: str | None = None) -> int | None:
-  """Block size `full_attention` uses when chunk_size is None (None = dense XLA path).
+  """The chunked block `full_attention` uses on CPU when chunk_size is None.
 
   Args:
     batch_heads: batch * heads, the number of independent attention maps.
@@ -96,40 +86,56 @@ def default_chunk_size(batch_heads: int, q_len: int, kv_len: int,
 
   Returns:
     A power-of-two block in [64, 512] on CPU for q_len * kv_len >= 512 * 512;
-    otherwise None, which means `jax.nn.dot_product_attention` with its
-    default implementation: XLA's dense attention, on every backend.
+    otherwise None (the CPU's dense path, or a backend whose choice
+    `kernels.choose_implementation` makes from dtype and bias / mask too).
   """
   backend = backend or jax.default_backend()
-  if backend != "cpu" or q_len * kv_len < _CPU_CHUNKED_MIN_SCORES:
+  if backend != "cpu" or q_len * kv_len < kernels.CPU_CHUNKED_MIN_SCORES:
     return None
-  side = math.sqrt(_CPU_BLOCK_SCORES / max(batch_heads, 1))
-  return int(min(512, max(64, 2 ** round(math.log2(side)))))
+  return kernels.chunk_size_for("cpu", batch_heads)
 
 
 def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
                    mask: Array | None = None,
                    chunk_size: IntOrSeq | None = None,
                    implementation: str | None = None) -> Array:
-  """Softmax attention of every query over every key.
+  """Softmax attention of every query over every key, by the fastest exact kernel.
 
-  What runs:
+  What runs with `implementation=None` and `chunk_size=None`
+  (`kernels.choose_implementation`, a pure function of backend, dtype, shapes
+  and bias / mask presence):
+
+  * GPU: 'cudnn' (cuDNN flash attention) when there is no bias and no mask,
+    q/k/v are bf16 or fp16 and head_dim is a multiple of 8 up to 128.
+    Otherwise (float32, a bias such as the relative position bias, or the
+    Swin mask) 'xla' up to 2^28 batch * heads * q_len * kv_len scores, and
+    'chunked' above that, so memory stays linear in the sequence length.
+  * TPU: 'pallas_tpu' (Pallas TPU flash attention) when there is no bias and
+    no mask, q_len and kv_len are multiples of 128 and head_dim <= 128 or a
+    multiple of 128; otherwise 'xla' / 'chunked' as on GPU.
+  * CPU: 'xla' below q_len * kv_len = 512 * 512, 'chunked' from there (with
+    ~1 MiB score blocks), bias and mask or not.
+
+  The implementations (each forced by `implementation=`):
 
   * 'chunked' (`medgen_jax.attention.chunked`): exact online softmax over key
     blocks inside a loop over query blocks, with a backward pass that
-    recomputes blocks, so forward and backward memory grow linearly with the
-    sequence length. Plain XLA loops, not a fused kernel; the same code on
-    every backend. Takes any bias and mask.
-  * 'xla': `jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)` with
-    its default `implementation=None`, which in jax 0.10-0.11 is XLA's dense
-    attention on every backend, GPU included: it materialises the float32
-    `[batch, heads, q_len, kv_len]` scores, so memory grows quadratically.
-    cuDNN's fused flash attention would need `implementation='cudnn'` (and
-    bf16/fp16 inputs), which this function never requests.
+    recomputes blocks: memory linear in the sequence length. Plain XLA loops
+    (not a fused kernel), on every backend, with any bias and mask.
+  * 'xla': `jax.nn.dot_product_attention(..., implementation='xla')`, XLA's
+    dense attention: it materialises the float32 `[batch, heads, q_len,
+    kv_len]` scores (quadratic memory). Any bias and mask.
+  * 'cudnn': `jax.nn.dot_product_attention(..., implementation='cudnn')`; GPU
+    only (jax raises elsewhere), bf16/fp16 only. A bias is cast to q's dtype
+    and jax folds a mask into it, so bias gradients come back in q's dtype.
+  * 'pallas_tpu' (`kernels.pallas_tpu_attention`): lengths multiples of 128.
+    It takes no broadcast bias and no boolean mask, so when forced with
+    either they are materialised as one dense float32 bias (quadratic).
+  * 'pallas_gpu' (`kernels.pallas_gpu_attention`, Triton): no bias, no mask
+    (forcing it with either is an error); q_len == kv_len in practice.
 
-  With chunk_size and implementation both None the choice is made by backend
-  (`default_chunk_size`): on CPU 'chunked' for q_len * kv_len >= 512 * 512,
-  with blocks of ~1 MiB of scores, and 'xla' below that; on GPU and TPU
-  always 'xla', whatever the sequence length.
+  Forcing a Pallas kernel on a backend it was not written for runs it in
+  Pallas' interpreter: exact but orders of magnitude slower (tests only).
 
   Args:
     q: `[batch, q_len, heads, head_dim]`.
@@ -138,10 +144,11 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
     bias: added to the scaled logits, broadcastable to `[batch, heads, q_len, kv_len]`.
     mask: bool, broadcastable to `[batch, heads, q_len, kv_len]`; True = may attend.
     chunk_size: an int (or a `(query_block, key_block)` pair) runs 'chunked'
-      with blocks of at most that size, on any backend; None chooses as above.
-    implementation: None (choose as above), 'xla' (always the dense path,
-      ignoring chunk_size) or 'chunked' (always the blocked form; with
-      chunk_size None, the CPU default block, or 128 below 512 * 512 scores).
+      with blocks of at most that size, on any backend (unless another
+      implementation is forced); None chooses as above.
+    implementation: None (choose as above) or one of `kernels.IMPLEMENTATIONS`
+      ('xla', 'chunked', 'cudnn', 'pallas_tpu', 'pallas_gpu'). 'chunked' with
+      chunk_size None uses the backend's default block.
 
   Returns:
     `[batch, q_len, heads, head_dim]` in q's dtype.
@@ -159,14 +166,29 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
   if implementation not in (None,) + IMPLEMENTATIONS:
     raise ValueError(f"full_attention: implementation must be None or one of "
                      f"{IMPLEMENTATIONS}; got {implementation!r}")
+  backend = jax.default_backend()
+  if implementation is None and chunk_size is not None:
+    implementation = "chunked"
+  if implementation is None:
+    choice = kernels.choose_implementation(
+        backend, q.dtype, q.shape, k.shape, has_bias=bias is not None,
+        has_mask=mask is not None)
+    implementation, chunk_size = choice.implementation, choice.chunk_size
   if implementation == "xla":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                        implementation="xla")
+  if implementation == "cudnn":
+    return kernels.cudnn_attention(q, k, v, bias, mask)
+  if implementation == "pallas_tpu":
+    return kernels.pallas_tpu_attention(q, k, v, bias, mask,
+                                        interpret=backend != "tpu")
+  if implementation == "pallas_gpu":
+    if bias is not None or mask is not None:
+      raise ValueError("full_attention: implementation='pallas_gpu' takes no bias "
+                       "or mask; use 'chunked', 'xla' or 'cudnn'")
+    return kernels.pallas_gpu_attention(q, k, v, interpret=backend != "gpu")
   if chunk_size is None:
-    chunk_size = default_chunk_size(b * h, n, m)
-    if chunk_size is None and implementation == "chunked":
-      chunk_size = default_chunk_size(b * h, n, m, backend="cpu") or 128
-  if chunk_size is None:
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    chunk_size = kernels.chunk_size_for("cpu" if backend == "cpu" else backend, b * h)
   q_chunk, k_chunk = ((chunk_size, chunk_size) if isinstance(chunk_size, int)
                       else tuple(chunk_size))
   if q_chunk < 1 or k_chunk < 1:
