@@ -91,6 +91,13 @@ def tiny_batch(i, batch_size=8):
           "lesion": rng.integers(0, 3, batch_size).astype(np.int32)}
 
 
+def step_noise(state, step=0, batch_size=8, latent_dim=4):
+  """The latent noise (z for D's update, z for G's) of the step's documented
+  RNG layout: keys = split(fold_in(state.rng, step), 8), z from keys[0:2]."""
+  keys = jax.random.split(jax.random.fold_in(state.rng, step), 8)
+  return tuple(jax.random.normal(k, (batch_size, latent_dim)) for k in keys[:2])
+
+
 def make_tiny_step(config, spectral_norm=True):
   """(models, initial state, jitted train step) of TinyG / TinyD under `config`."""
   models = state_lib.make_models(TinyG(), TinyD(spectral_norm=spectral_norm), config)

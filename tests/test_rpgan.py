@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from medgen_jax.train import losses, state as state_lib, step as step_lib
-from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
+from conftest import INFO, TinyD, TinyG, step_noise, tiny_batch, tiny_config
 
 
 def _softplus(x):
@@ -63,14 +63,10 @@ def test_rpgan_step_with_r1_and_r2_matches_independent_computation():
   batch = jax.tree.map(jnp.asarray, tiny_batch(0))
   new_state, m = step(state, batch, None)
 
-  keys = jax.random.split(jax.random.fold_in(state.rng, 0), 8)
-  z_d, z_g = (jax.random.normal(k, (8, 4)) for k in keys[:2])
+  z_d, z_g = step_noise(state)
   cond = {"lesion": batch["lesion"]}
   G = lambda p, z: models.generator.apply({"params": p}, z, cond, train=True)
-
-  def D(p, x):
-    return models.discriminator.apply({"params": p}, x, {"lesion": cond["lesion"][:len(x)]},
-                                      train=True)
+  D = lambda p, x: models.discriminator.apply({"params": p}, x, cond, train=True)
 
   real, fake = batch["image"], G(state.g_params, z_d)
   want_d = np.mean(np.logaddexp(0, D(state.d_params, fake) - D(state.d_params, real)))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
+from conftest import INFO, TinyD, TinyG, step_noise, tiny_batch, tiny_config
 # Re-exported: some test modules import the tiny GAN helpers from here.
 from conftest import tiny_examples, tiny_iterator, tiny_loop_config  # noqa: F401
 from medgen_jax.models.classifier import FeatureNet
@@ -27,9 +27,7 @@ def test_losses_match_independent_computation(plain_tiny_step):
   models, state, step = plain_tiny_step
   batch = jax.tree.map(jnp.asarray, tiny_batch(0))
   new_state, m = step(state, batch, None)
-  # The step's documented RNG layout: keys = split(fold_in(rng, step), 8), z from keys[0:2].
-  keys = jax.random.split(jax.random.fold_in(state.rng, 0), 8)
-  z_d, z_g = (jax.random.normal(k, (8, 4)) for k in keys[:2])
+  z_d, z_g = step_noise(state)
   cond = {"lesion": batch["lesion"]}
   G = lambda p, z: models.generator.apply({"params": p}, z, cond, train=True)
   D = lambda p, x: models.discriminator.apply({"params": p}, x, cond, train=True)
