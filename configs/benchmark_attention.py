@@ -2,6 +2,12 @@
 
   python -m experiments.benchmark_attention --config configs/benchmark_attention.py --workdir runs/bench
   python -m experiments.benchmark_attention --config configs/benchmark_attention.py:quick --workdir /tmp/bench
+  python -m experiments.benchmark_attention --config configs/benchmark_attention.py:gpu --workdir runs/bench_gpu
+
+`gpu` (any accelerator): bf16, 8 heads x 64, batch x tokens = 65,536, grids up
+to 256^2 = 65,536 tokens in 2D and 32^3 in 3D, plus the `cudnn` (GPU) and
+`pallas` (GPU: Triton, TPU: Pallas TPU flash) rows; every row also reports
+`fraction_of_matmul`, its rate over a bf16 matmul measured in the same run.
 """
 import ml_collections
 
@@ -37,13 +43,29 @@ def get_config(arg=None):
   config.swin = ml_collections.ConfigDict(dict(
       enabled=True, dim=128, num_heads=4, window=8, shift=4, mlp_ratio=4.0, batch=8,
       grid=64, torch_threads=2, warmup=1, repeats=3))
-  variants, _ = common.parse_variants(arg, config="benchmark_attention", flags=("quick",))
+  variants, _ = common.parse_variants(arg, config="benchmark_attention",
+                                      flags=("quick", "gpu"))
+  if "gpu" in variants:
+    config.variants = config.variants + ("cudnn", "pallas")
+    config.grids = ((64, 64), (128, 128), (256, 256), (16, 16, 16), (32, 32, 32))
+    config.batch_size = 16
+    config.max_batch_tokens = 65536
+    config.num_heads = 8
+    config.head_dim = 64
+    config.dtype = "bfloat16"
+    config.repeats = 10
+    config.matmul_size = 8192
+    config.memory_budget_gb = 70.0  # fits an 80 GiB H100 with headroom
+    config.train_step.gan = phantom_gan.get_config("gpu")
+    config.swin.enabled = False  # the timm peer row is a CPU comparison
   if "quick" in variants:
     config.grids = ((8, 8), (16, 16), (4, 4, 4))
     config.window_size = 4
     config.chunk_size = 32
     config.repeats = 1
     config.matmul_size = 256
+    config.batch_size = min(config.batch_size, 4)
+    config.max_batch_tokens = min(config.max_batch_tokens, 16384)
     config.train_step.enabled = False  # compiling the GAN step takes minutes
     config.swin.update(dim=16, num_heads=2, window=4, shift=2, batch=1, grid=8,
                        repeats=1)

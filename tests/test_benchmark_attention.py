@@ -26,9 +26,14 @@ def test_variant_core_matches_library(name):
   grid = (8, 8)
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q, k, v = (jax.random.normal(key, (1, *grid, 2, 8)) for key in keys)
+  if name in ("cudnn", "pallas") and jax.default_backend() == "cpu":
+    # Fused-kernel rows exist only where the backend has the kernel.
+    with pytest.raises(ValueError, match="runs on"):
+      attention_suite.variant_fn(name, grid, window_size=4, chunk_size=16)
+    return
   core = attention_suite.variant_fn(name, grid, window_size=4, chunk_size=16)
   flat = lambda x: x.reshape(1, -1, 2, 8)
-  if name in ("full", "full_chunked", "xla_baseline"):
+  if name in ("full", "full_chunked", "xla_baseline", "cudnn", "pallas"):
     ref = jax.nn.dot_product_attention(flat(q), flat(k), flat(v)).reshape(q.shape)
   elif name == "axial":
     ref = attention.axial_attention(attention.axial_attention(q, k, v, axis=0),
@@ -63,6 +68,32 @@ def test_quick_benchmark_writes_results(tmp_path):
   assert saved["swin_block_ms"] > 0
   peer = saved["torch_swin_block"]
   assert (peer["ms"] > 0) if saved["torch_swin_block_ms"] is not None else peer["reason"]
+
+
+def test_gpu_config_and_its_quick_cpu_analogue(tmp_path):
+  gpu = bench_config.get_config("gpu")
+  assert gpu.dtype == "bfloat16" and (gpu.num_heads, gpu.head_dim) == (8, 64)
+  assert {"cudnn", "pallas"} <= set(gpu.variants)
+  assert max(math.prod(g) for g in gpu.grids if len(g) == 2) == 65536
+  assert (32, 32, 32) in [tuple(g) for g in gpu.grids]
+  assert gpu.train_step.gan.model.dtype == "bfloat16"
+  # The same rows on CPU at quick sizes: bf16 rows reported as a fraction of
+  # a same-run bf16 matmul; the fused-kernel rows say why they did not run.
+  config = bench_config.get_config("gpu,quick")
+  config.grids = ((8, 8),)
+  config.variants = ("full", "xla_baseline", "cudnn", "pallas")
+  results = attention_suite.run_benchmark(config, str(tmp_path))
+  assert results["matmul_dtype"] == "bfloat16"
+  assert results["matmul_gflops_per_s_row_dtype"] > 0
+  by_name = {r["variant"]: r for r in results["rows"]}
+  for name in ("full", "xla_baseline"):
+    row = by_name[name]
+    assert row["status"] == "ok", row
+    assert row["fraction_of_matmul"] == pytest.approx(
+        row["gflops_per_s"] / results["matmul_gflops_per_s_row_dtype"], rel=1e-2)
+  for name in ("cudnn", "pallas"):
+    assert by_name[name]["status"] == "unsupported"
+    assert "runs on" in by_name[name]["reason"]
 
 
 def test_torch_swin_without_torch_records_a_reason(monkeypatch):

@@ -28,7 +28,11 @@ from medgen_jax.bench import torch_swin
 from medgen_jax.bench import train_step
 
 VARIANTS = ("full", "full_chunked", "xla_baseline", "axial", "window",
-            "window_shifted")
+            "window_shifted", "cudnn", "pallas")
+# Fused kernels that only exist on some backends: elsewhere their rows are
+# reported as 'unsupported' (never run in an interpreter, which would time
+# the interpreter).
+_KERNEL_BACKENDS = {"cudnn": ("gpu",), "pallas": ("gpu", "tpu")}
 
 
 def _flat(x):
@@ -49,6 +53,14 @@ def variant_fn(name: str, grid: tuple[int, ...], *, window_size: int,
   if name == "xla_baseline":
     return lambda q, k, v: jax.nn.dot_product_attention(
         _flat(q), _flat(k), _flat(v)).reshape(q.shape)
+  if name in _KERNEL_BACKENDS:
+    backend = jax.default_backend()
+    if backend not in _KERNEL_BACKENDS[name]:
+      raise ValueError(f"variant {name!r} runs on {_KERNEL_BACKENDS[name]} only; "
+                       f"this backend is {backend!r}")
+    impl = "cudnn" if name == "cudnn" else f"pallas_{backend}"
+    return lambda q, k, v: attention.full_attention(
+        _flat(q), _flat(k), _flat(v), implementation=impl).reshape(q.shape)
   if name == "axial":
     # An axial layer attends along every spatial axis in turn (rows, columns,
     # and depth in 3D), so it is timed as that whole composition.
@@ -80,7 +92,9 @@ def batch_for(tokens: int, config) -> int:
   return max(1, min(config.batch_size, config.max_batch_tokens // tokens))
 
 
-def run_row(name: str, grid: tuple[int, ...], config) -> dict[str, Any]:
+def run_row(name: str, grid: tuple[int, ...], config,
+            matmul_rate: float | None = None) -> dict[str, Any]:
+  """One (variant, grid) row; `fraction_of_matmul` = its GFLOP/s / `matmul_rate`."""
   tokens = math.prod(grid)
   batch = batch_for(tokens, config)
   shape = (batch, *grid, config.num_heads, config.head_dim)
@@ -102,9 +116,10 @@ def run_row(name: str, grid: tuple[int, ...], config) -> dict[str, Any]:
   peak = timing.xla_peak_bytes(compiled)
   row.update(compile_s=round(compile_s, 3), flops=timing.xla_flops(compiled),
              peak_bytes=peak)
-  if name in ("full", "full_chunked"):
+  if name in ("full", "full_chunked", "cudnn", "pallas"):
     # XLA counts a while loop's body once, so the blocked form's own count is
-    # ~nq * nk too small; count the same math in its dense (loop-free) form.
+    # ~nq * nk too small, and a fused kernel's custom call has no count at
+    # all; count the same math in its dense (loop-free) form.
     dense = jax.jit(fwd_bwd(variant_fn("xla_baseline", grid, window_size=1,
                                        chunk_size=None))).lower(*args)
     row.update(flops=timing.xla_flops(dense), flops_source="dense_equivalent")
@@ -119,6 +134,8 @@ def run_row(name: str, grid: tuple[int, ...], config) -> dict[str, Any]:
              fwd_bwd_min_ms=round(min(times), 3))
   if row["flops"]:
     row["gflops_per_s"] = round(row["flops"] / (row["fwd_bwd_ms"] * 1e-3) / 1e9, 2)
+    if matmul_rate:
+      row["fraction_of_matmul"] = round(row["gflops_per_s"] / matmul_rate, 4)
   return row
 
 
@@ -181,16 +198,17 @@ def machine_description() -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
   head = f"{'variant':<15}{'grid':>9}{'tokens':>7}{'batch':>6}{'fwd+bwd ms':>12}" \
-         f"{'peak MiB':>10}{'GFLOP':>9}{'GFLOP/s':>9}  status"
+         f"{'peak MiB':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'%mm':>6}  status"
   lines = [head, "-" * len(head)]
   for r in rows:
     ms = f"{r['fwd_bwd_ms']:.1f}" if "fwd_bwd_ms" in r else "-"
     peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "-"
     gf = f"{r['flops'] / 1e9:.2f}" if r.get("flops") else "-"
     rate = f"{r['gflops_per_s']:.1f}" if "gflops_per_s" in r else "-"
+    frac = f"{100 * r['fraction_of_matmul']:.0f}" if "fraction_of_matmul" in r else "-"
     grid = "x".join(str(g) for g in r["grid"])
     lines.append(f"{r['variant']:<15}{grid:>9}{r['tokens']:>7}{r['batch']:>6}{ms:>12}"
-                 f"{peak:>10}{gf:>9}{rate:>9}  {r['status']}")
+                 f"{peak:>10}{gf:>9}{rate:>9}{frac:>6}  {r['status']}")
   return "\n".join(lines)
 
 
@@ -235,10 +253,15 @@ def run_benchmark(config, workdir: str) -> dict[str, Any]:
                                  config=config.to_dict())
   results["matmul_gflops_per_s"] = round(
       timing.matmul_gflops_per_s(config.matmul_size), 2)
+  # The roofline the rows are a fraction of: a matmul in the rows' own dtype
+  # (bf16 on accelerators), measured in this same run.
+  results["matmul_dtype"] = str(jnp.dtype(config.dtype))
+  results["matmul_gflops_per_s_row_dtype"] = round(
+      timing.matmul_gflops_per_s(config.matmul_size, dtype=jnp.dtype(config.dtype)), 2)
   rows = []
   for grid in grids:
     for name in config.variants:
-      rows.append(run_row(name, grid, config))
+      rows.append(run_row(name, grid, config, results["matmul_gflops_per_s_row_dtype"]))
       print(format_table(rows[-1:]).splitlines()[-1], flush=True)
   results["rows"] = rows
   results.update(run_extras(config, results["matmul_gflops_per_s"]))
