@@ -152,3 +152,28 @@ def test_default_on_cpu_follows_the_table():
     q = jnp.ones((1, n, 1, 8))
     hlo = jax.jit(lambda q: full_attention(q, q, q)).lower(q).as_text()
     assert ("while" in hlo) == want_loop, n
+
+
+def test_cpu_groups_divide_batch_else_heads():
+  assert kernels.cpu_groups(4, 4, cores=2) == 2
+  assert kernels.cpu_groups(3, 4, cores=2) == 2   # 2 divides no batch of 3: the heads
+  assert kernels.cpu_groups(1, 4, cores=2) == 2   # batch 1: split the heads
+  assert kernels.cpu_groups(1, 1, cores=2) == 1
+  assert kernels.cpu_groups(6, 1, cores=4) == 3   # largest count <= cores dividing 6
+
+
+@pytest.mark.parametrize("shape,groups,bias_shape", [
+    ((4, 24, 2, 8), 2, (1, 2, 24, 24)),   # split the batch; bias broadcast over it
+    ((1, 24, 4, 8), 2, (1, 4, 24, 24)),   # batch 1: split the heads, and the bias's
+    ((3, 24, 2, 8), 3, (3, 1, 24, 24)),
+])
+def test_grouped_chunked_matches_reference(shape, groups, bias_shape):
+  from medgen_jax.attention.chunked import chunked_attention
+  q, k, v, _ = random_qkv(shape, seed=15)
+  bias = jax.random.normal(jax.random.PRNGKey(5), bias_shape)
+  allowed = np.random.default_rng(3).random((24, 24)) > 0.3
+  allowed[:, 0] = True
+  mask = jnp.asarray(allowed)[None, None]
+  fn = lambda q, k, v, b: chunked_attention(q, k, v, b, mask, 8, 8, groups=groups)
+  ref = lambda q, k, v, b: full_reference(q, k, v, b, allowed)
+  assert_values_and_grads(fn, ref, (q, k, v, bias))

@@ -114,7 +114,7 @@ def accumulate_bias_grad(dbias: Array, ds: Array, q_start, k_start) -> Array:
 
 
 def chunked_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
-                      q_chunk: int, k_chunk: int) -> Array:
+                      q_chunk: int, k_chunk: int, *, groups: int = 1) -> Array:
   """Exact softmax attention in blocks of at most `q_chunk` queries x `k_chunk` keys.
 
   `full_attention` validates the arguments and calls this for
@@ -126,10 +126,30 @@ def chunked_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Ar
     bias: None or 4D, broadcastable to `[batch, heads, q_len, kv_len]`.
     mask: None or 4D bool, broadcastable likewise; True = may attend.
     q_chunk, k_chunk: positive block sizes; lengths need not divide by them.
+    groups: run the batch (or, for batch 1, the heads) as this many
+      independent loops, which XLA:CPU's runtime executes concurrently, one
+      per core: the block products of one loop are too small to use both
+      cores (fwd+bwd at 4,096 tokens, B=4, 4 heads: 12-15 % faster with 2).
+      Must divide the split axis; 1 = one loop.
 
   Returns:
     `[batch, q_len, heads, head_dim]` in q's dtype.
   """
+  if groups > 1:
+    axis = 0 if q.shape[0] % groups == 0 else 2  # batch, else heads
+    if q.shape[axis] % groups:
+      raise ValueError(f"groups={groups} divides neither batch nor heads of {q.shape}")
+    score_axis = 0 if axis == 0 else 1  # the same axis in [B, h, N, M]
+
+    def part(x, i, ax):
+      if x is None or x.shape[ax] == 1:
+        return x
+      size = x.shape[ax] // groups
+      return lax.slice_in_dim(x, i * size, (i + 1) * size, axis=ax)
+    outs = [chunked_attention(part(q, i, axis), part(k, i, axis), part(v, i, axis),
+                              part(bias, i, score_axis), part(mask, i, score_axis),
+                              q_chunk, k_chunk) for i in range(groups)]
+    return jnp.concatenate(outs, axis=axis)
   b, n, h, d = q.shape
   m = k.shape[1]
   bq, bk = _block_size(n, q_chunk), _block_size(m, k_chunk)

@@ -121,7 +121,9 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
   * 'chunked' (`medgen_jax.attention.chunked`): exact online softmax over key
     blocks inside a loop over query blocks, with a backward pass that
     recomputes blocks: memory linear in the sequence length. Plain XLA loops
-    (not a fused kernel), on every backend, with any bias and mask.
+    (not a fused kernel), on every backend, with any bias and mask; on CPU
+    the batch (or heads) is split into one independent loop per core
+    (`kernels.cpu_groups`).
   * 'xla': `jax.nn.dot_product_attention(..., implementation='xla')`, XLA's
     dense attention: it materialises the float32 `[batch, heads, q_len,
     kv_len]` scores (quadratic memory). Any bias and mask.
@@ -193,7 +195,8 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
                       else tuple(chunk_size))
   if q_chunk < 1 or k_chunk < 1:
     raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-  return chunked_attention(q, k, v, bias, mask, q_chunk, k_chunk)
+  groups = kernels.cpu_groups(b, h) if backend == "cpu" else 1
+  return chunked_attention(q, k, v, bias, mask, q_chunk, k_chunk, groups=groups)
 
 
 def attention_weights(q: Array, k: Array, *, bias: Array | None = None,
