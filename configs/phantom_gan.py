@@ -56,12 +56,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       g_lr=2e-4, d_lr=4e-4, b1=0.0, b2=0.99, schedule="constant", warmup_steps=0,
       grad_clip=10.0))
   config.loss = ml_collections.ConfigDict(dict(
-      # r1_every=1: on XLA:CPU R1 adds ~3 % to a step, while lazy R1 needs a
-      # second compiled step (~50 s here). On accelerators use 4-16.
-      # gan: nonsaturating | hinge | rpgan (relativistic pairing, R3GAN's
-      # objective with R1 and R2). r2_gamma penalises D's gradient on
-      # generated images; R1 and R2 share the r1_every interval.
-      gan="nonsaturating", r1_gamma=0.2, r2_gamma=0.0, r1_every=1,
+      # gan: nonsaturating | hinge | rpgan. rpgan is the relativistic pairing
+      # loss with zero-centred R1 (reals) and R2 (fakes), R3GAN's objective:
+      # over seeds 0-2 its domain FD was 28.9-40.4 against 43.1-70.7 for
+      # nonsaturating + R1 0.2 at equal recall; gamma 0.2 instead of 2 gave FD
+      # 68.6 (docs/results.md, "2D generation"). R1 and R2 share r1_every;
+      # 1 on XLA:CPU, where a second compiled step for lazy penalties costs
+      # more than the penalties. On accelerators use 4-16.
+      gan="rpgan", r1_gamma=2.0, r2_gamma=2.0, r1_every=1,
       # No 'intensity' op: its +-0.5 brightness (+-500 HU) and x0.5-1.5
       # contrast hide the physical units D needs to judge (tissue HU, the
       # sites' offsets). Without it the default run's FD went 95 -> 45 and
