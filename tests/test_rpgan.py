@@ -70,15 +70,12 @@ def test_rpgan_step_with_r1_and_r2_matches_independent_computation():
 
   real, fake = batch["image"], G(state.g_params, z_d)
   want_d = np.mean(np.logaddexp(0, D(state.d_params, fake) - D(state.d_params, real)))
-  # R1 / R2 example by example, each with its own condition.
-  r1 = float(np.mean([_per_example_grad_sq(
-      lambda xi, i=i: models.discriminator.apply(
-          {"params": state.d_params}, xi, {"lesion": cond["lesion"][i:i + 1]}, train=True),
-      real[i:i + 1]) for i in range(8)]))
-  r2 = float(np.mean([_per_example_grad_sq(
-      lambda xi, i=i: models.discriminator.apply(
-          {"params": state.d_params}, xi, {"lesion": cond["lesion"][i:i + 1]}, train=True),
-      fake[i:i + 1]) for i in range(8)]))
+  def penalty(images):  # R1 / R2 example by example, each with its own condition
+    return float(np.mean([_per_example_grad_sq(
+        lambda xi, i=i: models.discriminator.apply(
+            {"params": state.d_params}, xi, {"lesion": cond["lesion"][i:i + 1]}, train=True),
+        images[i:i + 1]) for i in range(8)]))
+  r1, r2 = penalty(real), penalty(fake)
   np.testing.assert_allclose(m["d_loss"], want_d, rtol=1e-5)
   np.testing.assert_allclose(m["r1"], r1, rtol=1e-5)
   np.testing.assert_allclose(m["r2"], r2, rtol=1e-5)
