@@ -158,12 +158,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     raise ValueError("loss.teacher_weight > 0 needs Models.teacher (the loop "
                      "builds it with train.loop.build_teacher)")
 
-  real_logits = None
-  if gan.relativistic:
-    # The pairs of the D step, scored by the updated D: G's loss compares
-    # fake i with real i, which shares its conditions.
-    real_logits, d_state = _apply(D, d_params, d_state, real_aug, cond, train=True,
-                                  rngs={"dropout": drop_d})
+  real_logits, d_state = paired_real_logits(gan, D, d_params, d_state, real_aug, cond,
+                                            dropout_key=drop_d)
 
   def g_objective(g_params):
     fake, new_g_state = _apply(G, g_params, g_state, z_g, cond, train=True,
@@ -199,6 +195,21 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
                      g_state=g_state, d_params=d_params, d_state=d_state,
                      d_opt_state=d_opt_state, d_grad=d_grad,
                      metrics=dict(d_metrics, **g_metrics))
+
+
+def paired_real_logits(gan: losses.GanLoss, D, d_params, d_state, real_in: jax.Array,
+                       cond: dict[str, jax.Array], *, dropout_key: jax.Array):
+  """The real halves of the D step's pairs, scored by the updated D, for a
+  relativistic G loss (fake i is compared with real i, which shares its
+  conditions); (None, d_state) for the other losses.
+
+  Returns:
+    (real logits `[batch]` or None, D's updated state).
+  """
+  if not gan.relativistic:
+    return None, d_state
+  return _apply(D, d_params, d_state, real_in, cond, train=True,
+                rngs={"dropout": dropout_key})
 
 
 def discriminator_update(state: TrainState, real_in: jax.Array, fake_in: jax.Array,

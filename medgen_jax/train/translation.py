@@ -121,10 +121,8 @@ def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
       state, real_aug, fake_aug, cond, models=models, loss_config=lcfg,
       dropout_key=drop_d, axis_name=axis_name, with_r1=with_r1)
 
-  real_logits = None
-  if gan.relativistic:  # fake pair i is compared with real pair i
-    real_logits, d_state = apply(D, d_params, d_state, real_aug, cond, train=True,
-                                 rngs={"dropout": drop_d})
+  real_logits, d_state = step_lib.paired_real_logits(gan, D, d_params, d_state, real_aug,
+                                                     cond, dropout_key=drop_d)
 
   def g_objective(g_params):
     fake, new_g_state = apply(G, g_params, g_state, sources, cond, train=True,
