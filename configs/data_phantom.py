@@ -23,6 +23,9 @@ Fields:
   ct_window: (lo, hi) HU mapped onto [-1, 1] (read-time: no rebuild).
   pet_max_suv: SUV mapped onto +1 (read-time: no rebuild).
   seed: phantom generation seed (changing it builds a new dataset).
+  hide_labels: '' or rules like 'lesion:site=3' (';'-separated): the train
+    split is read with that label unknown where the other field has that
+    class (read-time, see medgen_jax/data/hidden_labels.py).
 """
 import ml_collections
 
@@ -43,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ct_window = (-1000.0, 1000.0)
   config.pet_max_suv = 10.0
   config.seed = 0
+  config.hide_labels = ""
   variants, _ = common.parse_variants(arg, config="data_phantom",
                                      flags=("quick", "3d", "pet"))
   for variant in variants:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from medgen_jax.data import builders
+from medgen_jax.data import hidden_labels
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
 from medgen_jax.data.intensity import transform_for
 
@@ -50,12 +51,16 @@ def _select(info: DatasetInfo, data_config) -> DatasetInfo:
 
 
 def load_info(data_config) -> DatasetInfo:
-  """The DatasetInfo of `data_config` (building the dataset if needed)."""
-  return _select(builders.read_info(_prepare(data_config)), data_config)
+  """The DatasetInfo of `data_config` (building the dataset if needed);
+  `data.hide_labels` is validated against its conditions here."""
+  info = _select(builders.read_info(_prepare(data_config)), data_config)
+  hidden_labels.parse_hidden_labels(data_config.get("hide_labels"), info)
+  return info
 
 
-def _to_model_fn(info: DatasetInfo):
-  """Per-example map: stored physical channels -> `image` in [-1, 1] + conditions."""
+def _to_model_fn(info: DatasetInfo, hidden: tuple = ()):
+  """Per-example map: stored physical channels -> `image` in [-1, 1] + conditions
+  (with the `hidden` labels set to unknown)."""
 
   def to_model(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
     image = np.stack([t.to_model(example[t.modality]) for t in info.intensity], -1)
@@ -66,9 +71,15 @@ def _to_model_fn(info: DatasetInfo):
     if "lesion_mask" in example:
       out["lesion_mask"] = np.asarray(example["lesion_mask"], np.uint8)
       out["lesion_diameter_mm"] = np.asarray(example["lesion_diameter_mm"], np.float32)
-    return out
+    return hidden_labels.hide(out, hidden, info) if hidden else out
 
   return to_model
+
+
+def hidden_for(data_config, info: DatasetInfo, split: str) -> tuple:
+  """The `data.hide_labels` rules that apply to `split` (the train split only)."""
+  rules = hidden_labels.parse_hidden_labels(data_config.get("hide_labels"), info)
+  return rules if split == "train" else ()
 
 
 def _source(path: str, split: str):
@@ -97,8 +108,10 @@ def load_dataset(data_config, *, split: str, batch_size: int, seed: int,
   Returns:
     (iterator, info): batches are dicts with `image` float32
     [batch, *spatial, channels] in [-1, 1], one entry per condition field
-    (int32 categorical, float32 continuous), and `lesion_mask` uint8
-    [batch, *spatial] + `lesion_diameter_mm` float32 [batch] when stored.
+    (int32 categorical, float32 continuous; the train split with the
+    `data.hide_labels` rules applied, see `medgen_jax.data.hidden_labels`),
+    and `lesion_mask` uint8 [batch, *spatial] + `lesion_diameter_mm` float32
+    [batch] when stored.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -114,19 +127,20 @@ def load_dataset(data_config, *, split: str, batch_size: int, seed: int,
                      f"of {count}, fewer than batch_size {batch_size}")
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(_to_model_fn(info)).batch(
-      batch_size, drop_remainder=True)
+  to_model = _to_model_fn(info, hidden_for(data_config, info, split))
+  ds = ds.repeat(num_epochs).map(to_model).batch(batch_size, drop_remainder=True)
   return iter(ds), info
 
 
 def load_arrays(data_config, *, split: str, max_examples: int | None = None
                 ) -> dict[str, np.ndarray]:
-  """A split as numpy arrays in stored order (images in [-1, 1]), for evaluation."""
+  """A split as numpy arrays in stored order (images in [-1, 1]); the train
+  split with the `data.hide_labels` rules applied."""
   path = _prepare(data_config)
   info = _select(builders.read_info(path), data_config)
   source = _source(path, split)
   n = len(source) if max_examples is None else min(len(source), max_examples)
-  to_model = _to_model_fn(info)
+  to_model = _to_model_fn(info, hidden_for(data_config, info, split))
   examples = [to_model(source[i]) for i in range(n)]
   if not examples:
     raise ValueError(f"split {split!r} is empty")

@@ -76,7 +76,11 @@ def _dataset_identity(data_config: Any, info: DatasetInfo) -> dict[str, Any]:
           "name": info.name, "image_shape": list(info.image_shape),
           "modalities": list(info.modalities),
           "intensity": [[t.modality, t.lo, t.hi] for t in info.intensity],
-          "conditions": [f.name for f in info.conditions]}
+          "conditions": [f.name for f in info.conditions],
+          # Hidden train labels change what a teacher learns; only a set rule
+          # enters the key, so the caches of full-label runs keep their names.
+          **({"hide_labels": data_config.get("hide_labels")}
+             if data_config.get("hide_labels") else {})}
 
 
 def extractor_key(data_config: Any, info: DatasetInfo,

@@ -1,0 +1,74 @@
+"""data.hide_labels: the train split read with one site's labels unknown."""
+import numpy as np
+import pytest
+
+from configs import data_phantom
+from medgen_jax import data as data_lib
+from medgen_jax.data import hidden_labels
+from medgen_jax.train import extractor_cache
+
+
+@pytest.fixture(scope="module")
+def quick_data():
+  config = data_phantom.get_config("quick")
+  return config, data_lib.load_info(config)
+
+
+def test_parse_rules_and_errors(quick_data):
+  _, info = quick_data
+  rules = hidden_labels.parse_hidden_labels("lesion:site=3; age : site = 1", info)
+  assert rules == (hidden_labels.HiddenLabel("lesion", "site", 3),
+                   hidden_labels.HiddenLabel("age", "site", 1))
+  assert hidden_labels.parse_hidden_labels("", info) == ()
+  for text, match in (("lesion", "must look like"), ("lesion:site", "must look like"),
+                      ("tumour:site=1", "no condition 'tumour'"),
+                      ("lesion:age=50", "must be categorical"),
+                      ("lesion:site=9", "out of range")):
+    with pytest.raises(ValueError, match=match):
+      hidden_labels.parse_hidden_labels(text, info)
+
+
+def test_hide_sets_unknown_only_where_selected(quick_data):
+  _, info = quick_data
+  batch = {"lesion": np.array([0, 1, 2, 1], np.int32),
+           "age": np.array([30, 40, 50, 60], np.float32),
+           "site": np.array([3, 0, 3, 1], np.int32)}
+  rules = hidden_labels.parse_hidden_labels("lesion:site=3;age:site=0", info)
+  out = hidden_labels.hide(batch, rules, info)
+  np.testing.assert_array_equal(out["lesion"], [-1, 1, -1, 1])
+  np.testing.assert_array_equal(out["age"], [30, np.nan, 50, 60])
+  np.testing.assert_array_equal(out["site"], batch["site"])
+  np.testing.assert_array_equal(batch["lesion"], [0, 1, 2, 1])  # input untouched
+
+
+def test_train_split_hidden_test_split_kept(quick_data):
+  config, _ = quick_data
+  full = data_lib.load_arrays(config, split="train")
+  hidden_config = data_phantom.get_config("quick")
+  hidden_config.hide_labels = "lesion:site=2"
+  hidden = data_lib.load_arrays(hidden_config, split="train")
+  at_site = full["site"] == 2
+  assert at_site.any() and (~at_site).any()
+  np.testing.assert_array_equal(hidden["lesion"][at_site], -1)
+  np.testing.assert_array_equal(hidden["lesion"][~at_site], full["lesion"][~at_site])
+  np.testing.assert_array_equal(hidden["image"], full["image"])
+  np.testing.assert_array_equal(data_lib.load_arrays(hidden_config, split="test")["lesion"],
+                                data_lib.load_arrays(config, split="test")["lesion"])
+  # The training iterator reads the same labels as load_arrays.
+  iterator, _ = data_lib.load_dataset(hidden_config, split="train", batch_size=4, seed=0,
+                                      shuffle=False)
+  batch = next(iterator)
+  np.testing.assert_array_equal(batch["lesion"], hidden["lesion"][:4])
+
+
+def test_bad_rule_fails_at_load_info_and_changes_the_teacher_cache_key(quick_data):
+  config, info = quick_data
+  bad = data_phantom.get_config("quick")
+  bad.hide_labels = "lesion:site=7"
+  with pytest.raises(ValueError, match="out of range"):
+    data_lib.load_info(bad)
+  hidden = data_phantom.get_config("quick")
+  hidden.hide_labels = "lesion:site=2"
+  s = extractor_cache.SETTINGS
+  assert (extractor_cache.extractor_path(config, info, s)
+          != extractor_cache.extractor_path(hidden, info, s))
