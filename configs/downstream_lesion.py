@@ -1,48 +1,63 @@
-r"""Downstream augmentation experiment: lesion classifier, real vs real + synthetic.
+r"""The augmentation experiment: a lesion classifier's learning curve, real
+images alone against real + synthetic images.
 
   python -m experiments.downstream --config configs/downstream_lesion.py \
-      --workdir runs/downstream
+      --workdir runs/downstream_lesion
 
-Trains the lesion classifier (the domain extractor's CNN, lesion head only)
-on `num_real` real train images alone, and on the same images plus
-`num_synthetic` class-balanced synthetic images from each generator in
-`generators` (name -> training workdir; trained first with
-`generator_configs[name]` when the workdir has no checkpoint), over `seeds`,
-and tests on the held-out real test subjects. See
-`medgen_jax.eval.downstream` for the protocol.
+Task: lesion none vs large on 64x64 phantom slices (the three-class task with
+small nodules stays near chance below a few thousand real slices). Curve:
+100 / 300 / 1,000 real labelled slices; synthetic arms add 1x and 3x as many
+generated slices (balanced classes). Test: every none/large slice of the
+validation and test subjects (held out; nothing is selected on them). Five
+seeds. Protocol: `medgen_jax/eval/downstream.py`.
 
-Variants: `quick` (tiny, for tests: 2 seeds, few steps, quick data and
-generator configs).
+Generators: `generators` maps an arm name to a training workdir (the README's
+main command writes `runs/phantom`); a workdir without a checkpoint is trained
+first with `generator_configs[name]`. Variants: `quick` (tiny, for tests),
+`flow` (adds the flow-matching generator of `configs/phantom_flow.py`,
+`runs/flow`; it samples with 32 velocity evaluations per image, so its
+synthetic sets take most of the run on a CPU).
+
+The classifier's recipe (the domain extractor's CNN, one head, 400 AdamW
+steps of batch 32, the last step scored) is the same for every arm and size.
 """
 import ml_collections
 
-from configs import common, data_phantom, phantom_gan
+from configs import common, data_phantom, phantom_flow, phantom_gan
+
+
+def classifier_recipe() -> ml_collections.ConfigDict:
+  """The downstream classifier, shared by the augmentation and cross-site configs."""
+  return ml_collections.ConfigDict(dict(
+      steps=400, batch_size=32, lr=1e-3, widths=(16, 32, 64), feature_dim=64,
+      stem_patch=2, pooling="mean_max"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants, _ = common.parse_variants(arg, config="downstream_lesion", flags=("quick",))
+  variants, _ = common.parse_variants(arg, config="downstream_lesion",
+                                      flags=("quick", "flow"))
   quick = "quick" in variants
   config = ml_collections.ConfigDict()
+  config.experiment = "augmentation"
   config.data = data_phantom.get_config("quick" if quick else None)
   config.field = "lesion"
-  config.num_real = 200
-  config.num_synthetic = 600
-  config.seeds = (0, 1, 2)
-  config.max_test = ml_collections.config_dict.placeholder(int)
-  config.classifier = ml_collections.ConfigDict(dict(
-      steps=800, batch_size=32, lr=1e-3, widths=(16, 32, 64), feature_dim=64,
-      stem_patch=2, pooling="mean_max"))
-  config.generators = ml_collections.ConfigDict(
-      {"transformer": "runs/phantom", "cnn": "runs/phantom_cnn"})
+  config.classes = ("none", "large")
+  config.num_real = (100, 300, 1000)
+  config.synthetic_ratios = (1.0, 3.0)
+  config.seeds = (0, 1, 2, 3, 4)
+  config.test_splits = ("validation", "test")
+  config.classifier = classifier_recipe()
+  config.generators = ml_collections.ConfigDict({"gan": "runs/phantom"})
   config.generator_configs = ml_collections.ConfigDict(
-      {"transformer": phantom_gan.get_config("quick" if quick else None),
-       "cnn": phantom_gan.get_config("quick,cnn" if quick else "cnn")})
+      {"gan": phantom_gan.get_config("quick" if quick else None)})
+  if "flow" in variants:
+    config.generators.flow = "runs/flow"
+    config.generator_configs.flow = phantom_flow.get_config("quick" if quick else None)
   if quick:
-    config.num_real = 12
-    config.num_synthetic = 12
+    config.num_real = (4, 8)
+    config.synthetic_ratios = (1.0, 2.0)
     config.seeds = (0, 1)
     config.classifier.update(steps=4, batch_size=8, widths=(8,), feature_dim=8)
-    config.generators = ml_collections.ConfigDict(
-        {"transformer": "/tmp/medgen_quick/phantom",
-         "cnn": "/tmp/medgen_quick/phantom_cnn"})
+    for name in config.generators:
+      config.generators[name] = f"/tmp/medgen_quick/downstream_{name}"
   return config

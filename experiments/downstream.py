@@ -1,12 +1,17 @@
-r"""The data-augmentation experiment: the thin entry point around
-`medgen_jax.eval.downstream.run_downstream`.
+r"""The clinical downstream experiments: the thin entry point around
+`medgen_jax.eval.downstream.run_downstream` (augmentation learning curve) and
+`medgen_jax.eval.cross_site.run_cross_site` (unlabelled target site), chosen
+by the config's `experiment`.
 
   python -m experiments.downstream --config configs/downstream_lesion.py \
-      --workdir runs/downstream
+      --workdir runs/downstream_lesion
+  python -m experiments.downstream --config configs/downstream_cross_site.py \
+      --workdir runs/downstream_cross_site
 
-Generator workdirs without a checkpoint are trained first, each with its
-`config.generator_configs[name]`. Writes workdir/results.json and
-workdir/results.png.
+The config is checked first; then every generator of `config.generators`
+whose workdir has no checkpoint is trained with its
+`config.generator_configs[name]`; then the experiment runs and writes
+workdir/results.json and its figure.
 """
 import json
 
@@ -14,15 +19,18 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from medgen_jax import data as data_lib
-from medgen_jax.eval.downstream import check_config, run_downstream
+from medgen_jax.eval import cross_site, downstream
 from medgen_jax.train import checkpoint as ckpt_lib
 from medgen_jax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config (configs/downstream_lesion.py[:quick]).",
-    lock_config=True)
+    "config", None, "Experiment config (configs/downstream_lesion.py[:quick], "
+    "configs/downstream_cross_site.py[:quick]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+EXPERIMENTS = {"augmentation": (downstream.check_config, downstream.run_downstream),
+               "cross_site": (cross_site.check_config, cross_site.run_cross_site)}
 
 
 def train_missing_generators(config) -> None:
@@ -32,15 +40,28 @@ def train_missing_generators(config) -> None:
       train_and_evaluate(config.generator_configs[name], workdir)
 
 
+def headline(results) -> dict:
+  """Mean macro-F1 per arm (and size or test site), for the console."""
+  if "curves" in results:
+    return {arm: {n: round(e["macro_f1"]["mean"], 3) for n, e in curve.items()}
+            for arm, curve in results["curves"].items()}
+  return {arm: {t: round(e["macro_f1"]["mean"], 3) for t, e in tests.items()}
+          for arm, tests in results["arms"].items()}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  check_config(_CONFIG.value, data_lib.load_info(_CONFIG.value.data))
-  train_missing_generators(_CONFIG.value)
-  results = run_downstream(_CONFIG.value, _WORKDIR.value)
-  print(json.dumps({arm: {m: (round(e[m]["mean"], 4), round(e[m]["std"], 4))
-                          for m in ("macro_f1", "accuracy")}
-                    for arm, e in results["arms"].items()}, indent=1))
+  config = _CONFIG.value
+  if config.experiment not in EXPERIMENTS:
+    raise app.UsageError(f"config.experiment {config.experiment!r} is not one of "
+                         f"{sorted(EXPERIMENTS)}")
+  check, run = EXPERIMENTS[config.experiment]
+  check(config, data_lib.load_info(config.data))
+  train_missing_generators(config)
+  results = run(config, _WORKDIR.value)
+  print(json.dumps({"macro_f1_mean": headline(results), "figure": results["figure"]},
+                   indent=1))
 
 
 if __name__ == "__main__":

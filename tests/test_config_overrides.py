@@ -28,7 +28,7 @@ def parse(config_arg: str, *overrides: str):
     lambda: phantom_gan.get_config(), lambda: phantom_gan.get_config("quick,cnn"),
     lambda: phantom_3d.get_config("quick"), lambda: phantom_ct2pet.get_config("quick"),
     lambda: mri_t1flair2t2.get_config("quick"),
-    lambda: downstream_lesion.get_config("quick").generator_configs.cnn])
+    lambda: downstream_lesion.get_config("quick").generator_configs.gan])
 def test_every_training_config_carries_every_eval_setting(get):
   config = get()
   assert set(config.eval) == set(eval_settings.DEFAULTS)

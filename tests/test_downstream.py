@@ -1,4 +1,5 @@
-"""Downstream augmentation experiment: metrics by hand, protocol, quick run."""
+"""The augmentation learning curve and its classifier pieces: metrics by hand,
+intervals against the t formula, protocol of a quick run."""
 import json
 import os
 
@@ -7,46 +8,67 @@ import pytest
 
 from configs import downstream_lesion
 from medgen_jax import data as data_lib
+from medgen_jax.eval import classification as cls_lib
 from medgen_jax.eval import downstream
 
 
-def test_macro_f1_and_accuracy_hand_computed():
+def test_metrics_hand_computed():
   true = [0, 0, 1, 1, 2, 2]
   pred = [0, 1, 1, 1, 0, 2]
   # class 0: tp 1 fp 1 fn 1 -> 2/4; class 1: tp 2 fp 1 fn 0 -> 4/5;
   # class 2: tp 1 fp 0 fn 1 -> 2/3.
-  assert downstream.macro_f1(pred, true, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
-  assert downstream.accuracy(pred, true) == pytest.approx(4 / 6)
+  assert cls_lib.macro_f1(pred, true, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+  assert cls_lib.accuracy(pred, true) == pytest.approx(4 / 6)
+  # Recalls 1/2, 2/2, 1/2.
+  assert cls_lib.balanced_accuracy(pred, true, 3) == pytest.approx(2 / 3)
+  # Imbalanced: 9 of class 0 all right, 1 of class 1 wrong -> accuracy 0.9, balanced 0.5.
+  assert cls_lib.balanced_accuracy([0] * 10, [0] * 9 + [1], 2) == pytest.approx(0.5)
   # Class 2 never occurs in labels nor predictions: left out of the mean.
-  assert downstream.macro_f1([0, 1], [0, 1], 3) == 1.0
+  assert cls_lib.macro_f1([0, 1], [0, 1], 3) == 1.0
   # Predicted but absent class scores 0.
-  assert downstream.macro_f1([0, 2], [0, 0], 3) == pytest.approx((2 / 3 + 0) / 2)
-  np.testing.assert_array_equal(downstream.confusion(pred, true, 3),
+  assert cls_lib.macro_f1([0, 2], [0, 0], 3) == pytest.approx((2 / 3 + 0) / 2)
+  np.testing.assert_array_equal(cls_lib.confusion(pred, true, 3),
                                 [[1, 1, 0], [0, 2, 0], [1, 0, 1]])
   with pytest.raises(ValueError, match="outside"):
-    downstream.confusion([3], [0], 3)
+    cls_lib.confusion([3], [0], 3)
 
 
-def test_balanced_conditions():
+def test_summary_is_the_student_t_interval():
+  s = cls_lib.summary([1.0, 2.0, 3.0])
+  # mean 2, sd 1, t(0.975, 2 dof) = 4.302653 (tables): half-width 4.302653 / sqrt(3).
+  assert s["mean"] == 2.0 and s["std"] == pytest.approx(1.0)
+  assert s["ci_high"] - 2.0 == pytest.approx(4.302653 / np.sqrt(3), rel=1e-6)
+  assert s["ci_low"] == pytest.approx(4.0 - s["ci_high"])
+  paired = cls_lib.summarise(
+      [{"macro_f1": 0.6, "balanced_accuracy": 0.5, "accuracy": 0.5}] * 2,
+      [{"macro_f1": 0.5, "balanced_accuracy": 0.5, "accuracy": 0.4}] * 2)
+  assert paired["paired_difference"]["macro_f1"]["values"] == pytest.approx([0.1, 0.1])
+  assert paired["paired_difference"]["macro_f1"]["ci_low"] == pytest.approx(0.1)
+
+
+def test_class_task_keeps_and_relabels_a_subset():
   info = data_lib.load_info(downstream_lesion.get_config("quick").data)
-  pool = {"lesion": np.array([0, 0, 0], np.int32),
-          "age": np.array([30.0, 40.0, 50.0], np.float32),
-          "site": np.array([1, 2, 3], np.int32)}
-  cond = downstream.balanced_conditions(info, "lesion", pool, 9, seed=0)
-  np.testing.assert_array_equal(np.bincount(cond["lesion"]), [3, 3, 3])
-  # The other fields are whole rows of the pool (age 30 goes with site 1).
-  assert set(zip(cond["age"].tolist(), cond["site"].tolist())) <= {
-      (30.0, 1), (40.0, 2), (50.0, 3)}
+  task = cls_lib.class_task(info, "lesion", ("large", "none"))
+  assert task.kept == (2, 0) and task.task_field.class_names == ("large", "none")
+  np.testing.assert_array_equal(task.to_task([0, 1, 2, -1]), [1, -1, 0, -1])
+  np.testing.assert_array_equal(cls_lib.nested_balanced(task, 5), [2, 0, 2, 0, 2])
+  assert cls_lib.class_task(info, "lesion").kept == (0, 1, 2)
+  for classes, match in ((("none",), ">= 2 distinct"), (("none", "none"), ">= 2 distinct"),
+                         (("none", "huge"), "unknown class")):
+    with pytest.raises(ValueError, match=match):
+      cls_lib.class_task(info, "lesion", classes)
   with pytest.raises(ValueError, match="categorical"):
-    downstream.balanced_conditions(info, "age", pool, 3, seed=0)
+    cls_lib.class_task(info, "age")
 
 
-def test_quick_run_three_arms(tmp_path):
+def test_quick_learning_curve(tmp_path):
   config = downstream_lesion.get_config("quick")
   train = data_lib.load_arrays(config.data, split="train")
+  requested = []
 
   def oracle(cond, seed):
     """Real training images of the requested class: the best a generator can do."""
+    requested.append(cond)
     rng = np.random.default_rng(seed)
     return np.stack([train["image"][rng.choice(np.flatnonzero(train["lesion"] == c))]
                      for c in cond["lesion"]])
@@ -56,42 +78,72 @@ def test_quick_run_three_arms(tmp_path):
     return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
   res = downstream.run_downstream(config, str(tmp_path),
-                                  generators={"transformer": oracle, "cnn": noise})
+                                  generators={"oracle": oracle, "noise": noise})
   with open(tmp_path / "results.json") as f:
     saved = json.load(f)
-  assert list(saved["arms"]) == ["real", "real+transformer", "real+cnn"]
-  num_test = saved["protocol"]["num_test"]
-  for arm, entry in saved["arms"].items():
-    for m in ("macro_f1", "accuracy"):
-      vals = entry[m]["values"]
-      assert len(vals) == len(config.seeds) >= 2, arm
-      assert entry[m]["mean"] == pytest.approx(np.mean(vals))
-      assert entry[m]["std"] == pytest.approx(np.std(vals, ddof=1))
-    # The stored confusion matrices reproduce the stored scores.
-    for conf, f1, acc in zip(entry["confusion_per_seed"],
-                             entry["macro_f1"]["values"],
-                             entry["accuracy"]["values"]):
-      conf = np.asarray(conf)
-      assert conf.sum() == num_test
-      assert acc == pytest.approx(np.trace(conf) / num_test)
-      true = np.repeat(np.arange(3), conf.sum(1))
-      pred = np.concatenate([np.repeat(np.arange(3), row) for row in conf])
-      assert f1 == pytest.approx(downstream.macro_f1(pred, true, 3))
-    if arm != "real":
-      diff = entry["paired_difference_to_real"]["accuracy"]["values"]
-      np.testing.assert_allclose(
-          diff, np.subtract(entry["accuracy"]["values"],
-                            saved["arms"]["real"]["accuracy"]["values"]))
-  assert saved["protocol"]["num_real"] == config.num_real
+  sizes = [str(n) for n in config.num_real]
+  assert list(saved["curves"]) == ["real", "oracle x1", "oracle x2", "noise x1", "noise x2"]
+  protocol = saved["protocol"]
+  assert protocol["classes"] == ["none", "large"]
+  # One synthetic set per seed of the largest size, balanced in every prefix,
+  # only the task's classes (lesion indices 0 and 2).
+  assert len(requested) == len(config.seeds)
+  for cond in requested:
+    assert len(cond["lesion"]) == 2 * config.num_real[-1]
+    for m in range(1, len(cond["lesion"]) + 1):
+      counts = np.bincount(cond["lesion"][:m], minlength=3)
+      assert counts[1] == 0 and abs(int(counts[0]) - int(counts[2])) <= 1
+  test_labels = np.concatenate([data_lib.load_arrays(config.data, split=s)["lesion"]
+                                for s in config.test_splits])
+  num_test = int(np.isin(test_labels, [0, 2]).sum())
+  assert protocol["num_test"] == num_test
+  runs = saved["runs"]
+  assert len(runs) == len(config.seeds) * len(sizes) * 5
+  for arm, curve in saved["curves"].items():
+    assert list(curve) == sizes
+    for n in sizes:
+      mine = [r for r in runs if r["arm"] == arm and str(r["num_real"]) == n]
+      for metric in cls_lib.METRICS:
+        vals = curve[n][metric]["values"]
+        assert vals == [r[metric] for r in mine] and len(vals) == len(config.seeds)
+        assert curve[n][metric]["mean"] == pytest.approx(np.mean(vals))
+      for r in mine:  # the stored confusion reproduces the stored scores
+        conf = np.asarray(r["confusion"])
+        assert conf.sum() == num_test
+        true = np.repeat(np.arange(2), conf.sum(1))
+        pred = np.concatenate([np.repeat(np.arange(2), row) for row in conf])
+        assert r["macro_f1"] == pytest.approx(cls_lib.macro_f1(pred, true, 2))
+        assert r["balanced_accuracy"] == pytest.approx(
+            cls_lib.balanced_accuracy(pred, true, 2))
+      if arm != "real":
+        real = [r for r in runs if r["arm"] == "real" and str(r["num_real"]) == n]
+        np.testing.assert_allclose(curve[n]["paired_difference"]["accuracy"]["values"],
+                                   [a["accuracy"] - b["accuracy"] for a, b in zip(mine, real)])
   assert os.path.getsize(res["figure"]) > 1000
 
 
-def test_bad_config(tmp_path):
+def test_bad_config_fails_before_anything_runs(tmp_path, monkeypatch):
+  monkeypatch.setattr(cls_lib, "train_and_test", lambda *a, **k: pytest.fail("trained"))
+  cases = [(dict(field="age"), "categorical"), (dict(num_real=(8, 4)), "increasing"),
+           (dict(synthetic_ratios=(0.0,)), "positive"), (dict(seeds=(0,)), ">= 2 seeds"),
+           (dict(classes=("none",)), ">= 2 distinct")]
+  for change, match in cases:
+    config = downstream_lesion.get_config("quick")
+    config.update(change)
+    with pytest.raises(ValueError, match=match):
+      downstream.run_downstream(config, str(tmp_path), generators={})
   config = downstream_lesion.get_config("quick")
-  config.field = "age"
-  with pytest.raises(ValueError, match="categorical"):
-    downstream.run_downstream(config, str(tmp_path), generators={})
-  config = downstream_lesion.get_config("quick")
-  config.generator_configs.cnn.data.image_size = 64
+  config.generator_configs.gan.data.image_size = 64
   with pytest.raises(ValueError, match="other data"):
     downstream.run_downstream(config, str(tmp_path))
+  with pytest.raises(ValueError, match="reserved"):
+    downstream.run_downstream(downstream_lesion.get_config("quick"), str(tmp_path),
+                              generators={"real": None})
+
+
+def test_each_config_names_an_experiment_of_the_entry_point():
+  from configs import downstream_cross_site
+  from experiments import downstream as entry
+  for config in (downstream_lesion.get_config(), downstream_cross_site.get_config()):
+    check, run = entry.EXPERIMENTS[config.experiment]
+    assert run.__module__ == check.__module__

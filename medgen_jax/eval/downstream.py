@@ -1,25 +1,38 @@
-"""The data-augmentation experiment: do synthetic images help a classifier?
+"""The augmentation experiment: do synthetic images help a small-data classifier?
 
-Protocol (`run_downstream`), for every seed:
-  1. draw a small real subset of the train split (`num_real` images, the same
-     subset for every arm of that seed, a different one per seed);
-  2. arm 'real': train the lesion classifier on the subset alone;
-  3. arm 'real+<generator>': for each generator, generate `num_synthetic`
-     images for balanced requested classes of `field` (every class equally
-     often; the other conditions copied from random rows of the real subset),
-     label them with the requested class, and train the same classifier, for
-     the same number of steps, on subset + synthetic images (batches drawn
-     uniformly from the union);
-  4. test every classifier on the held-out real test split (other subjects).
-The classifier is the domain extractor's CNN
-(`medgen_jax.train.extractor.train_feature_extractor` with only `field`), trained from the same init seed in every arm. Results are
-macro-F1 and accuracy, mean and std (ddof=1) over seeds per arm, the per-seed
-values, and the per-seed paired difference to 'real'.
+Protocol (`run_downstream`), fixed before any test result is seen and stored
+in results.json:
 
-Generators come from training workdirs (`config.generators`: arm name ->
-workdir, each restored with its `config.generator_configs[name]`); every
-workdir must hold a checkpoint (`experiments/downstream.py` trains the missing
-ones first).
+  * task: `config.field` over `config.classes` (e.g. lesion none vs large);
+    examples of other classes are left out everywhere;
+  * test set: every example of the held-out splits `config.test_splits`
+    (subjects never seen by the classifier nor by the generators, which are
+    trained on the train split); no split is used to select anything;
+  * for every seed: a random order of the labelled train examples; the real
+    set of size n is its first n (nested sets, so the curve's points differ
+    only in n). Arm 'real' trains on it alone. For each generator, one
+    synthetic set per seed (noise seed = seed) of the largest size needed,
+    its requested classes cycling over the task's classes (every prefix is
+    balanced) and its other conditions copied from random rows of the train
+    split; arm '<generator> x<r>' trains on the n real images plus the first
+    round(r * n) synthetic ones, labelled with the requested class, batches
+    drawn uniformly from the union;
+  * the classifier (`eval.classification`) has one fixed recipe for every
+    arm and size; its initialisation and batch order follow the seed; its
+    last step is scored;
+  * reported per arm and size: macro-F1, balanced accuracy and accuracy,
+    mean and 95 % t-interval over seeds, and the per-seed paired difference
+    to 'real' at the same n (same real images, same init seed).
+
+What the synthetic arms can and cannot show: the generators were trained on
+the whole labelled train split, so an augmented arm receives, through the
+generator, information from more labels than its n real images; the
+real-only arm at the largest n (or `all`) is the reference for what those
+labels are worth directly.
+
+Generators come from training workdirs (`config.generators`: name ->
+workdir, restored with `config.generator_configs[name]`), or are passed in
+memory.
 """
 from __future__ import annotations
 
@@ -32,71 +45,12 @@ import numpy as np
 from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
 from medgen_jax import data as data_lib
-from medgen_jax.data.info import CATEGORICAL, DatasetInfo
+from medgen_jax.data.info import DatasetInfo
+from medgen_jax.eval import classification as cls_lib
 from medgen_jax.eval import reference
 from medgen_jax.inference import sample
-from medgen_jax.train import extractor
 
 GenerateFn = Callable[[Mapping[str, np.ndarray], int], np.ndarray]
-
-
-def confusion(pred, true, num_classes: int) -> np.ndarray:
-  """`[num_classes, num_classes]` counts, rows = true class, cols = predicted."""
-  pred, true = np.asarray(pred).reshape(-1), np.asarray(true).reshape(-1)
-  if pred.shape != true.shape:
-    raise ValueError(f"{pred.shape[0]} predictions for {true.shape[0]} labels")
-  for name, x in (("pred", pred), ("true", true)):
-    if x.size and (x.min() < 0 or x.max() >= num_classes):
-      raise ValueError(f"{name} has labels outside [0, {num_classes})")
-  m = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(m, (true.astype(np.int64), pred.astype(np.int64)), 1)
-  return m
-
-
-def macro_f1(pred, true, num_classes: int) -> float:
-  """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN).
-
-  A class absent from both `true` and `pred` has an undefined F1 and is left
-  out of the mean; a class that occurs in only one of them scores 0.
-  """
-  m = confusion(pred, true, num_classes)
-  tp = np.diag(m).astype(np.float64)
-  denom = 2 * tp + (m.sum(0) - tp) + (m.sum(1) - tp)
-  present = denom > 0
-  if not present.any():
-    raise ValueError("macro_f1 of an empty label set")
-  return float(np.mean(2 * tp[present] / denom[present]))
-
-
-def accuracy(pred, true) -> float:
-  pred, true = np.asarray(pred).reshape(-1), np.asarray(true).reshape(-1)
-  return float(np.mean(pred == true))
-
-
-def balanced_conditions(info: DatasetInfo, field: str,
-                        pool: Mapping[str, np.ndarray], num: int, *,
-                        seed: int) -> dict[str, np.ndarray]:
-  """Conditions for `num` synthetic images: `field` cycles over its classes
-  (balanced, shuffled); other fields are copied from random rows of `pool`."""
-  f = info.condition(field)
-  if f.kind != CATEGORICAL:
-    raise ValueError(f"downstream field {field!r} must be categorical")
-  rng = np.random.default_rng(seed)
-  out = reference.draw_conditions(pool, info, num, seed=seed)
-  out[field] = rng.permutation(np.arange(num) % f.num_classes).astype(np.int32)
-  return out
-
-
-def _train_and_test(images, labels, field_spec, test, cfg, seed) -> dict[str, Any]:
-  model, params, _ = extractor.train_feature_extractor(
-      images, {field_spec.name: labels}, (field_spec,), steps=int(cfg.steps),
-      batch_size=int(cfg.batch_size), seed=seed, lr=float(cfg.lr),
-      **extractor.architecture_from(cfg))
-  pred = extractor.predict_conditions(model, params, test["image"])[field_spec.name]
-  true = test[field_spec.name]
-  return {"macro_f1": macro_f1(pred, true, field_spec.num_classes),
-          "accuracy": accuracy(pred, true),
-          "confusion": confusion(pred, true, field_spec.num_classes).tolist()}
 
 
 def checkpoint_generators(config: Any, info: DatasetInfo) -> dict[str, GenerateFn]:
@@ -113,149 +67,196 @@ def checkpoint_generators(config: Any, info: DatasetInfo) -> dict[str, GenerateF
   return out
 
 
-def check_config(config: Any, info: DatasetInfo, generators=None) -> None:
-  """One ValueError for a bad experiment config, before anything is trained.
+def check_generator_configs(config: Any, generators=None) -> None:
+  """The generator arms are named and configured for the classifier's data."""
+  names = set(generators if generators is not None else config.generators)
+  reserved = {"real", "source", "target_labelled"} & names
+  if reserved:
+    raise ValueError(f"generator names {sorted(reserved)} are reserved for the real arms")
+  if generators is not None:
+    return
+  missing = sorted(set(config.generators) - set(config.generator_configs))
+  if missing:
+    raise ValueError(f"config.generator_configs lacks {missing}")
+  for name, gc in config.generator_configs.items():
+    d, c = gc.data, config.data
+    if (d.name != c.name or d.image_size != c.image_size or d.mode != c.mode
+        or tuple(d.modalities) != tuple(c.modalities)):
+      raise ValueError(f"generator {name!r} is configured for other data "
+                       f"({d.name}, {d.image_size}, {d.modalities}, {d.mode}) than the "
+                       f"classifier ({c.name}, {c.image_size}, {c.modalities}, {c.mode})")
 
-  `generators`: the in-memory arms given to `run_downstream`, or None when
-  they come from `config.generators` (whose configs are then checked too).
+
+def check_config(config: Any, info: DatasetInfo, generators=None) -> cls_lib.ClassTask:
+  """One ValueError for a bad experiment config, before anything is trained."""
+  task = cls_lib.class_task(info, config.field, tuple(config.classes))
+  sizes = [int(n) for n in config.num_real]
+  if not sizes or min(sizes) < task.num_classes or sizes != sorted(set(sizes)):
+    raise ValueError(f"config.num_real {sizes} must be increasing sizes >= the number "
+                     f"of classes {task.num_classes}")
+  ratios = [float(r) for r in config.synthetic_ratios]
+  if not ratios or min(ratios) <= 0:
+    raise ValueError(f"config.synthetic_ratios {ratios} must be positive")
+  if len(config.seeds) < 2:
+    raise ValueError(f"need >= 2 seeds for an interval, got {list(config.seeds)}")
+  if not config.test_splits:
+    raise ValueError("config.test_splits is empty")
+  check_generator_configs(config, generators)
+  return task
+
+
+def load_task_split(data_config: Any, task: cls_lib.ClassTask, splits) -> dict[str, np.ndarray]:
+  """The examples of `splits` (concatenated) whose class is in the task, with
+  `label` = task label; every other array (conditions, images) kept."""
+  parts = [data_lib.load_arrays(data_config, split=s) for s in splits]
+  arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  label = task.to_task(arrays[task.field.name])
+  keep = label >= 0
+  out = {k: v[keep] for k, v in arrays.items()}
+  out["label"] = label[keep]
+  return out
+
+
+def synthetic_set(generate: GenerateFn, task: cls_lib.ClassTask, info: DatasetInfo,
+                  rows: Mapping[str, np.ndarray], num: int, *, seed: int,
+                  fixed: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+  """`num` generated images: classes cycling over the task (balanced prefixes),
+  other conditions copied from random `rows`, `fixed` fields set as given.
+
+  Returns:
+    {'image': `[num, *image_shape]`, 'label': task labels, and the requested
+    conditions}.
+
+  Raises:
+    ValueError: the generator returned the wrong shape.
   """
-  c = config
-  f = info.condition(c.field)  # KeyError naming the fields if absent
-  if f.kind != CATEGORICAL:
-    raise ValueError(f"config.field {c.field!r} must be categorical")
-  if len(c.seeds) < 1 or int(c.num_real) < f.num_classes:
-    raise ValueError(f"need >= 1 seed and num_real >= {f.num_classes}, got "
-                     f"{list(c.seeds)}, {c.num_real}")
-  if int(c.num_synthetic) < 1:
-    raise ValueError(f"num_synthetic must be >= 1, got {c.num_synthetic}")
-  names = set(generators if generators is not None else c.generators)
-  if "real" in names:
-    raise ValueError("'real' is reserved for the real-only arm")
-  if generators is None:
-    missing = sorted(set(c.generators) - set(c.generator_configs))
-    if missing:
-      raise ValueError(f"config.generator_configs lacks {missing}")
-    for name, gc in c.generator_configs.items():
-      if gc.data.image_size != c.data.image_size or tuple(gc.data.modalities) != tuple(
-          c.data.modalities) or gc.data.mode != c.data.mode:
-        raise ValueError(f"generator {name!r} is configured for other data "
-                         f"({gc.data.image_size}, {gc.data.modalities}, "
-                         f"{gc.data.mode}) than the classifier")
+  cond = reference.draw_conditions(rows, info, num, seed=seed)
+  cond[task.field.name] = cls_lib.nested_balanced(task, num)
+  for name, value in (fixed or {}).items():
+    cond[name] = np.full(num, value, cond[name].dtype)
+  images = np.asarray(generate(cond, seed), np.float32)
+  if images.shape != (num, *info.image_shape):
+    raise ValueError(f"a generator returned {images.shape}, expected "
+                     f"{(num, *info.image_shape)}")
+  return {"image": images, "label": task.to_task(cond[task.field.name]), **cond}
 
 
-def _summary(values: list[float]) -> dict[str, Any]:
-  v = np.asarray(values, np.float64)
-  return {"mean": float(v.mean()),
-          "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-          "values": [float(x) for x in v]}
+def arm_name(generator: str, ratio: float) -> str:
+  return f"{generator} x{ratio:g}"
 
 
 def run_downstream(config: Any, workdir: str, *,
-                   generators: Mapping[str, GenerateFn] | None = None
-                   ) -> dict[str, Any]:
-  """Runs the augmentation experiment; writes results.json and a bar chart.
+                   generators: Mapping[str, GenerateFn] | None = None) -> dict[str, Any]:
+  """Runs the learning-curve augmentation experiment (module docstring).
 
   Args:
-    config: see `configs/downstream_lesion.py` (data, field, num_real,
-      num_synthetic, seeds, max_test, classifier, generators,
-      generator_configs).
-    workdir: output directory.
-    generators: optional {arm name: generate(conditions, seed) -> images
-      `[n, *spatial, C]` in [-1, 1]} used instead of `config.generators`
-      (tests, or generators held in memory).
+    config: see `configs/downstream_lesion.py`.
+    workdir: output directory (results.json, learning_curves.png).
+    generators: optional {name: generate(conditions, seed) -> images
+      `[n, *spatial, C]` in [-1, 1]} instead of `config.generators`.
 
   Returns:
     the results dict written to `workdir/results.json`.
   """
   info = data_lib.load_info(config.data)
-  check_config(config, info, generators)
-  f = info.condition(config.field)
-  train = data_lib.load_arrays(config.data, split="train")
-  test = data_lib.load_arrays(config.data, split="test",
-                              max_examples=config.max_test)
-  known = np.flatnonzero(train[f.name] >= 0)
-  if len(known) < int(config.num_real):
-    raise ValueError(f"train split has {len(known)} labelled images, fewer "
-                     f"than num_real {config.num_real}")
+  task = check_config(config, info, generators)
+  sizes = [int(n) for n in config.num_real]
+  ratios = [float(r) for r in config.synthetic_ratios]
+  train = load_task_split(config.data, task, ("train",))
+  known = np.flatnonzero(train["label"] >= 0)
+  if len(known) < sizes[-1]:
+    raise ValueError(f"the train split has {len(known)} labelled examples of classes "
+                     f"{list(task.task_field.class_names)}, fewer than num_real {sizes[-1]}")
+  test = load_task_split(config.data, task, tuple(config.test_splits))
+  tests = {"test": {"image": test["image"], "label": test["label"]}}
   if generators is None:
     generators = checkpoint_generators(config, info)
-  arms = ["real"] + [f"real+{name}" for name in generators]
-  per_seed: dict[str, list[dict]] = {a: [] for a in arms}
+  arms = ["real"] + [arm_name(g, r) for g in generators for r in ratios]
+  runs: list[dict[str, Any]] = []
   for seed in (int(s) for s in config.seeds):
-    rng = np.random.default_rng(seed)
-    subset = {k: v[rng.choice(known, int(config.num_real), replace=False)]
-              for k, v in train.items()}
-    per_seed["real"].append(_train_and_test(
-        subset["image"], subset[f.name], f, test, config.classifier, seed))
-    for name, generate in generators.items():
-      cond = balanced_conditions(info, f.name, subset, int(config.num_synthetic),
-                                 seed=seed)
-      synth = np.asarray(generate(cond, seed), np.float32)
-      if synth.shape != (len(cond[f.name]), *info.image_shape):
-        raise ValueError(f"generator {name!r} returned {synth.shape}, expected "
-                         f"{(len(cond[f.name]), *info.image_shape)}")
-      images = np.concatenate([subset["image"], synth])
-      labels = np.concatenate([subset[f.name], cond[f.name]])
-      per_seed[f"real+{name}"].append(_train_and_test(
-          images, labels, f, test, config.classifier, seed))
+    order = np.random.default_rng(seed).permutation(known)
+    synthetic = {g: synthetic_set(fn, task, info, train, int(round(ratios[-1] * sizes[-1])),
+                                  seed=seed)
+                 for g, fn in generators.items()} if generators else {}
+    for n in sizes:
+      real = order[:n]
+      sets = {"real": (train["image"][real], train["label"][real])}
+      for g in generators:
+        for r in ratios:
+          m = int(round(r * n))
+          sets[arm_name(g, r)] = (
+              np.concatenate([train["image"][real], synthetic[g]["image"][:m]]),
+              np.concatenate([train["label"][real], synthetic[g]["label"][:m]]))
+      for arm, (images, labels) in sets.items():
+        result = cls_lib.train_and_test(images, labels, task, tests, config.classifier, seed)
+        runs.append({"seed": seed, "num_real": n, "arm": arm, **result["test"]})
 
-  results: dict[str, Any] = {"arms": {}, "protocol": protocol(config, info, test)}
-  for arm in arms:
-    entry = {m: _summary([r[m] for r in per_seed[arm]])
-             for m in ("macro_f1", "accuracy")}
-    entry["confusion_per_seed"] = [r["confusion"] for r in per_seed[arm]]
-    if arm != "real":
-      entry["paired_difference_to_real"] = {
-          m: _summary([a[m] - b[m] for a, b in zip(per_seed[arm], per_seed["real"])])
-          for m in ("macro_f1", "accuracy")}
-    results["arms"][arm] = entry
+  def select(arm, n):
+    return [r for r in runs if r["arm"] == arm and r["num_real"] == n]
+
+  results: dict[str, Any] = {
+      "protocol": protocol(config, task, len(test["label"]), np.bincount(
+          test["label"], minlength=task.num_classes)),
+      "curves": {arm: {str(n): cls_lib.summarise(select(arm, n),
+                                                 None if arm == "real" else select("real", n))
+                       for n in sizes} for arm in arms},
+      "runs": runs}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.json"), "w") as fh:
     json.dump(results, fh, indent=2)
-  results["figure"] = save_bar_chart(os.path.join(workdir, "results.png"),
-                                     results)
+  results["figure"] = save_learning_curves(os.path.join(workdir, "learning_curves.png"),
+                                           results)
   return results
 
 
-def protocol(config: Any, info: DatasetInfo, test: Mapping[str, np.ndarray]
+def protocol(config: Any, task: cls_lib.ClassTask, num_test: int, test_counts
              ) -> dict[str, Any]:
   """The experiment's settings as JSON-able facts (stored with the results)."""
   c = config
   return {
-      "dataset": info.name, "image_shape": list(info.image_shape),
-      "field": c.field, "classes": list(info.condition(c.field).class_names),
-      "num_real": int(c.num_real), "num_synthetic": int(c.num_synthetic),
-      "seeds": [int(s) for s in c.seeds], "num_test": int(len(test["image"])),
-      "test_split": "test (held-out subjects)",
+      "dataset": c.data.name, "image_size": int(c.data.image_size), "mode": c.data.mode,
+      "field": task.field.name, "classes": list(task.task_field.class_names),
+      "chance_macro_f1_balanced_accuracy": 1.0 / task.num_classes,
+      "num_real": [int(n) for n in c.num_real],
+      "synthetic_ratios": [float(r) for r in c.synthetic_ratios],
+      "seeds": [int(s) for s in c.seeds], "num_test": int(num_test),
+      "test_class_counts": [int(x) for x in test_counts],
+      "test_splits": list(c.test_splits),
       "classifier": {k: (list(v) if isinstance(v, (tuple, list)) else v)
                      for k, v in dict(c.classifier).items()},
-      "synthetic_conditions": "balanced classes; other fields copied from "
-                              "random rows of the real subset",
-      "generators": dict(c.generators),
-      "std": "sample std over seeds (ddof=1)",
+      "checkpoint_selection": "none: the classifier's last step is scored",
+      "synthetic_conditions": "task classes cycled (balanced prefixes); other fields "
+                              "copied from random train rows; noise seed = seed",
+      "generators": {k: str(v) for k, v in dict(c.generators).items()},
+      "interval": "95% Student-t over seeds; paired difference = arm - real, same seed",
   }
 
 
-def save_bar_chart(path: str, results: Mapping[str, Any]) -> str:
-  """Bars: mean macro-F1 and accuracy per arm, std error bars, seed dots."""
-  arms = list(results["arms"])
-  metrics = ("macro_f1", "accuracy")
-  fig = Figure(figsize=(2.0 + 1.4 * len(arms), 3.2))
-  ax = fig.subplots()
-  width = 0.8 / len(arms)
-  for i, arm in enumerate(arms):
-    xs = np.arange(len(metrics)) + (i - (len(arms) - 1) / 2) * width
-    entry = results["arms"][arm]
-    ax.bar(xs, [entry[m]["mean"] for m in metrics], width,
-           yerr=[entry[m]["std"] for m in metrics], capsize=3, label=arm)
-    for x, m in zip(xs, metrics):
-      vals = entry[m]["values"]
-      ax.plot([x] * len(vals), vals, "k.", markersize=3)
-  ax.set_xticks(np.arange(len(metrics)), metrics)
-  ax.set_ylim(0, 1)
-  n = len(results["arms"][arms[0]]["macro_f1"]["values"])
-  ax.set_title(f"lesion classifier on real test subjects ({n} seeds)", fontsize=9)
-  ax.legend(fontsize=7)
+def save_learning_curves(path: str, results: Mapping[str, Any]) -> str:
+  """Macro-F1 and balanced accuracy against the number of real images, one
+  line per arm with its 95 % interval as a band; chance dashed."""
+  metrics = ("macro_f1", "balanced_accuracy")
+  fig = Figure(figsize=(9.0, 3.6))
+  axes = fig.subplots(1, len(metrics))
+  sizes = [int(n) for n in results["protocol"]["num_real"]]
+  for ax, metric in zip(axes, metrics):
+    for arm, curve in results["curves"].items():
+      mean = [curve[str(n)][metric]["mean"] for n in sizes]
+      lo = [curve[str(n)][metric]["ci_low"] for n in sizes]
+      hi = [curve[str(n)][metric]["ci_high"] for n in sizes]
+      ax.plot(sizes, mean, "o-", label=arm, markersize=3)
+      ax.fill_between(sizes, lo, hi, alpha=0.15)
+    ax.axhline(results["protocol"]["chance_macro_f1_balanced_accuracy"], color="k",
+               ls="--", lw=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("real labelled training images")
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1)
+  n = len(results["protocol"]["seeds"])
+  fig.suptitle(f"{results['protocol']['field']} "
+               f"({' / '.join(results['protocol']['classes'])}) on held-out subjects, "
+               f"{n} seeds, 95% t-intervals", fontsize=9)
+  axes[-1].legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
