@@ -3,7 +3,9 @@
 One evaluation run:
 
 1. checks that `workdir` holds a checkpoint (before anything expensive);
-2. loads the real train and test splits (`reference.load_real`);
+2. loads the real train and test splits (`reference.load_real`; this step,
+   the next and the condition draw of step 4 are `reference.load_reference`,
+   which the sampler sweep shares);
 3. gets the domain feature extractor: restored from its orbax cache, or
    trained once on the real train split and cached
    (`medgen_jax.train.extractor_cache.get_extractor`; without conditions it
@@ -30,14 +32,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from medgen_jax import data as data_lib
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.eval import baseline as baseline_lib
 from medgen_jax.eval import output, reference, scoring, translation
 from medgen_jax.eval import settings as settings_lib
 from medgen_jax.inference import sample
 from medgen_jax.train import checkpoint as ckpt_lib
-from medgen_jax.train import extractor, extractor_cache
+from medgen_jax.train import extractor
 
 GenerateFn = Callable[..., np.ndarray]  # (conditions, seed, num=None) -> images
 
@@ -73,11 +74,9 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   baseline_dir = config.baseline_workdir or None
   baseline_config = (baseline_lib.baseline_generator_config(config, baseline_dir)
                      if baseline_dir else None)
-  info = data_lib.load_info(config.data)
-  train, test = reference.load_real(config.data, s)
-  model, params, meta = extractor_cache.get_extractor(config.data, info, train, s)
-  num = int(s["num_samples"] or len(test["image"]))
-  requested = reference.draw_conditions(test, info, num, seed=int(s["seed"]))
+  ref = reference.load_reference(config, s)
+  info, train, test, model, params = ref.info, ref.train, ref.test, ref.model, ref.params
+  meta, num, requested = ref.extractor_meta, ref.num_samples, ref.requested
   generate, gen_step = checkpoint_generator(
       config, workdir, info, batch_size=int(s["generate_batch_size"]))
   generated = generate(requested, int(s["seed"]), num)

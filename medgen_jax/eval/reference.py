@@ -1,12 +1,15 @@
-"""The real reference of an evaluation: its splits and the conditions drawn from them."""
+"""The real reference of an evaluation: its splits, the domain extractor and
+the conditions drawn from them."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
 
 from medgen_jax import data as data_lib
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
+from medgen_jax.train import extractor_cache
 
 
 def load_real(data_config: Any, settings: Mapping[str, Any]
@@ -41,3 +44,41 @@ def draw_conditions(reference: Mapping[str, np.ndarray], info: DatasetInfo,
   order = np.concatenate([rng.permutation(n) for _ in range(-(-num // n))])[:num]
   return {f.name: np.asarray(reference[f.name])[order].astype(
       np.int32 if f.kind == CATEGORICAL else np.float32) for f in info.conditions}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """What every generated set of one evaluation is scored against and asked for.
+
+  Attributes:
+    info: the dataset's DatasetInfo.
+    train, test: real split arrays (`load_real`).
+    model, params: the domain feature extractor.
+    extractor_meta: `extractor_cache.get_extractor`'s {'path', 'reused', ...}.
+    num_samples: how many images to generate.
+    requested: {field: `[num_samples]`} conditions to generate them for
+      (`draw_conditions`); {} for an unconditional model.
+  """
+  info: DatasetInfo
+  train: dict[str, np.ndarray]
+  test: dict[str, np.ndarray]
+  model: Any
+  params: Any
+  extractor_meta: dict[str, Any]
+  num_samples: int
+  requested: dict[str, np.ndarray]
+
+
+def load_reference(config: Any, settings: Mapping[str, Any]) -> Reference:
+  """Loads the real splits and the extractor and draws the requested conditions.
+
+  `settings` are `eval.settings.eval_settings(config)`: `num_samples` (None:
+  the test split's size) conditions are drawn with `seed`, so every
+  generator scored on one Reference gets the same requests.
+  """
+  info = data_lib.load_info(config.data)
+  train, test = load_real(config.data, settings)
+  model, params, meta = extractor_cache.get_extractor(config.data, info, train, settings)
+  num = int(settings["num_samples"] or len(test["image"]))
+  requested = draw_conditions(test, info, num, seed=int(settings["seed"]))
+  return Reference(info, train, test, model, params, meta, num, requested)
