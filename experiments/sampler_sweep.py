@@ -12,7 +12,7 @@ GAN run takes no sampler flags and gives one row, its one-step generator:
 
 Every row is scored on the same real splits, extractor, conditions and noise
 as `experiments.evaluate` (settings from `config.eval`, e.g.
---config.eval.num_samples=1000). Writes workdir/eval/sampler_sweep.json and
+--config.eval.num_samples=1000). Writes workdir/eval/sampler_sweep.json (or --out NAME) and
 prints the table (images/s, network evaluations per image, FD, recall, ...).
 """
 import itertools
@@ -30,6 +30,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoin
 _STEPS = flags.DEFINE_list("steps", None, "Solver steps, e.g. 8,16,32,64.")
 _GUIDANCE = flags.DEFINE_list("guidance", None, "Guidance scales, e.g. 1,2 (1 = off).")
 _SOLVER = flags.DEFINE_list("solver", None, "ODE solvers: euler, heun.")
+_OUT = flags.DEFINE_string("out", "sampler_sweep.json",
+                           "File name under workdir/eval/ (keeps several sweeps apart).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,11 +55,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   settings = settings_from_flags(_STEPS.value, _GUIDANCE.value, _SOLVER.value)
-  result = sampler_sweep.sweep(_CONFIG.value, _WORKDIR.value, settings)
+  if os.path.basename(_OUT.value) != _OUT.value or not _OUT.value.endswith(".json"):
+    raise app.UsageError(f"--out {_OUT.value!r} must be a plain file name ending in .json")
+  result = sampler_sweep.sweep(_CONFIG.value, _WORKDIR.value, settings, out_name=_OUT.value)
   print(f"checkpoint step {result['checkpoint_step']}, {result['num_samples']} samples, "
         f"seed {result['seed']}, {result['backend']}")
   print(sampler_sweep.table(result), end="")
-  print(os.path.join(_WORKDIR.value, "eval", "sampler_sweep.json"))
+  print(os.path.join(_WORKDIR.value, "eval", _OUT.value))
 
 
 if __name__ == "__main__":

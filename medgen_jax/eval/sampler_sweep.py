@@ -118,8 +118,8 @@ def check_settings(config: Any, settings: Sequence[Mapping[str, Any]]
   return out
 
 
-def sweep(config: Any, workdir: str, settings: Sequence[Mapping[str, Any]]
-          ) -> dict[str, Any]:
+def sweep(config: Any, workdir: str, settings: Sequence[Mapping[str, Any]], *,
+          out_name: str = "sampler_sweep.json") -> dict[str, Any]:
   """Scores the latest checkpoint in `workdir` at each sampler setting.
 
   Args:
@@ -127,11 +127,12 @@ def sweep(config: Any, workdir: str, settings: Sequence[Mapping[str, Any]]
     workdir: its training workdir (with `checkpoints/`).
     settings: one dict per row, keys from `SAMPLER_KEYS` overriding
       `config.model`'s; `{}` is the config's own sampler, and a GAN's only row.
+    out_name: file name under `workdir/eval/` (several sweeps of one run).
 
   Returns:
     {'checkpoint_step', 'generator', 'num_samples', 'seed', 'backend',
      'extractor_path', 'rows', 'real_reference'}, also written to
-    `workdir/eval/sampler_sweep.json`. Each row: the sampler (flow only),
+    `workdir/eval/<out_name>`. Each row: the sampler (flow only),
     `network_evals_per_image`, `images_per_s`, `ms_per_image` (steady state),
     `compile_s` (first batch: trace, compile, run) and the `METRICS` the
     dataset has; `real_reference` holds those metrics' `*_real_reference`.
@@ -176,7 +177,7 @@ def sweep(config: Any, workdir: str, settings: Sequence[Mapping[str, Any]]
                 num_samples=int(ref.num_samples), seed=int(s["seed"]), backend=backend,
                 extractor_path=ref.extractor_meta["path"], rows=rows,
                 real_reference=real_reference)
-  output.write_json(os.path.join(workdir, "eval", "sampler_sweep.json"), result)
+  output.write_json(os.path.join(workdir, "eval", out_name), result)
   return output.to_json(result)
 
 
