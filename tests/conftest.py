@@ -148,6 +148,17 @@ def plain_tiny_step():
 
 # ---- checkpoints in the training loop's layout ----
 
+def random_generator_params(generator, info, latent_dim, batch_size, *, scale=0.1, seed=0):
+  """Generator params drawn N(0, scale) (gates and heads included, so every
+  branch is active): a stand-in for trained weights in precision tests."""
+  abstract = jax.eval_shape(lambda: generator.init(
+      jax.random.PRNGKey(0), jnp.zeros((batch_size, latent_dim)),
+      state_lib.dummy_conditions(info, batch_size), train=False))["params"]
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, scale, a.shape), a.dtype),
+                      abstract)
+
+
 def write_checkpoint(config, workdir, *, step=3, seed=0):
   """A TrainState with random (non-zero, gates included) params, saved like the loop does."""
   info = data_lib.load_info(config.data)

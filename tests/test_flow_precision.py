@@ -2,15 +2,12 @@
 ODE integrates with (the sampler re-applies the velocity network inside a
 scan, so the precision must reach that inner call), and the samples stay
 close to fp32."""
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import INFO
+from conftest import INFO, random_generator_params
 from medgen_jax import models
 from medgen_jax.inference import quantize, sample
-from medgen_jax.train.state import dummy_conditions
 from test_flow_train import tiny_flow_config
 
 B = 4
@@ -22,12 +19,7 @@ def flow_samples():
   config.model.update(sample_steps=4)
   g = models.build_generator(config.model, INFO)
   latent = int(config.model.latent_dim)
-  abstract = jax.eval_shape(lambda: g.init(
-      jax.random.PRNGKey(0), jnp.zeros((B, latent)), dummy_conditions(INFO, B),
-      train=False))["params"]
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.1, a.shape), a.dtype),
-                        abstract)
+  params = random_generator_params(g, INFO, latent, B)
   z = sample.make_noise(0, B, latent)
   cond = sample.build_conditions({}, INFO, B, seed=0)
   out = {}

@@ -14,12 +14,11 @@ import pytest
 import qwix
 
 from configs import phantom_gan
-from conftest import write_checkpoint
+from conftest import random_generator_params, write_checkpoint
 from medgen_jax import data as data_lib
 from medgen_jax import models
 from medgen_jax.eval import precision
 from medgen_jax.inference import quantize, sample
-from medgen_jax.train.state import dummy_conditions
 
 B = 4
 
@@ -30,12 +29,7 @@ def setup():
   info = data_lib.load_info(config.data)
   g = models.build_generator(config.model, info)
   latent = config.model.latent_dim
-  abstract = jax.eval_shape(lambda: g.init(
-      jax.random.PRNGKey(0), jnp.zeros((B, latent)), dummy_conditions(info, B),
-      train=False))["params"]
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.1, a.shape), a.dtype),
-                        abstract)
+  params = random_generator_params(g, info, latent, B)
   z = sample.make_noise(0, B, latent)
   cond = sample.build_conditions({}, info, B, seed=0)
   prep = lambda p, **kw: quantize.prepare_for_sampling(g, params, p, info=info, batch_size=B,
