@@ -79,7 +79,39 @@ def check_config(config: Any, info: DatasetInfo, generators=None) -> cls_lib.Cla
             f"generator {name!r} must be trained without the target site's labels: set "
             f"its data.hide_labels to '{config.field}:{config.site_field}="
             f"{config.target_site}' (it is {gc.data.get('hide_labels')!r})")
+  site_pools(config, task, site)  # the data holds what the config asks for
   return task
+
+
+def site_pools(config: Any, task: cls_lib.ClassTask, site: int
+               ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray,
+                          dict[str, dict[str, np.ndarray]]]:
+  """(train arrays, source-site indices, target-site indices, held-out tests).
+
+  Raises:
+    ValueError: fewer source examples than `num_real`, fewer target examples
+      than `num_synthetic` (the labelled reference arm draws that many), or
+      no held-out example at the target or the source sites.
+  """
+  name = config.site_field
+  train = downstream.load_task_split(config.data, task, ("train",))
+  held_out = downstream.load_task_split(config.data, task, tuple(config.test_splits))
+  source_pool = np.flatnonzero(train[name] != site)
+  target_pool = np.flatnonzero(train[name] == site)
+  for what, pool, need in (("source-site", source_pool, config.num_real),
+                           ("target-site", target_pool, config.num_synthetic)):
+    if len(pool) < int(need):
+      raise ValueError(f"the train split has {len(pool)} labelled {what} examples of "
+                       f"classes {list(task.task_field.class_names)}, fewer than the "
+                       f"{need} the config asks for")
+  tests = {t: {"image": held_out["image"][keep], "label": held_out["label"][keep]}
+           for t, keep in (("target", held_out[name] == site),
+                           ("source", held_out[name] != site))}
+  for t, arrays in tests.items():
+    if len(arrays["label"]) == 0:
+      raise ValueError(f"the held-out splits {list(config.test_splits)} have no {t}-site "
+                       f"examples of the task's classes")
+  return train, source_pool, target_pool, tests
 
 
 def run_cross_site(config: Any, workdir: str, *,
@@ -99,22 +131,7 @@ def run_cross_site(config: Any, workdir: str, *,
   info = data_lib.load_info(config.data)
   task = check_config(config, info, generators)
   site_name, site = config.site_field, target_site(config, info)
-  train = downstream.load_task_split(config.data, task, ("train",))
-  held_out = downstream.load_task_split(config.data, task, tuple(config.test_splits))
-  source_pool = np.flatnonzero(train[site_name] != site)
-  target_pool = np.flatnonzero(train[site_name] == site)
-  for what, pool, need in (("source-site", source_pool, config.num_real),
-                           ("target-site", target_pool, config.num_synthetic)):
-    if len(pool) < int(need):
-      raise ValueError(f"the train split has {len(pool)} labelled {what} examples, "
-                       f"fewer than the {need} the config asks for")
-  tests = {name: {"image": held_out["image"][keep], "label": held_out["label"][keep]}
-           for name, keep in (("target", held_out[site_name] == site),
-                              ("source", held_out[site_name] != site))}
-  for name, t in tests.items():
-    if len(t["label"]) == 0:
-      raise ValueError(f"the held-out splits {list(config.test_splits)} have no {name}-site "
-                       f"examples of the task's classes")
+  train, source_pool, target_pool, tests = site_pools(config, task, site)
   if generators is None:
     generators = downstream.checkpoint_generators(config, info)
   m = int(config.num_synthetic)

@@ -102,6 +102,10 @@ def check_config(config: Any, info: DatasetInfo, generators=None) -> cls_lib.Cla
   if not config.test_splits:
     raise ValueError("config.test_splits is empty")
   check_generator_configs(config, generators)
+  available = len(load_task_split(config.data, task, ("train",))["label"])
+  if available < sizes[-1]:
+    raise ValueError(f"the train split has {available} labelled examples of classes "
+                     f"{list(task.task_field.class_names)}, fewer than num_real {sizes[-1]}")
   return task
 
 
@@ -163,10 +167,7 @@ def run_downstream(config: Any, workdir: str, *,
   sizes = [int(n) for n in config.num_real]
   ratios = [float(r) for r in config.synthetic_ratios]
   train = load_task_split(config.data, task, ("train",))
-  known = np.flatnonzero(train["label"] >= 0)
-  if len(known) < sizes[-1]:
-    raise ValueError(f"the train split has {len(known)} labelled examples of classes "
-                     f"{list(task.task_field.class_names)}, fewer than num_real {sizes[-1]}")
+  known = np.arange(len(train["label"]))
   test = load_task_split(config.data, task, tuple(config.test_splits))
   tests = {"test": {"image": test["image"], "label": test["label"]}}
   if generators is None:
