@@ -83,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # without it a requested large lesion was drawn in 2-12 % of samples,
       # with it in 76 % (real 73 %), at an FD cost (1,200-step runs, commit 5f2b8c2).
       teacher_weight=1.0, teacher_seed=1, teacher_steps=300,
+      # 'none': the teacher's loss on fakes is minimised; 'real': hinged at
+      # its loss on the paired real batch (losses.teacher_hinge), so fakes
+      # are pushed only until they are as recognisable as real slices.
+      teacher_margin="none",
       # Conditions the teacher is trained on and teaches, comma separated
       # ('' = all). 'lesion': a requested large lesion is drawn in 91-100 %
       # of samples (two seeds; 49-93 % with all), but FD 67-75 against 37-45

@@ -10,12 +10,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import INFO, TinyD, TinyG, step_noise, tiny_batch, tiny_config
 # Re-exported: some test modules import the tiny GAN helpers from here.
 from conftest import tiny_examples, tiny_iterator, tiny_loop_config  # noqa: F401
 from medgen_jax.models.classifier import FeatureNet
-from medgen_jax.train import ema, state as state_lib, step as step_lib
+from medgen_jax.train import ema, losses, state as state_lib, step as step_lib
 
 
 def test_ema_matches_hand_computed():
@@ -160,3 +161,37 @@ def test_teacher_term_matches_independent_computation(plain_tiny_step):
   _, plain_m = plain_step(state, batch, None)
   assert "g_teacher" not in plain_m
   assert abs(float(plain_m["g_grad_norm"]) - float(m["g_grad_norm"])) > 1e-4
+
+
+def test_teacher_margin_real_hinges_at_the_paired_real_batch(plain_tiny_step):
+  teacher = FeatureNet(INFO.conditions, widths=(4,), feature_dim=4)
+  teacher_params = teacher.init(jax.random.PRNGKey(5), jnp.zeros((1, 8, 8, 1)))["params"]
+  batch = jax.tree.map(jnp.asarray, tiny_batch(0))
+  _, heads = teacher.apply({"params": teacher_params}, batch["image"])
+  logits, labels = np.asarray(heads["lesion"], np.float64), np.asarray(batch["lesion"])
+  real_ce = np.mean(np.log(np.sum(np.exp(logits), -1)) - logits[np.arange(8), labels])
+  _, _, plain_step = plain_tiny_step
+  # The teacher term reaches G's gradient exactly when fakes score worse than reals.
+  for weight in (0.7,):
+    config = tiny_config(augment="", r1_gamma=0.0, teacher_weight=weight,
+                         teacher_margin="real")
+    models = state_lib.make_models(TinyG(), TinyD(spectral_norm=False), config,
+                                   teacher=(teacher, teacher_params))
+    state = state_lib.make_init_fn(models, INFO, latent_dim=4, seed=0)()
+    _, m = jax.jit(functools.partial(step_lib.train_step, models=models,
+                                     config=config))(state, batch, None)
+    np.testing.assert_allclose(m["g_teacher_real"], real_ce, rtol=1e-5)
+    _, plain_m = plain_step(state, batch, None)
+    pushed = abs(float(plain_m["g_grad_norm"]) - float(m["g_grad_norm"])) > 1e-6
+    assert pushed == bool(m["g_teacher"] > m["g_teacher_real"])
+
+
+def test_teacher_hinge_by_hand():
+  fake = {"lesion": jnp.float32(1.2), "age": jnp.float32(0.1)}
+  real = {"lesion": jnp.float32(1.0), "age": jnp.float32(0.3)}
+  # lesion: 1.2 - 1.0 = 0.2 pushed; age: 0.1 < 0.3, no push.
+  np.testing.assert_allclose(losses.teacher_hinge(fake, real), 0.2, rtol=1e-6)
+  grads = jax.grad(lambda f: losses.teacher_hinge(f, real))(fake)
+  assert float(grads["lesion"]) == 1.0 and float(grads["age"]) == 0.0
+  with pytest.raises(ValueError, match="no real-batch loss"):
+    losses.teacher_hinge(fake, {"lesion": jnp.float32(1.0)})

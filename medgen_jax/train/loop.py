@@ -37,7 +37,7 @@ from medgen_jax.train import variety as variety_lib
 
 SAMPLE_COLS = 8
 LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
-             "g_teacher", "g_diversity", "flow_loss")
+             "g_teacher", "g_teacher_real", "g_diversity", "flow_loss")
 
 
 def _teacher_names(config: Any) -> tuple[str, ...]:
@@ -144,6 +144,10 @@ def validate_config(config: Any, num_devices: int) -> None:
     raise ValueError(f"loss.teacher_weight {weight} applies to the generation "
                      f"task only; set it to 0 for task {config.task!r}")
   check_condition_settings(config, names)
+  margin = config.loss.get("teacher_margin", "none")
+  if margin not in losses.TEACHER_MARGINS:
+    raise ValueError(f"loss.teacher_margin must be one of {losses.TEACHER_MARGINS}, got "
+                     f"{margin!r}")
   if weight:
     eval_seed = int(extractor_cache.extractor_settings(config)["extractor_seed"])
     if int(config.loss.teacher_seed) == eval_seed or int(config.loss.teacher_steps) < 1:

@@ -11,10 +11,11 @@ the same projection: pairs are formed within a condition, never across.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from medgen_jax.conditioning import rescale_continuous
 from medgen_jax.data.info import CATEGORICAL, ConditionField
@@ -147,6 +148,27 @@ def condition_prediction_loss(predictions: dict[str, jax.Array],
         field.kind, predictions[field.name], target)
     total = total + jnp.mean(per_example)
   return total
+
+
+TEACHER_MARGINS = ("none", "real")
+
+
+def teacher_hinge(fake_losses: Mapping[str, jax.Array],
+                  real_losses: Mapping[str, jax.Array]) -> jax.Array:
+  """Sum over fields of relu(teacher loss on fakes - teacher loss on reals).
+
+  The frozen teacher is an imperfect classifier (near chance on real slices
+  for some fields), so driving its loss on generated images towards zero
+  asks for prototypes it is surer about than about any real image: one
+  image per condition. Hinged at the paired real batch's loss, a field
+  stops pushing once the fakes are as recognisable as real slices of the
+  same conditions.
+  """
+  missing = sorted(set(fake_losses) - set(real_losses))
+  if missing:
+    raise ValueError(f"teacher_hinge: no real-batch loss for {missing}")
+  return sum(jax.nn.relu(fake - lax.stop_gradient(real_losses[k]))
+             for k, fake in fake_losses.items())
 
 
 def diversity_ratio(fake_a: jax.Array, fake_b: jax.Array, z_a: jax.Array,

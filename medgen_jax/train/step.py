@@ -160,6 +160,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
 
   real_logits, d_state = paired_real_logits(gan, D, d_params, d_state, real_aug, cond,
                                             dropout_key=drop_d)
+  teacher_real = (teacher_field_losses(models.teacher, real, cond)
+                  if teacher_weight and lcfg.get("teacher_margin", "none") == "real" else None)
 
   def g_objective(g_params):
     fake, new_g_state = _apply(G, g_params, g_state, z_g, cond, train=True,
@@ -174,11 +176,13 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     total = g_metrics["g_loss"] + cond_weight * g_metrics.get("g_cond", 0.0)
     if teacher_weight:
       # The frozen classifier sees the un-augmented sample, as it saw reals.
-      teacher, teacher_params = models.teacher
-      g_metrics["g_teacher"], _ = classifier.condition_loss(
-          teacher, teacher_params, fake,
-          classifier.condition_targets(cond, teacher.fields))
-      total = total + teacher_weight * g_metrics["g_teacher"]
+      fake_losses = teacher_field_losses(models.teacher, fake, cond)
+      g_metrics["g_teacher"] = sum(fake_losses.values())
+      push = g_metrics["g_teacher"]
+      if teacher_real is not None:
+        g_metrics["g_teacher_real"] = sum(teacher_real.values())
+        push = losses.teacher_hinge(fake_losses, teacher_real)
+      total = total + teacher_weight * push
     if div_weight:
       # The D step's sample used the same parameters and conditions with
       # other noise, so the mode-seeking pair costs no extra forward pass.
@@ -195,6 +199,16 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
                      g_state=g_state, d_params=d_params, d_state=d_state,
                      d_opt_state=d_opt_state, d_grad=d_grad,
                      metrics=dict(d_metrics, **g_metrics))
+
+
+def teacher_field_losses(teacher_model, images: jax.Array, cond: dict[str, jax.Array]
+                         ) -> dict[str, jax.Array]:
+  """{field: the frozen teacher's loss on `images` for `cond`} (un-augmented
+  images, as the teacher saw reals in training)."""
+  teacher, teacher_params = teacher_model
+  _, metrics = classifier.condition_loss(teacher, teacher_params, images,
+                                         classifier.condition_targets(cond, teacher.fields))
+  return {f.name: metrics[f"{f.name}_loss"] for f in teacher.fields}
 
 
 def paired_real_logits(gan: losses.GanLoss, D, d_params, d_state, real_in: jax.Array,
