@@ -23,12 +23,34 @@ def _recording_generator(log, train, field="lesion"):
   return generate
 
 
-def test_quick_cross_site(tmp_path):
+def test_quick_cross_site(tmp_path, monkeypatch):
   config = downstream_cross_site.get_config("quick")
   train = data_lib.load_arrays(config.data, split="train")
-  log = []
+  log, trained = [], []
+  real_train = cls_lib.train_and_test
+
+  def recording_train_and_test(images, labels, *args, **kwargs):
+    trained.append((np.asarray(images), np.asarray(labels)))
+    return real_train(images, labels, *args, **kwargs)
+
+  monkeypatch.setattr(cls_lib, "train_and_test", recording_train_and_test)
   res = cross_site.run_cross_site(config, str(tmp_path),
                                   generators={"gan": _recording_generator(log, train)})
+  # Every real image a classifier saw carries its own label: the source and
+  # target-labelled rows are drawn as whole examples (none/large = 0/2 -> 0/1).
+  task_label = {0: 0, 2: 1}
+  by_image = {train["image"][i].tobytes(): (task_label.get(int(train["lesion"][i])),
+                                            int(train["site"][i]))
+              for i in range(len(train["image"]))}
+  arms = ["source", "target_labelled", "gan@target", "gan@source"]
+  for (images, labels), arm in zip(trained, arms * len(config.seeds)):
+    real = images[:config.num_real + (config.num_synthetic if arm == "target_labelled" else 0)]
+    for image, label in zip(real, labels):
+      assert by_image[image.tobytes()][0] == int(label), arm
+    sites = [by_image[image.tobytes()][1] for image in real]
+    assert all(s != 3 for s in sites[:config.num_real])
+    if arm == "target_labelled":
+      assert all(s == 3 for s in sites[config.num_real:])
   with open(tmp_path / "results.json") as f:
     saved = json.load(f)
   assert list(saved["arms"]) == ["source", "target_labelled", "gan@target", "gan@source"]

@@ -140,8 +140,8 @@ def run_cross_site(config: Any, workdir: str, *,
     rng = np.random.default_rng(seed)
     real = rng.choice(source_pool, int(config.num_real), replace=False)
     source_rows = {k: v[real] for k, v in train.items()}
-    extra = {"target_labelled": {k: v[rng.choice(target_pool, m, replace=False)]
-                                 for k, v in train.items()}}
+    labelled = rng.choice(target_pool, m, replace=False)
+    extra = {"target_labelled": {k: v[labelled] for k, v in train.items()}}
     for g, fn in generators.items():
       extra[f"{g}@target"] = downstream.synthetic_set(fn, task, info, source_rows, m,
                                                       seed=seed, fixed={site_name: site})
