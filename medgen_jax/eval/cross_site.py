@@ -224,8 +224,8 @@ def save_site_bars(path: str, results: Mapping[str, Any]) -> str:
                ls="--", lw=0.8)
     ax.set_xticks(np.arange(len(metrics)), metrics)
     ax.set_ylim(0, 1)
-    ax.set_title(f"{t} site" + ("" if t == "source" else
-                                f" ({results['protocol']['target_site']})"), fontsize=9)
+    ax.set_title("held-out subjects, " + ("source sites" if t == "source" else
+                 f"target site ({results['protocol']['target_site']})"), fontsize=9)
   axes[-1].legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
