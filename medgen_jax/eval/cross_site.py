@@ -60,6 +60,12 @@ def check_config(config: Any, info: DatasetInfo, generators=None) -> cls_lib.Cla
   labels of `field` hidden; otherwise the 'unlabelled target' arm would
   learn from target labels through the generator.
   """
+  return _checked(config, info, generators)[0]
+
+
+def _checked(config: Any, info: DatasetInfo, generators) -> tuple[cls_lib.ClassTask, int, tuple]:
+  """`check_config`, returning the task, the target site's index and the
+  `site_pools` it loaded to check the data (so a run reads them once)."""
   task = cls_lib.class_task(info, config.field, tuple(config.classes))
   site = target_site(config, info)
   if config.site_field == config.field:
@@ -79,8 +85,8 @@ def check_config(config: Any, info: DatasetInfo, generators=None) -> cls_lib.Cla
             f"generator {name!r} must be trained without the target site's labels: set "
             f"its data.hide_labels to '{config.field}:{config.site_field}="
             f"{config.target_site}' (it is {gc.data.get('hide_labels')!r})")
-  site_pools(config, task, site)  # the data holds what the config asks for
-  return task
+  # The data must hold what the config asks for.
+  return task, site, site_pools(config, task, site)
 
 
 def site_pools(config: Any, task: cls_lib.ClassTask, site: int
@@ -129,9 +135,8 @@ def run_cross_site(config: Any, workdir: str, *,
     the results dict written to `workdir/results.json`.
   """
   info = data_lib.load_info(config.data)
-  task = check_config(config, info, generators)
-  site_name, site = config.site_field, target_site(config, info)
-  train, source_pool, target_pool, tests = site_pools(config, task, site)
+  task, site, (train, source_pool, target_pool, tests) = _checked(config, info, generators)
+  site_name = config.site_field
   if generators is None:
     generators = downstream.checkpoint_generators(config, info)
   m = int(config.num_synthetic)

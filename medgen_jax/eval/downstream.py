@@ -89,6 +89,13 @@ def check_generator_configs(config: Any, generators=None) -> None:
 
 def check_config(config: Any, info: DatasetInfo, generators=None) -> cls_lib.ClassTask:
   """One ValueError for a bad experiment config, before anything is trained."""
+  return _checked(config, info, generators)[0]
+
+
+def _checked(config: Any, info: DatasetInfo, generators
+             ) -> tuple[cls_lib.ClassTask, dict[str, np.ndarray]]:
+  """`check_config`, returning the task and the train split it loaded to
+  count the labelled examples (so a run reads it once)."""
   task = cls_lib.class_task(info, config.field, tuple(config.classes))
   sizes = [int(n) for n in config.num_real]
   if not sizes or min(sizes) < task.num_classes or sizes != sorted(set(sizes)):
@@ -102,11 +109,12 @@ def check_config(config: Any, info: DatasetInfo, generators=None) -> cls_lib.Cla
   if not config.test_splits:
     raise ValueError("config.test_splits is empty")
   check_generator_configs(config, generators)
-  available = len(load_task_split(config.data, task, ("train",))["label"])
-  if available < sizes[-1]:
-    raise ValueError(f"the train split has {available} labelled examples of classes "
-                     f"{list(task.task_field.class_names)}, fewer than num_real {sizes[-1]}")
-  return task
+  train = load_task_split(config.data, task, ("train",))
+  if len(train["label"]) < sizes[-1]:
+    raise ValueError(f"the train split has {len(train['label'])} labelled examples of "
+                     f"classes {list(task.task_field.class_names)}, fewer than num_real "
+                     f"{sizes[-1]}")
+  return task, train
 
 
 def load_task_split(data_config: Any, task: cls_lib.ClassTask, splits) -> dict[str, np.ndarray]:
@@ -163,10 +171,9 @@ def run_downstream(config: Any, workdir: str, *,
     the results dict written to `workdir/results.json`.
   """
   info = data_lib.load_info(config.data)
-  task = check_config(config, info, generators)
+  task, train = _checked(config, info, generators)
   sizes = [int(n) for n in config.num_real]
   ratios = [float(r) for r in config.synthetic_ratios]
-  train = load_task_split(config.data, task, ("train",))
   known = np.arange(len(train["label"]))
   test = load_task_split(config.data, task, tuple(config.test_splits))
   tests = {"test": {"image": test["image"], "label": test["label"]}}
