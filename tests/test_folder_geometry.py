@@ -58,6 +58,16 @@ def _inside(affine_src, world):
   return np.all((ijk >= 0) & (ijk <= np.asarray(SHAPE_XYZ) - 1), axis=-1)
 
 
+def _one_scan_dataset(tmp_path, mode):
+  """(the scan's affine, data config, DatasetInfo) of a folder holding one
+  oblique scan, built in `mode`."""
+  src = tmp_path / "src"
+  src.mkdir()
+  scan_affine = _write_scan(src / "a.nii.gz")
+  config = _config(src, tmp_path / "out", mode)
+  return scan_affine, config, data.load_info(config)
+
+
 def _world(affine, shape):
   idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
   idx = np.concatenate([idx, np.zeros(idx.shape[:-1] + (3 - len(shape),))], -1)
@@ -65,11 +75,7 @@ def _world(affine, shape):
 
 
 def test_3d_examples_carry_the_scanner_affine(tmp_path):
-  src = tmp_path / "src"
-  src.mkdir()
-  scan_affine = _write_scan(src / "a.nii.gz")
-  config = _config(src, tmp_path / "out", "3d")
-  info = data.load_info(config)
+  scan_affine, config, info = _one_scan_dataset(tmp_path, "3d")
   image = info.to_physical(data.load_arrays(config, split="train")["image"])[0, ..., 0]
   affine = np.asarray(info.extra["affine"])
   # Spacing: the source extent over the output size, per axis.
@@ -86,11 +92,7 @@ def test_3d_examples_carry_the_scanner_affine(tmp_path):
 
 
 def test_2d_slices_carry_in_plane_spacing_and_orientation(tmp_path):
-  src = tmp_path / "src"
-  src.mkdir()
-  scan_affine = _write_scan(src / "a.nii.gz")
-  config = _config(src, tmp_path / "out", "2d")
-  info = data.load_info(config)
+  scan_affine, config, info = _one_scan_dataset(tmp_path, "2d")
   np.testing.assert_allclose(info.spacing_mm, (1.3 * 24 / 16, 0.7 * 24 / 16), rtol=1e-6)
   slices = info.to_physical(data.load_arrays(config, split="train")["image"])[..., 0]
   assert slices.shape == (6, 16, 16)
