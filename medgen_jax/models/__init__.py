@@ -9,10 +9,11 @@
 
 RNG streams: 'params' (init) and 'dropout' (condition dropout and attention
 dropout, only used with train=True). The generator has only 'params'; the
-discriminator with `spectral_norm=True` also has 'batch_stats' (spectral-norm
-power iteration), which the D update must pass as mutable with train=True.
-Use train=False (nothing mutable) wherever D only scores, e.g. inside the
-G loss if its power iteration should not advance twice per step.
+ResNet discriminator with `spectral_norm=True` also has 'batch_stats'
+(spectral-norm power iteration), which the D update must pass as mutable
+with train=True (the R3GAN discriminator has only 'params'). Use
+train=False (nothing mutable) wherever D only scores, e.g. inside the G loss
+if its power iteration should not advance twice per step.
 
 Registries are plain dicts name -> builder(model_config, info) -> Module.
 """
@@ -28,6 +29,8 @@ from medgen_jax.models.discriminator import (ResNetDiscriminator,
                                              build_resnet_discriminator)
 from medgen_jax.models.generator import (TransformerGenerator,
                                          build_transformer_generator)
+from medgen_jax.models.r3gan_discriminator import (R3GANDiscriminator,
+                                                   build_r3gan_discriminator)
 from medgen_jax.models.translator import Translator, build_translator
 from medgen_jax.models.unet import UNet, build_unet
 from medgen_jax.models.variants import VARIANTS, Variant, decode_variant
@@ -49,6 +52,8 @@ GENERATORS: dict[str, Builder] = {
 
 DISCRIMINATORS: dict[str, Builder] = {
     "resnet": build_resnet_discriminator,
+    # Normalisation-free (params only, no 'batch_stats'); ignores spectral_norm.
+    "r3gan": build_r3gan_discriminator,
 }
 
 
@@ -69,7 +74,8 @@ def build_discriminator(model_config, info: DatasetInfo) -> nn.Module:
   """The discriminator named by `model_config.discriminator`.
 
   Raises:
-    ValueError: unknown name or dtype.
+    ValueError: unknown name or dtype, or sizes that do not fit (the r3gan
+      group size vs its branch width).
   """
   name = model_config.discriminator
   if name not in DISCRIMINATORS:
@@ -81,6 +87,7 @@ def build_discriminator(model_config, info: DatasetInfo) -> nn.Module:
 __all__ = [
     "GENERATORS", "DISCRIMINATORS", "build_generator", "build_discriminator",
     "TransformerGenerator", "CNNGenerator", "ResNetDiscriminator",
+    "R3GANDiscriminator",
     "Translator", "UNet", "FlowGenerator",
     "VARIANTS", "Variant", "decode_variant",
 ]

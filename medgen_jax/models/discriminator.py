@@ -15,6 +15,10 @@ lesion be ignored when the rest of the slice is convincing; the heads give
 the generator a direct gradient towards drawing the requested class
 (`losses.condition_prediction_loss`).
 
+The logit and heads (`conditional_logits`), the input checks and the stem /
+width plan (`resolution_plan`) are shared with the R3GAN discriminator
+(`r3gan_discriminator.py`), so both name their head parameters alike.
+
 Spectral normalisation (flax `nn.SpectralNorm`) keeps its power-iteration
 vectors `u` and `sigma` in the 'batch_stats' collection. The training step
 must call `D.apply({'params': p, 'batch_stats': s}, x, c, train=True,
@@ -32,8 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from medgen_jax.conditioning import rescale_continuous
-from medgen_jax.models.classifier import condition_heads
 from medgen_jax.data.info import CATEGORICAL, ConditionField
+from medgen_jax.models import classifier
 from medgen_jax.models.layers import conv, space_to_depth
 from medgen_jax.models.variants import parse_dtype
 
@@ -96,6 +100,100 @@ class _Wrap(nn.Module):
     if self.spectral_norm:
       return nn.SpectralNorm(self.layer)(x, update_stats=train)
     return self.layer(x)
+
+
+def resolution_plan(x: jnp.ndarray, width: int
+                    ) -> tuple[jnp.ndarray, tuple[int, ...]]:
+  """The input stem and the widths of a discriminator's resolutions.
+
+  Inputs at least 2 * _STEM_MIN_SIDE on the smallest axis are patchified
+  (2x space-to-depth), so the first convs run at half resolution: XLA:CPU's
+  filter gradient is slowest for full-resolution, few-channel convs, and
+  this is most of what keeps a 64x64 step within the CPU budget.
+
+  Args:
+    x: images [B, *spatial, C].
+    width: channels at the first resolution.
+
+  Returns:
+    (x or its space-to-depth [B, *spatial / 2, C * 2**ndim], widths): one
+    width per resolution, from the stem's down to the one whose smallest
+    axis is _MIN_SIDE (halving every axis in between), doubling per
+    downsampling up to width * _MAX_MULT.
+  """
+  if min(x.shape[1:-1]) >= 2 * _STEM_MIN_SIDE:
+    x = space_to_depth(x)
+  num_down = max(0, (min(x.shape[1:-1]) // _MIN_SIDE).bit_length() - 1)
+  return x, tuple(width * min(2 ** i, _MAX_MULT) for i in range(num_down + 1))
+
+
+def check_inputs(images: jnp.ndarray, conditions: Mapping[str, jnp.ndarray],
+                 fields: Sequence[ConditionField], *, with_predictions: bool,
+                 condition_heads: bool) -> None:
+  """Raises ValueError for a call a discriminator cannot answer.
+
+  images: [B, *spatial, C] with 2 or 3 spatial dims; conditions must hold
+  every field; with_predictions needs the condition heads.
+  """
+  if with_predictions and not condition_heads:
+    raise ValueError("discriminator: with_predictions=True needs "
+                     "condition_heads=True (model.d_condition_heads)")
+  chex.assert_rank(images, {4, 5})
+  missing = [f.name for f in fields if f.name not in conditions]
+  if missing:
+    raise ValueError(f"discriminator: conditions {missing} missing; got "
+                     f"{sorted(conditions)}")
+
+
+def conditional_logits(features: jnp.ndarray,
+                       conditions: Mapping[str, jnp.ndarray],
+                       fields: Sequence[ConditionField], *, spectral_norm: bool,
+                       condition_heads: bool, train: bool
+                       ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray] | None]:
+  """The projection-conditioned logit (module docstring) and the heads.
+
+  Call from inside a compact discriminator method: the layers become its
+  submodules, named `linear`, `embed_<field>`, `project_<field>` and
+  `predict_<field>` whichever discriminator calls it.
+
+  Args:
+    features: phi(x) [B, F] float32.
+    conditions: name -> [B] (int32 class, -1 unknown; float32 value, NaN
+      unknown), one entry per field.
+    fields: the condition fields.
+    spectral_norm: normalise the linear and projection weights.
+    condition_heads: build the prediction heads (created whenever set, so
+      init makes them; the caller returns them on request).
+    train: advance the spectral-norm power iteration.
+
+  Returns:
+    (logits [B] float32, predictions or None): predictions maps each field
+    to class logits [B, K] or a value in rescaled units [B].
+  """
+  sn = lambda layer: _Wrap(layer, spectral_norm)
+  logits = sn(nn.Dense(1, name="linear"))(features, train=train)[:, 0]
+  total = jnp.zeros(features.shape[:1], jnp.float32)
+  dim = features.shape[-1]
+  for field in fields:
+    value = jnp.asarray(conditions[field.name])
+    chex.assert_shape(value, features.shape[:1])
+    if field.kind == CATEGORICAL:
+      known = value >= 0
+      table = nn.Embed(field.num_classes, dim, name=f"embed_{field.name}")
+      emb = sn(table)(jnp.where(known, value, 0).astype(jnp.int32), train=train)
+      term = jnp.sum(emb * features, axis=-1)
+    else:
+      known, scaled = rescale_continuous(value, *field.value_range)
+      direction = nn.Dense(1, use_bias=False, name=f"project_{field.name}")
+      term = scaled * sn(direction)(features, train=train)[:, 0]
+    total = total + jnp.where(known, term, 0.0)
+  # The heads are not spectrally normalised: a normalised head's logits can
+  # be no larger than the features. (Normalised heads stayed at chance
+  # cross-entropy over a 1,200-step run; unnormalised ones were tried for 150
+  # steps only, also at chance: commit 5f2b8c2.)
+  predictions = (classifier.condition_heads(features, fields, prefix="predict")
+                 if condition_heads else None)
+  return logits + total, predictions
 
 
 class DBlock(nn.Module):
@@ -175,27 +273,17 @@ class ResNetDiscriminator(nn.Module):
       predictions maps each field name to class logits [B, num_classes]
       (categorical) or a value in rescaled units [B] (continuous).
     """
-    if with_predictions and not self.condition_heads:
-      raise ValueError("discriminator: with_predictions=True needs "
-                       "condition_heads=True (model.d_condition_heads)")
-    chex.assert_rank(images, {4, 5})
-    missing = [f.name for f in self.conditions if f.name not in conditions]
-    if missing:
-      raise ValueError(f"discriminator: conditions {missing} missing; got "
-                       f"{sorted(conditions)}")
-    x = images.astype(self.dtype)
-    if min(x.shape[1:-1]) >= 2 * _STEM_MIN_SIDE:
-      # Patchify stem: the first convs run at half resolution. XLA:CPU's
-      # filter gradient is slowest for full-resolution, few-channel convs,
-      # and this is most of what keeps a 64x64 step within the CPU budget.
-      x = space_to_depth(x)
-    num_down = max(0, (min(x.shape[1:-1]) // _MIN_SIDE).bit_length() - 1)
+    check_inputs(images, conditions, self.conditions,
+                 with_predictions=with_predictions,
+                 condition_heads=self.condition_heads)
+    x, widths = resolution_plan(images.astype(self.dtype), self.width)
+    num_down = len(widths) - 1
     for i in range(num_down):
-      x = DBlock(self.width * min(2 ** i, _MAX_MULT), first=i == 0,
+      x = DBlock(widths[i], first=i == 0,
                  spectral_norm=self.spectral_norm, dtype=self.dtype)(x, train=train)
     if self.minibatch_std:
       x = minibatch_std(x, self.minibatch_std)
-    x = DBlock(self.width * min(2 ** num_down, _MAX_MULT), first=num_down == 0,
+    x = DBlock(widths[-1], first=num_down == 0,
                downsample=False, spectral_norm=self.spectral_norm,
                dtype=self.dtype)(x, train=train)
     # Sum pooling as in SNGAN: with spectral norm the logit scale is set by
@@ -207,47 +295,10 @@ class ResNetDiscriminator(nn.Module):
     features = jnp.sum(nn.leaky_relu(x, 0.2), axis=tuple(range(1, x.ndim - 1)))
     features = features.astype(jnp.float32)
     self.sow("intermediates", "features", features)
-    sn = lambda layer: _Wrap(layer, self.spectral_norm)
-    logits = sn(nn.Dense(1, name="linear"))(features, train=train)[:, 0]
-    logits = logits + self._projection(features, conditions, train=train)
-    # Built whenever configured (so init creates them), returned on request.
-    predictions = self._predict(features, train=train) if self.condition_heads else None
+    logits, predictions = conditional_logits(
+        features, conditions, self.conditions, spectral_norm=self.spectral_norm,
+        condition_heads=self.condition_heads, train=train)
     return (logits, predictions) if with_predictions else logits
-
-  def _predict(self, features: jnp.ndarray, *, train: bool
-               ) -> dict[str, jnp.ndarray]:
-    """Field name -> class logits [B, K] or rescaled value [B].
-
-    The heads are not spectrally normalised: a normalised head's logits can
-    be no larger than the features. (Normalised heads stayed at chance
-    cross-entropy over a 1,200-step run; unnormalised ones were tried for 150
-    steps only, also at chance: commit 5f2b8c2.)
-    """
-    del train
-    return condition_heads(features, self.conditions, prefix="predict")
-
-  def _projection(self, features: jnp.ndarray,
-                  conditions: Mapping[str, jnp.ndarray], *,
-                  train: bool) -> jnp.ndarray:
-    """sum over fields of <embedding of the condition, features>: [B]."""
-    total = jnp.zeros(features.shape[:1], jnp.float32)
-    dim = features.shape[-1]
-    for field in self.conditions:
-      value = jnp.asarray(conditions[field.name])
-      chex.assert_shape(value, features.shape[:1])
-      if field.kind == CATEGORICAL:
-        known = value >= 0
-        table = nn.Embed(field.num_classes, dim, name=f"embed_{field.name}")
-        emb = _Wrap(table, self.spectral_norm)(
-            jnp.where(known, value, 0).astype(jnp.int32), train=train)
-        term = jnp.sum(emb * features, axis=-1)
-      else:
-        known, scaled = rescale_continuous(value, *field.value_range)
-        direction = nn.Dense(1, use_bias=False, name=f"project_{field.name}")
-        term = scaled * _Wrap(direction, self.spectral_norm)(
-            features, train=train)[:, 0]
-      total = total + jnp.where(known, term, 0.0)
-    return total
 
 
 def build_resnet_discriminator(model_config, info) -> ResNetDiscriminator:
