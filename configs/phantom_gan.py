@@ -52,13 +52,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # AC-GAN heads on D predicting every condition (used by
       # loss.condition_weight; the two must be set together).
       d_condition_heads=False, dtype="float32"))
-  # Sized for the 15-minute CPU budget: with the condition teacher a batch-16
-  # step takes ~0.6-0.7 s on the idle 2-core machine (docs/results.md), so
-  # 1000 steps plus dataset build, the teacher's one-off 300 steps and
-  # compilation fit. On an accelerator raise num_steps (e.g.
+  # Sized for the 15-minute CPU budget: a batch-16 step with the condition
+  # teacher takes ~0.25-0.3 s on the idle 2-core machine, so 2,000 steps plus
+  # dataset build, the teacher's one-off 300 steps and compilation fit. Over
+  # seeds 0-2 the hinged teacher at 2,000 steps gave FD 20.0-29.5 and recall
+  # 0.132-0.257, where 1,000 steps with the unhinged teacher gave FD
+  # 28.9-40.4 and recall 0.017-0.037; the unhinged teacher at 2,000 steps
+  # (seed 0) collapsed to recall 0.000 (docs/results.md, "2D generation").
+  # On an accelerator raise num_steps (e.g.
   # --config.train.num_steps=20000 --config.train.batch_size=64).
   config.train = ml_collections.ConfigDict(dict(
-      num_steps=1000, batch_size=16, seed=0, log_every=50, sample_every=200,
+      num_steps=2000, batch_size=16, seed=0, log_every=50, sample_every=200,
       checkpoint_every=400, keep_checkpoints=3))
   config.optim = ml_collections.ConfigDict(dict(
       g_lr=2e-4, d_lr=4e-4, b1=0.0, b2=0.99, schedule="constant", warmup_steps=0,
@@ -91,13 +95,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # without it a requested large lesion was drawn in 2-12 % of samples,
       # with it in 76 % (real 73 %), at an FD cost (1,200-step runs, commit 5f2b8c2).
       teacher_weight=1.0, teacher_seed=1, teacher_steps=300,
-      # 'none': the teacher's loss on fakes is minimised; 'real': hinged at
-      # its loss on the paired real batch (losses.teacher_hinge), so fakes
-      # are pushed only until they are as recognisable as real slices. Over
-      # seeds 0-2 'real' gave recall 0.059-0.201 against 0.017-0.037, but
-      # a requested large lesion in 0.12-0.57 of samples against 0.38-0.62
-      # and FD 26-58 against 29-40 (docs/results.md, "The teacher's pull").
-      teacher_margin="none",
+      # 'real': the teacher's loss on fakes is hinged at its loss on the
+      # paired real batch (losses.teacher_hinge), so fakes are pushed only
+      # until they are as recognisable as real slices; 'none': minimised.
+      # Minimising it draws every sample towards one prototype per lesion
+      # class: at 2,000 steps (seed 0) recall 0.257 hinged, 0.000 minimised,
+      # 0.007 with only the lesion field minimised. The hinge costs lesion
+      # following: a requested large lesion in 0.24-0.31 of samples over
+      # seeds 0-2, against 0.38-0.62 for the 1,000-step unhinged recipe.
+      teacher_margin="real",
       # Conditions the teacher is trained on and teaches, comma separated
       # ('' = all). 'lesion': a requested large lesion is drawn in 91-100 %
       # of samples (two seeds; 49-93 % with all), but FD 67-75 against 37-45
