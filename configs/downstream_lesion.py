@@ -38,14 +38,16 @@ def measured_gan_recipe(gan: ml_collections.ConfigDict) -> ml_collections.Config
   """Sets the GAN recipe the downstream results in docs/results.md used.
 
   1,000 steps with the condition teacher's loss minimised
-  (`loss.teacher_margin='none'`): it draws a requested large lesion more
-  often than `configs/phantom_gan.py`'s hinged teacher, which matters for a
-  none-vs-large classifier. Training a generator with
+  (`loss.teacher_margin='none'`) and plain sampling (`model.select_candidates
+  =1`). Training a generator with
   `--config.generator_configs.gan.loss.teacher_margin=real
-  --config.generator_configs.gan.train.num_steps=2000` gives the default's.
+  --config.generator_configs.gan.train.num_steps=2000
+  --config.generator_configs.gan.model.select_candidates=16` gives the
+  default's.
   """
   gan.train.num_steps = 1000
   gan.loss.teacher_margin = "none"
+  gan.model.select_candidates = 1
   return gan
 
 

@@ -54,4 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "3d" not in variants:
     # None: on when the dataset has conditions, off without (train.loop.teacher_weight).
     config.loss.teacher_weight = ml_collections.config_dict.placeholder(float)
+    # Select with every condition of the labels CSV (the phantom's 'lesion'
+    # need not be one); without conditions sampling is plain.
+    config.model.select_fields = ""
   return config

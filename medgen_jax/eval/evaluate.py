@@ -36,7 +36,7 @@ from medgen_jax.data.info import DatasetInfo
 from medgen_jax.eval import baseline as baseline_lib
 from medgen_jax.eval import output, reference, scoring, translation
 from medgen_jax.eval import settings as settings_lib
-from medgen_jax.inference import sample
+from medgen_jax.inference import sample, selection
 from medgen_jax.train import checkpoint as ckpt_lib
 from medgen_jax.train import extractor
 
@@ -70,6 +70,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     return translation.evaluate_translation(
         config, workdir, baseline_workdir=config.baseline_workdir or None)
   s = settings_lib.eval_settings(config)
+  selection.num_candidates(config)  # a bad value fails before the extractor is built
   step = ckpt_lib.require_checkpoint(workdir)
   baseline_dir = config.baseline_workdir or None
   baseline_config = (baseline_lib.baseline_generator_config(config, baseline_dir)

@@ -39,7 +39,9 @@ from medgen_jax import viz
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo, uniform_conditions
 from medgen_jax.inference import nifti
 from medgen_jax.inference import quantize
+from medgen_jax.inference import selection
 from medgen_jax.train import checkpoint as ckpt_lib
+from medgen_jax.train import loop as train_loop
 from medgen_jax.train.state import dummy_conditions
 
 UNSPECIFIED = ("uniform", "unknown")
@@ -200,6 +202,38 @@ def generate(prepared: quantize.PreparedGenerator, z: np.ndarray,
   return np.concatenate(outputs), latency
 
 
+def selection_scorer(config: Any, info: DatasetInfo, *, batch_size: int = 64
+                     ) -> tuple[int, selection.ScoreFn | None]:
+  """(K, score) of `model.select_candidates`; score is None for plain sampling.
+
+  The scorer is the condition teacher of `model.select_fields` (comma
+  separated; '' = the run's `loss.teacher_fields`), trained once and cached
+  like the training teacher (`train.loop.build_teacher`). A dataset without
+  conditions has nothing to select on and samples plainly.
+
+  Raises:
+    ValueError: a bad K (`selection.num_candidates`), or select_fields naming
+      a condition the dataset does not have.
+  """
+  candidates = selection.num_candidates(config)
+  if candidates == 1 or not info.conditions:
+    return 1, None
+  fields = str(config.model.get("select_fields", "") or "").strip()
+  if fields:
+    known = [f.name for f in info.conditions]
+    unknown = [n for n in fields.split(",") if n.strip() not in known]
+    if unknown:
+      raise ValueError(f"model.select_fields names {unknown}, not conditions of the "
+                       f"dataset {known}")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.loss.teacher_fields = fields
+  teacher = train_loop.build_teacher(config, info)
+  if teacher is None:  # teacher_weight unset on a folder that turned out unlabelled
+    return 1, None
+  return candidates, selection.teacher_scorer(teacher, batch_size=batch_size)
+
+
 def generator_fn(config: Any, workdir: str, info: DatasetInfo, *, precision: str = "fp32",
                  batch_size: int = 64) -> tuple[Callable[[Mapping[str, np.ndarray], int],
                                                         np.ndarray], int]:
@@ -207,8 +241,11 @@ def generator_fn(config: Any, workdir: str, info: DatasetInfo, *, precision: str
 
   For the evaluation suite: the latest EMA generator at `precision`. N is
   the length of the condition arrays, or `num` for an unconditional model
-  (empty `conditions`).
+  (empty `conditions`). With `model.select_candidates` K > 1 each image is
+  the best of K noise draws by the run's condition teacher
+  (`selection.best_of`).
   """
+  candidates, score = selection_scorer(config, info, batch_size=batch_size)
   generator, params, step = restore_ema_generator(config, workdir, info)
   latent = int(config.model.latent_dim)
   prepared = quantize.prepare_for_sampling(generator, params, precision, info=info,
@@ -219,8 +256,11 @@ def generator_fn(config: Any, workdir: str, info: DatasetInfo, *, precision: str
     n = len(next(iter(conditions.values()))) if conditions else int(num or 0)
     if n < 1:
       raise ValueError("generate: give conditions, or num for an unconditional model")
-    return generate(prepared, make_noise(seed, n, latent), conditions,
-                    batch_size=batch_size)[0]
+    draw = lambda s: generate(prepared, make_noise(s, n, latent), conditions,
+                              batch_size=batch_size)[0]
+    if score is None:
+      return draw(seed)
+    return selection.best_of(draw, score, conditions, seed, candidates)[0]
   return run, step
 
 
@@ -255,7 +295,9 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
     truncation_psi: noise scale towards its mean (`make_noise`); 1 = off.
     interpolate: > 0 makes each row of the grid (one condition draw per
       row, `interpolate` columns) walk between two noise draws
-      (`interpolation_noise`): what the noise controls.
+      (`interpolation_noise`): what the noise controls. Without it, each
+      image is the best of `model.select_candidates` draws
+      (`selection_scorer`; `latency.ms_per_image_selected` is that cost).
 
   Raises:
     ValueError: bad condition, precision, num_samples or batch_size.
@@ -280,6 +322,7 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
     raise ValueError(f"interpolate={interpolate} must be 0 or divide num_samples "
                      f"{num_samples} (one row per interpolation)")
   make_noise(seed, 1, 1, truncation_psi=truncation_psi)  # validates psi before loading
+  selection.num_candidates(config)
   conditions = build_conditions(requested, info, num_samples, seed=seed,
                                 unspecified=unspecified)
   if interpolate:  # one condition draw per row, repeated along it
@@ -293,6 +336,16 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
                                             latent) if interpolate else
        make_noise(seed, num_samples, latent, truncation_psi=truncation_psi))
   images, latency = generate(prepared, z, conditions, batch_size=batch_size)
+  candidates, score = ((1, None) if interpolate else
+                       selection_scorer(config, info, batch_size=batch_size))
+  if score is not None:
+    # Best of K draws per image; an interpolation grid shows the noise as it is.
+    t = time.perf_counter()
+    draw = lambda s: generate(prepared, make_noise(s, num_samples, latent,
+                                                   truncation_psi=truncation_psi),
+                              conditions, batch_size=batch_size)[0]
+    images = selection.best_of(draw, score, conditions, seed, candidates)[0]
+    latency["ms_per_image_selected"] = 1e3 * (time.perf_counter() - t) / num_samples
 
   os.makedirs(out_dir, exist_ok=True)
   physical = info.to_physical(images)
@@ -312,6 +365,7 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
       num_samples=num_samples, seed=seed, checkpoint_step=step,
       precision=prepared.precision, requested=requested, unspecified=unspecified,
       truncation_psi=truncation_psi, interpolate=interpolate,
+      select_candidates=candidates,
       conditions=_json_conditions(conditions, info), latency=latency,
       param_bytes=quantize.stored_bytes(prepared)["param_bytes"],
       units=unit, spacing_mm=list(info.spacing_mm), affine=info.extra.get("affine"),
