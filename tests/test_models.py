@@ -51,6 +51,21 @@ def _perturb(params, rng, scale=0.3):
       lambda p: p + scale * noise.standard_normal(p.shape).astype(p.dtype), params)
 
 
+def projection_reference(params, h, *, lesion, age):
+  """Hand-computed projection logits from D's params and features h `[B, F]`:
+  w.h + b + <E[lesion], h> (lesion known) + c(age) <v, h> (age known), with
+  c the age rescaled from [20, 90] to [-1, 1] (the test info's range)."""
+  get = lambda layer, name: np.asarray(params[layer][name], np.float64)
+  table, w_age = get("embed_lesion", "embedding"), get("project_age", "kernel")[:, 0]
+  ref = h @ get("linear", "kernel")[:, 0] + get("linear", "bias")[0]
+  for i in range(len(h)):
+    if lesion[i] >= 0:
+      ref[i] += table[lesion[i]] @ h[i]
+    if not np.isnan(age[i]):
+      ref[i] += ((age[i] - 20.0) / 70.0 * 2 - 1) * (w_age @ h[i])
+  return ref
+
+
 def _init(model, rng, *args, **kwargs):
   """model.init under one jit (eager init compiles every initializer separately)."""
   return jax.jit(lambda key, *a: model.init(key, *a, **kwargs))(rng, *args)
@@ -165,18 +180,8 @@ def test_discriminator_projection_by_hand(shape):
   assert logits.shape == (4,) and logits.dtype == jnp.float32
   h = np.asarray(h, np.float64)
   table = np.asarray(params["embed_lesion"]["embedding"], np.float64)
-  w_age = np.asarray(params["project_age"]["kernel"][:, 0], np.float64)
-  w = np.asarray(params["linear"]["kernel"][:, 0], np.float64)
-  b = float(params["linear"]["bias"][0])
-  lesion = np.array([0, 2, -1, 1])
-  age = np.array([30.0, np.nan, 70.0, 50.0])
-  # Independent reference: w.h + b + <E[y], h> (y known) + c(age) <v, h> (age known).
-  ref = h @ w + b
-  for i in range(4):
-    if lesion[i] >= 0:
-      ref[i] += table[lesion[i]] @ h[i]
-    if not np.isnan(age[i]):
-      ref[i] += ((age[i] - 20.0) / 70.0 * 2 - 1) * (w_age @ h[i])
+  ref = projection_reference(params, h, lesion=np.array([0, 2, -1, 1]),
+                             age=np.array([30.0, np.nan, 70.0, 50.0]))
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
   # Changing only the class changes the logit by exactly <E[a] - E[b], h>.
   np.testing.assert_allclose(np.asarray(swapped) - np.asarray(logits),

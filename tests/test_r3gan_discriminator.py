@@ -14,7 +14,7 @@ from configs import phantom_gan
 from medgen_jax import models
 from medgen_jax.models.r3gan_discriminator import GroupedConv, ResidualBlock, msr_init
 from medgen_jax.train import train_and_evaluate
-from test_models import _conditions, _config, _info, _init, _perturb
+from test_models import _conditions, _config, _info, _init, _perturb, projection_reference
 
 
 def _r3gan_config(**overrides):
@@ -156,14 +156,8 @@ def test_projection_and_heads_by_hand():
   (logits, predictions), state = score(params)
   h = np.asarray(state["intermediates"]["features"][0], np.float64)
   get = lambda layer, name: np.asarray(params[layer][name], np.float64)
-  table, w_age = get("embed_lesion", "embedding"), get("project_age", "kernel")[:, 0]
   w, b = get("linear", "kernel")[:, 0], get("linear", "bias")[0]
-  ref = h @ w + b
-  for i in range(4):
-    if lesion[i] >= 0:
-      ref[i] += table[lesion[i]] @ h[i]
-    if not np.isnan(age[i]):
-      ref[i] += ((age[i] - 20.0) / 70.0 * 2 - 1) * (w_age @ h[i])
+  ref = projection_reference(params, h, lesion=lesion, age=age)
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
   # Unknown conditions contribute nothing: row 3 is the unconditional logit.
   np.testing.assert_allclose(logits[3], h[3] @ w + b, rtol=1e-5, atol=1e-5)
