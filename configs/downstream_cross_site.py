@@ -53,8 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.classifier = downstream_lesion.classifier_recipe()
   generator = (folder_gan.get_config(base) if "folder" in variants
                else phantom_gan.get_config(base))
-  if not quick:
-    generator = downstream_lesion.measured_gan_recipe(generator)
   generator.data.hide_labels = f"{config.field}:{config.site_field}={config.target_site}"
   config.data = (folder_gan.get_config(base).data if "folder" in variants
                  else data_phantom.get_config(base))

@@ -11,10 +11,9 @@ generated slices (balanced classes). Test: every none/large slice of the
 validation and test subjects (held out; nothing is selected on them). Five
 seeds. Protocol: `medgen_jax/eval/downstream.py`.
 
-Generators: `generators` maps an arm name to a training workdir; a workdir
-without a checkpoint is trained first with `generator_configs[name]` (for the
-GAN, `measured_gan_recipe`; point `generators.gan` at the README main
-command's `runs/phantom` to score the default generator instead). Variants: `quick` (tiny, for tests),
+Generators: `generators` maps an arm name to a training workdir (the README's
+main command writes `runs/phantom`); a workdir without a checkpoint is trained
+first with `generator_configs[name]`. Variants: `quick` (tiny, for tests),
 `flow` (adds the flow-matching generator of `configs/phantom_flow.py`,
 `runs/flow`; it samples with 32 velocity evaluations per image, so its
 synthetic sets take most of the run on a CPU).
@@ -34,23 +33,6 @@ def classifier_recipe() -> ml_collections.ConfigDict:
       stem_patch=2, pooling="mean_max"))
 
 
-def measured_gan_recipe(gan: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Sets the GAN recipe the downstream results in docs/results.md used.
-
-  1,000 steps with the condition teacher's loss minimised
-  (`loss.teacher_margin='none'`) and plain sampling (`model.select_candidates
-  =1`). Training a generator with
-  `--config.generator_configs.gan.loss.teacher_margin=real
-  --config.generator_configs.gan.train.num_steps=2000
-  --config.generator_configs.gan.model.select_candidates=16` gives the
-  default's.
-  """
-  gan.train.num_steps = 1000
-  gan.loss.teacher_margin = "none"
-  gan.model.select_candidates = 1
-  return gan
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants, _ = common.parse_variants(arg, config="downstream_lesion",
                                       flags=("quick", "flow"))
@@ -65,10 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seeds = (0, 1, 2, 3, 4)
   config.test_splits = ("validation", "test")
   config.classifier = classifier_recipe()
-  config.generators = ml_collections.ConfigDict({"gan": "runs/downstream_gan"})
+  config.generators = ml_collections.ConfigDict({"gan": "runs/phantom"})
   config.generator_configs = ml_collections.ConfigDict(
-      {"gan": phantom_gan.get_config("quick") if quick
-       else measured_gan_recipe(phantom_gan.get_config())})
+      {"gan": phantom_gan.get_config("quick" if quick else None)})
   if "flow" in variants:
     config.generators.flow = "runs/flow"
     config.generator_configs.flow = phantom_flow.get_config("quick" if quick else None)
