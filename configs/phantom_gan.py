@@ -56,10 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # best of select_candidates noise draws by a frozen condition teacher of
       # select_fields ('' = the training teacher's fields; trained once, cached;
       # medgen_jax/inference/selection.py; 1 = plain sampling). Over seeds 0-2
-      # of the default, 16 draws by a lesion teacher raised the requested large
+      # of the hinged-teacher generator without the mode-seeking term, 16
+      # draws by a lesion teacher raised the requested large
       # lesion from 0.24-0.31 to 0.75-0.78 of samples and lowered FD from
       # 20.0-29.5 to 17.8-24.0, at recall 0.094-0.186 against 0.132-0.257
-      # (docs/results.md, "Best-of-K sampling").
+      # (docs/results.md, "2D generation").
       select_candidates=16, select_fields="lesion"))
   # Sized for the 15-minute CPU budget: a batch-16 step with the condition
   # teacher takes ~0.25-0.3 s on the idle 2-core machine, so 2,000 steps plus
