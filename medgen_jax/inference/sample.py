@@ -340,10 +340,12 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
                        selection_scorer(config, info, batch_size=batch_size))
   if score is not None:
     # Best of K draws per image; an interpolation grid shows the noise as it is.
+    # Candidate 0 is the draw of `seed` just made (and timed), not redrawn.
     t = time.perf_counter()
-    draw = lambda s: generate(prepared, make_noise(s, num_samples, latent,
-                                                   truncation_psi=truncation_psi),
-                              conditions, batch_size=batch_size)[0]
+    plain = images
+    draw = lambda s: plain if s == seed else generate(
+        prepared, make_noise(s, num_samples, latent, truncation_psi=truncation_psi),
+        conditions, batch_size=batch_size)[0]
     images = selection.best_of(draw, score, conditions, seed, candidates)[0]
     latency["ms_per_image_selected"] = 1e3 * (time.perf_counter() - t) / num_samples
 
