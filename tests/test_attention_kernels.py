@@ -69,12 +69,29 @@ def test_cross_attention_lengths_on_tpu():
 
 def test_chunked_blocks():
   cpu = choose("cpu", F32, 4096, batch=4, heads=4)
-  assert cpu.chunk_size == (128, 128)  # ~2^18 scores over B * h = 16, as measured
+  assert cpu.chunk_size == kernels.cpu_chunk_size(4, 4, 4096, 4096)
   gpu = choose("gpu", F32, 65536, batch=1, heads=8)
   assert gpu.chunk_size == (1024, 1024) and 8 * 1024 * 1024 == kernels.ACCEL_BLOCK_SCORES // 2
   # The block never drops below 64 (CPU) / 128 (accelerators) for many maps.
   assert choose("cpu", F32, 4096, batch=4096, heads=8).chunk_size == (64, 64)
   assert choose("tpu", F32, 8192, batch=4096, heads=8, mask=True).chunk_size == (128, 128)
+
+
+@pytest.mark.parametrize("batch,heads,n,cores,want", [
+    # Two loops of 8 maps: 2^20 scores as 2048 queries x 64 keys (as measured).
+    (4, 4, 4096, 2, (2048, 64)),
+    (4, 4, 4096, 1, (1024, 64)),        # one loop of 16 maps
+    (1, 4, 16384, 2, (8192, 64)),       # batch 1: the heads are split
+    (4, 4, 1024, 2, (1024, 128)),       # one query block; the rest widens the keys
+    (4, 4, 512, 2, (512, 256)),
+    (4096, 8, 4096, 2, (64, 64)),       # never below 64
+    (1, 1, 1 << 20, 1, (8192, 64)),     # never above 8192 queries
+])
+def test_cpu_chunk_size(batch, heads, n, cores, want):
+  got = kernels.cpu_chunk_size(batch, heads, n, n, cores=cores)
+  assert got == want
+  maps = batch * heads // kernels.cpu_groups(batch, heads, cores)
+  assert maps * got[0] * got[1] <= max(kernels.CPU_BLOCK_SCORES, maps * 64 * 64)
 
 
 def full_reference(q, k, v, bias=None, allowed=None):
@@ -175,5 +192,24 @@ def test_grouped_chunked_matches_reference(shape, groups, bias_shape):
   allowed[:, 0] = True
   mask = jnp.asarray(allowed)[None, None]
   fn = lambda q, k, v, b: chunked_attention(q, k, v, b, mask, 8, 8, groups=groups)
+  ref = lambda q, k, v, b: full_reference(q, k, v, b, allowed)
+  assert_values_and_grads(fn, ref, (q, k, v, bias))
+
+
+def test_default_cpu_blocks_match_reference():
+  # The default on CPU: chunked (600 x 520 >= 512^2 scores) with
+  # `cpu_chunk_size`'s non-square blocks, keys padded to whole blocks, with a
+  # bias and a mask.
+  if jax.default_backend() != "cpu":
+    pytest.skip("the CPU default")
+  q, k, v, _ = random_qkv((2, 600, 2, 8), seed=21)
+  k, v = k[:, :520], v[:, :520]
+  assert kernels.choose_implementation("cpu", F32, q.shape, k.shape, has_bias=True,
+                                       has_mask=True).implementation == "chunked"
+  bias = jax.random.normal(jax.random.PRNGKey(6), (1, 2, 600, 520))
+  allowed = np.random.default_rng(4).random((600, 520)) > 0.3
+  allowed[:, 0] = True
+  mask = jnp.asarray(allowed)[None, None]
+  fn = lambda q, k, v, b: full_attention(q, k, v, bias=b, mask=mask)
   ref = lambda q, k, v, b: full_reference(q, k, v, b, allowed)
   assert_values_and_grads(fn, ref, (q, k, v, bias))

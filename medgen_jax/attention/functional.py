@@ -75,24 +75,24 @@ def _as_4d(x: Array | None, target: tuple[int, int, int, int], what: str,
   return x
 
 
-def default_chunk_size(batch_heads: int, q_len: int, kv_len: int,
-                       backend: str | None = None) -> int | None:
-  """The chunked block `full_attention` uses on CPU when chunk_size is None.
+def default_chunk_size(batch: int, heads: int, q_len: int, kv_len: int,
+                       backend: str | None = None) -> tuple[int, int] | None:
+  """The chunked `(query_block, key_block)` `full_attention` uses on CPU when chunk_size is None.
 
   Args:
-    batch_heads: batch * heads, the number of independent attention maps.
+    batch, heads: the attention's batch and heads.
     q_len, kv_len: sequence lengths.
     backend: a jax backend name; None is the default backend.
 
   Returns:
-    A power-of-two block in [64, 512] on CPU for q_len * kv_len >= 512 * 512;
+    `kernels.cpu_chunk_size` on CPU for q_len * kv_len >= 512 * 512;
     otherwise None (the CPU's dense path, or a backend whose choice
     `kernels.choose_implementation` makes from dtype and bias / mask too).
   """
   backend = backend or jax.default_backend()
   if backend != "cpu" or q_len * kv_len < kernels.CPU_CHUNKED_MIN_SCORES:
     return None
-  return kernels.chunk_size_for("cpu", batch_heads)
+  return kernels.cpu_chunk_size(batch, heads, q_len, kv_len)
 
 
 def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
@@ -114,7 +114,8 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
     no mask, q_len and kv_len are multiples of 128 and head_dim <= 128 or a
     multiple of 128; otherwise 'xla' / 'chunked' as on GPU.
   * CPU: 'xla' below q_len * kv_len = 512 * 512, 'chunked' from there (with
-    ~1 MiB score blocks), bias and mask or not.
+    `kernels.cpu_chunk_size` blocks: ~2^20 scores per loop, 64-key blocks and
+    long query blocks), bias and mask or not.
 
   The implementations (each forced by `implementation=`):
 
@@ -190,7 +191,8 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
                        "or mask; use 'chunked', 'xla' or 'cudnn'")
     return kernels.pallas_gpu_attention(q, k, v, interpret=backend != "gpu")
   if chunk_size is None:
-    chunk_size = kernels.chunk_size_for("cpu" if backend == "cpu" else backend, b * h)
+    chunk_size = (kernels.cpu_chunk_size(b, h, n, m) if backend == "cpu"
+                  else kernels.chunk_size_for(backend, b * h))
   q_chunk, k_chunk = ((chunk_size, chunk_size) if isinstance(chunk_size, int)
                       else tuple(chunk_size))
   if q_chunk < 1 or k_chunk < 1:

@@ -8,7 +8,7 @@ What it picks with `implementation=None`:
 |---|---|---|
 | gpu | 'cudnn' if q/k/v are bf16/fp16 and head_dim % 8 == 0, <= 128; else as with a bias | 'xla' up to 2^28 scores (1 GiB of float32 scores), 'chunked' above |
 | tpu | 'pallas_tpu' if q_len and kv_len are multiples of 128 and head_dim <= 128 or a multiple of 128; else as with a bias | 'xla' up to 2^28 scores, 'chunked' above |
-| cpu | 'xla' below 512 * 512 scores, 'chunked' from there | the same |
+| cpu | 'xla' below 512 * 512 scores, 'chunked' from there (blocks: `cpu_chunk_size`) | the same |
 
 ("scores" = batch * heads * q_len * kv_len; the CPU threshold counts
 q_len * kv_len only, as measured in docs/benchmarks.md.)
@@ -58,10 +58,20 @@ IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "pallas_tpu", "pallas_gpu")
 # ms, dense 68 ms), and the blocked form is 1.5x faster at 1,024 and 1.8x at
 # 4,096.
 CPU_CHUNKED_MIN_SCORES = 512 * 512
-# Default CPU block: about 2^18 float32 scores per (B, h, bq, bk) block (1
-# MiB), so a block and its exp stay in L2; measured 128 x 128 at B * h = 16
-# beats 256+.
-CPU_BLOCK_SCORES = 2 ** 18
+# Default CPU blocks (`cpu_chunk_size`): about 2^20 float32 scores per
+# [maps, bq, bk] block of one loop (maps = batch * heads / `cpu_groups`), with
+# long query blocks and short key blocks: 64 keys, and all the queries up to
+# what the budget allows. Fwd+bwd at 4,096 tokens, B=4, 4 heads, head_dim 32
+# on the 2-core CPU (two loops of 8 maps), interleaved in one process:
+# 2048 x 64 620-640 ms, 2048 x 128 635-650 ms, 512 x 256 670-810 ms, the
+# previous square 128 x 128 1,050-1,100 ms; at 16,384 tokens, B=1 (two loops
+# of 2 heads) 8192 x 64 2.3 s against 4.3 s for 256 x 256; at 1,024 tokens the
+# budget left over widens the key block (1024 x 128: 43 ms, 1024 x 64: 53 ms).
+# Fewer, longer loop iterations amortise the per-iteration work that is not
+# the block's scores (dynamic slices, the dk/dv row updates, loop overhead).
+CPU_BLOCK_SCORES = 2 ** 20
+CPU_MIN_BLOCK = 64
+CPU_MAX_BLOCK = 8192
 # GPU / TPU: dense XLA attention up to 2^28 scores (1 GiB float32; XLA's
 # temporaries are ~2.5x that), the chunked form above. Its blocks are larger
 # than on CPU (2^24 scores, 64 MiB) because each loop iteration is a kernel
@@ -94,14 +104,40 @@ def _pow2_block(batch_heads: int, budget: int, lo: int, hi: int) -> int:
 
 
 def chunk_size_for(backend: str, batch_heads: int) -> int:
-  """The chunked form's default (square) block on `backend`.
+  """The chunked form's default square block on an accelerator ('gpu' / 'tpu').
 
-  CPU: a power of two in [64, 512] with ~2^18 scores per block over all of
-  batch * heads; GPU / TPU: in [128, 2048] with ~2^24 scores.
+  A power of two in [128, 2048] with ~2^24 scores per block over all of
+  batch * heads. (On CPU the blocks are not square: `cpu_chunk_size`.)
   """
-  if backend == "cpu":
-    return _pow2_block(batch_heads, CPU_BLOCK_SCORES, 64, 512)
+  del backend  # every accelerator uses the same rule
   return _pow2_block(batch_heads, ACCEL_BLOCK_SCORES, 128, 2048)
+
+
+def _pow2_at_most(x: float, lo: int, hi: int) -> int:
+  return int(min(hi, max(lo, 2 ** math.floor(math.log2(max(x, 1.0))))))
+
+
+def cpu_chunk_size(batch: int, heads: int, q_len: int, kv_len: int,
+                   cores: int | None = None) -> tuple[int, int]:
+  """The chunked form's default `(query_block, key_block)` on CPU.
+
+  Per loop (`cpu_groups` loops, one per core) a block holds ~`CPU_BLOCK_SCORES`
+  scores over the loop's maps: key blocks of `CPU_MIN_BLOCK` (64) and query
+  blocks as long as that budget allows (powers of two in [64, 8192]); when
+  one query block covers q_len, the rest of the budget widens the key block.
+
+  Args:
+    batch, heads: the attention's batch and heads (maps = batch * heads).
+    q_len, kv_len: sequence lengths.
+    cores: as in `cpu_groups` (default: os.cpu_count()).
+  """
+  maps = max(batch * heads // cpu_groups(batch, heads, cores), 1)
+  bq = _pow2_at_most(CPU_BLOCK_SCORES / (maps * CPU_MIN_BLOCK), CPU_MIN_BLOCK, CPU_MAX_BLOCK)
+  bk = CPU_MIN_BLOCK
+  if bq >= q_len:
+    bq = q_len
+    bk = _pow2_at_most(CPU_BLOCK_SCORES / (maps * q_len), CPU_MIN_BLOCK, CPU_MAX_BLOCK)
+  return bq, min(bk, kv_len)
 
 
 def cpu_groups(batch: int, heads: int, cores: int | None = None) -> int:
@@ -161,8 +197,7 @@ def choose_implementation(backend: str, dtype, q_shape: tuple[int, ...],
     return Choice("chunked", (block, block), reason="dense scores > 2^28")
   if n * m < CPU_CHUNKED_MIN_SCORES:
     return Choice("xla", reason="CPU, < 512^2 scores")
-  block = chunk_size_for("cpu", b * h)
-  return Choice("chunked", (block, block), reason="CPU, >= 512^2 scores")
+  return Choice("chunked", cpu_chunk_size(b, h, n, m), reason="CPU, >= 512^2 scores")
 
 
 # ---------------------------------------------------------------------------
