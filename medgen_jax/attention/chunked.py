@@ -279,6 +279,11 @@ def _flash_bwd(cfg, res, dout):
   1/row-sum is folded into the [bq, d] rows of dout and into delta instead of
   every [bq, bk] block:
     dv = e^T (dout * inv),  ds = e * ((dout * inv) v^T - delta * inv).
+  dk and dv are accumulated transposed, `[B, h, d, M]`, from the query
+  block's q^T and (dout * inv)^T (transposed once per query block): then
+  every product contracts the minor axis of its left operand, which XLA:CPU
+  runs 2.5x faster than `e^T x` contracting the block's query axis (0.34 ms
+  against 0.90 ms for one [8, 2048, 64] block; the sums are the same).
   """
   q, k, v, bias, mask, out, (row_max, inv_sum) = res
   b, h, n, d = q.shape
@@ -292,15 +297,16 @@ def _flash_bwd(cfg, res, dout):
   def query_block(carry, i):
     rows = i * cfg.bq
     qi, doi = block(q, rows, cfg.bq), block(dout_s, rows, cfg.bq)
+    qi_t, doi_t = jnp.swapaxes(qi, 2, 3), jnp.swapaxes(doi, 2, 3)  # [B, h, d, bq]
     max_i, delta_i = block(row_max, rows, cfg.bq), block(delta_s, rows, cfg.bq)
 
     def key_step(carry, j):
-      dq_i, dk, dv, dbias = carry
+      dq_i, dk_t, dv_t, dbias = carry
       cols = j * cfg.bk
       kj, vj = block(k, cols, cfg.bk), block(v, cols, cfg.bk)
       s, mask_ij = _block_logits(cfg, qi, kj, bias, mask, i, j)
       e = jnp.exp(s - max_i[..., None])
-      dv_j = batched_matmul(e.astype(doi.dtype), doi, (2, 2))  # [B, h, bk, d]
+      dv_j = batched_matmul(doi_t, e.astype(doi.dtype), (3, 2))  # [B, h, d, bk]
       ds = e * (batched_matmul(doi, vj, (3, 3)) - delta_i[..., None])
       if mask_ij is not None:
         ds = jnp.where(mask_ij, ds, 0.0)  # masked logits are constants
@@ -308,19 +314,20 @@ def _flash_bwd(cfg, res, dout):
         dbias = accumulate_bias_grad(dbias, ds, rows, cols)
       ds = ds.astype(q.dtype)
       dq_i = dq_i + batched_matmul(ds, kj, (3, 2))
-      dk_j = batched_matmul(ds, qi, (2, 2))  # qi is pre-scaled, so this is already dL/dk
-      dk = _add_rows(dk, dk_j, cols, cfg.bk)
-      dv = _add_rows(dv, dv_j, cols, cfg.bk)
-      return (dq_i, dk, dv, dbias), None
+      dk_j = batched_matmul(qi_t, ds, (3, 2))  # qi is pre-scaled, so this is already dL/dk
+      dk_t = _add_rows(dk_t, dk_j, cols, cfg.bk, axis=3)
+      dv_t = _add_rows(dv_t, dv_j, cols, cfg.bk, axis=3)
+      return (dq_i, dk_t, dv_t, dbias), None
 
-    dk, dv, dbias = carry
-    init = (_full((b, h, cfg.bq, d), 0.0, *like), dk, dv, dbias)
-    (dq_i, dk, dv, dbias), _ = lax.scan(key_step, init, jnp.arange(nk))
-    return (dk, dv, dbias), dq_i
+    dk_t, dv_t, dbias = carry
+    init = (_full((b, h, cfg.bq, d), 0.0, *like), dk_t, dv_t, dbias)
+    (dq_i, dk_t, dv_t, dbias), _ = lax.scan(key_step, init, jnp.arange(nk))
+    return (dk_t, dv_t, dbias), dq_i
 
   dbias0 = None if bias is None else _full(bias.shape, 0.0, *like)
-  init = (_full(k.shape, 0.0, *like), _full(v.shape, 0.0, *like), dbias0)
-  (dk, dv, dbias), dq = lax.scan(query_block, init, jnp.arange(nq))
+  init = (_full((b, h, d, m), 0.0, *like), _full((b, h, d, m), 0.0, *like), dbias0)
+  (dk_t, dv_t, dbias), dq = lax.scan(query_block, init, jnp.arange(nq))
+  dk, dv = jnp.swapaxes(dk_t, 2, 3), jnp.swapaxes(dv_t, 2, 3)
   # This is the gradient w.r.t. the pre-scaled q; autodiff of `q * scale` in
   # `chunked_attention` applies the scale.
   dq = jnp.moveaxis(dq, 0, 2).reshape(q.shape)
@@ -329,12 +336,12 @@ def _flash_bwd(cfg, res, dout):
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None)
 
 
-def _add_rows(acc: Array, blk: Array, start, size: int) -> Array:
-  """acc[:, :, start:start + size] += blk (in place inside the loop)."""
-  if acc.shape[2] == size:
+def _add_rows(acc: Array, blk: Array, start, size: int, axis: int = 2) -> Array:
+  """acc[..., start:start + size, ...] += blk along `axis` (in place inside the loop)."""
+  if acc.shape[axis] == size:
     return acc + blk
-  current = lax.dynamic_slice_in_dim(acc, start, size, 2)
-  return lax.dynamic_update_slice_in_dim(acc, current + blk, start, 2)
+  current = lax.dynamic_slice_in_dim(acc, start, size, axis)
+  return lax.dynamic_update_slice_in_dim(acc, current + blk, start, axis)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
