@@ -106,6 +106,44 @@ def check_ring():
                expected_spec=P("data", "seq", None, None), label="ring explicit mesh")
 
 
+def check_ring_kernels():
+  """The ring with a fused Pallas kernel per hop (GPU kernel, interpreted on CPU).
+
+  The Pallas TPU kernel is not run here: its CPU interpreter simulates TPU
+  memory and barriers across devices and does not run inside an 8-device
+  shard_map; tests/test_sequence_parallel.py checks it on a one-device mesh
+  and tests/test_block_kernels.py its per-block merge.
+  """
+  rng = np.random.default_rng(2)
+  mesh = auto_mesh((2, 4), ("data", "seq"))
+  q, k, v = (randn(rng, (2, 128, 2, 16)) for _ in range(3))  # 32 local tokens
+  fn = lambda q, k, v: sp.sequence_parallel_full_attention(q, k, v, mesh=mesh,
+                                                           implementation="pallas_gpu")
+  check_same(fn, dense_attention, (q, k, v), expected_spec=P("data", "seq"),
+             label="ring data=2 seq=4, pallas_gpu kernel per hop")
+
+  # Inside a model: SequenceSharding's attention_fn picks the kernel (as on a
+  # GPU) and turns vma checking off for its shard_map.
+  layout = sp.SequenceSharding(mesh=mesh, rules=(("batch", "data"), ("depth", "seq")))
+  grid = lambda x: x.reshape(2, 8, 4, 4, 2, 16)  # [B, D, H, W, heads, head_dim]
+  chosen = sp.choose_ring_implementation
+  sp.choose_ring_implementation = lambda *a, **kw: "pallas_gpu"
+  try:
+    fn = lambda q, k, v: layout.attention_fn("full")(grid(q), grid(k), grid(v)).reshape(q.shape)
+    check_same(jax.jit(fn), dense_attention, (q, k, v), expected_spec=P("data", "seq"),
+               label="model attention_fn 'full', pallas_gpu kernel per hop")
+  finally:
+    sp.choose_ring_implementation = chosen
+
+  # Under shard_map's vma check a forced kernel is refused with the remedy.
+  def checked(q, k, v):
+    return sp.ring_attention(q, k, v, axis_name="seq", implementation="pallas_gpu")
+  spec = P("data", "seq")
+  placed = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)) for x in (q, k, v)]
+  expect_value_error(lambda: jax.shard_map(checked, mesh=mesh, in_specs=(spec,) * 3,
+                                           out_specs=spec)(*placed), "check_vma=False")
+
+
 def check_axial():
   rng = np.random.default_rng(1)
   cases = [
@@ -160,5 +198,6 @@ if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()
   check_errors()
   check_ring()
+  check_ring_kernels()
   check_axial()
   print("ALL OK")

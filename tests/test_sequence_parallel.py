@@ -68,3 +68,59 @@ def test_bad_shapes_raise():
   y = jnp.zeros((1, 4, 4, 1, 2))
   with pytest.raises(ValueError, match="out of range"):
     sp.sequence_parallel_axial_attention(y, y, y, axis=2, mesh=mesh)
+
+
+@pytest.mark.parametrize("backend, q_local, head_dim, has_bias, want", [
+    ("gpu", 1024, 64, False, "pallas_gpu"),
+    ("cuda", 1024, 64, False, "pallas_gpu"),
+    ("gpu", 1024, 64, True, "xla"),       # the kernels take no bias
+    ("gpu", 1000, 64, False, "xla"),      # 128-token blocks do not divide 1000
+    ("tpu", 1024, 64, False, "pallas_tpu"),
+    ("tpu", 1024, 96, False, "pallas_tpu"),
+    ("tpu", 1024, 192, False, "xla"),     # head_dim > 128 and not a multiple of 128
+    ("tpu", 64, 64, False, "xla"),        # below one 128-token tile
+    ("cpu", 1024, 64, False, "xla"),
+])
+def test_ring_implementation_table(backend, q_local, head_dim, has_bias, want):
+  assert sp.choose_ring_implementation(backend, q_local, q_local, head_dim,
+                                       has_bias=has_bias) == want
+
+
+@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+def test_single_device_kernel_ring_matches_softmax(implementation):
+  """One hop of each Pallas kernel (interpreted), values and q/k/v gradients.
+
+  The 8-device subprocess checks the multi-hop merge with the GPU kernel; the
+  TPU kernel's interpreter does not run in a multi-device shard_map.
+  """
+  rng = np.random.default_rng(1)
+  q, k, v, w = (jnp.asarray(rng.normal(size=(1, 128, 2, 16)), jnp.float32) for _ in range(4))
+  mesh = _one_device_mesh()
+
+  def dense(q, k, v):
+    s = jnp.einsum("bnhd,bmhd->bhnm", q, k, precision="highest") / math.sqrt(16)
+    return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, -1), v, precision="highest")
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2)))
+  ring = lambda q, k, v: sp.sequence_parallel_full_attention(q, k, v, mesh=mesh,
+                                                             implementation=implementation)
+  (got, got_grads), (want, want_grads) = loss(ring)(q, k, v), loss(dense)(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, r in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_ring_refuses_bias_and_untileable_shards():
+  x = jnp.zeros((1, 128, 1, 16))
+  with pytest.raises(ValueError, match="takes no bias"):
+    sp.sequence_parallel_full_attention(x, x, x, mesh=_one_device_mesh(),
+                                        bias=jnp.zeros((1, 1, 128, 128)),
+                                        implementation="pallas_tpu")
+  y = jnp.zeros((1, 100, 1, 16))
+  with pytest.raises(ValueError, match="cannot tile"):
+    sp.sequence_parallel_full_attention(y, y, y, mesh=_one_device_mesh(),
+                                        implementation="pallas_tpu")
+  with pytest.raises(ValueError, match="is not one of"):
+    sp.sequence_parallel_full_attention(x, x, x, mesh=_one_device_mesh(),
+                                        implementation="cudnn")

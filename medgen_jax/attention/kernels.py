@@ -244,6 +244,16 @@ def _largest_block(length: int, candidates=(512, 256, 128)) -> int:
   raise ValueError(f"length {length} is not a multiple of {TPU_MIN_BLOCK}")
 
 
+def tpu_block_sizes(q_len: int, kv_len: int) -> pallas_tpu_ops.BlockSizes:
+  """Forward and backward blocks of the Pallas TPU kernel: the largest of
+  512 / 256 / 128 that divides each length."""
+  bq, bk = _largest_block(q_len), _largest_block(kv_len)
+  return pallas_tpu_ops.BlockSizes(
+      block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
+      block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
+      block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+
+
 def pallas_tpu_attention(q: Array, k: Array, v: Array, bias: Array | None = None,
                          mask: Array | None = None, *, interpret: bool = False) -> Array:
   """Pallas TPU flash attention (`jax.experimental.pallas.ops.tpu.flash_attention`).
@@ -269,11 +279,7 @@ def pallas_tpu_attention(q: Array, k: Array, v: Array, bias: Array | None = None
     raise ValueError(f"pallas_tpu attention needs q_len and kv_len multiples of "
                      f"{TPU_MIN_BLOCK} and head_dim <= 128 or a multiple of 128; "
                      f"got q {q.shape}, k {k.shape}")
-  bq, bk = _largest_block(n), _largest_block(m)
-  blocks = pallas_tpu_ops.BlockSizes(
-      block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
-      block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
-      block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+  blocks = tpu_block_sizes(n, m)
   to_heads_first = lambda x: x.transpose(0, 2, 1, 3)
   qs = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
   ab = _dense_bias(bias, mask, (b, h, n, m))

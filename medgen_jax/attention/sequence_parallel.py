@@ -8,9 +8,11 @@ mesh axis. Two exact schemes live here:
   `P = axis_size` hops every query has seen every key. Softmax is accumulated
   online (running max, denominator and numerator in float32, with the block
   update of `medgen_jax.attention.chunked`), so no device ever holds more
-  than one `[N/P, N/P]` block of logits. Each hop's block attention is plain
-  XLA ops (batched matmuls and elementwise softmax) on every backend, not a
-  fused kernel. The backward pass is a custom VJP that makes a second trip
+  than one `[N/P, N/P]` block of logits. On GPU and TPU each hop is one fused
+  Pallas flash kernel call instead (`block_kernels`), whose per-block
+  log-sum-exps merge the hops; on CPU, with a bias, or where a kernel cannot
+  tile the shards, it is plain XLA ops (batched matmuls and the elementwise
+  online softmax). The backward pass is a custom VJP that makes a second trip
   around the ring, recomputing each block from the stored logsumexp, and
   carries dK/dV along with K/V so each ends up on the device that owns it.
 * `all_to_all_axial_attention`: attention along one spatial axis. Along an axis
@@ -43,6 +45,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medgen_jax.attention import block_kernels, kernels
 from medgen_jax.attention.chunked import (accumulate_bias_grad, batched_matmul, block,
                                           online_softmax_update)
 from medgen_jax.attention.functional import _as_4d, _num_spatial, axial_attention
@@ -212,13 +215,125 @@ def _ring_bwd(axis_name, q_chunk, res, dout):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
+# ---------------------------------------------------------------------------
+# The ring with a fused flash kernel per hop (`block_kernels`).
+# ---------------------------------------------------------------------------
+
+
+def _lse_rows(lse: Array, token_axis: int) -> Array:
+  """lse `[B, h, N]` as a multiplier broadcasting against out in the kernel's layout."""
+  return (lse.transpose(0, 2, 1) if token_axis == 1 else lse)[..., None]
+
+
+def _kernel_ring_forward(axis_name, name, interpret, q, k, v):
+  """Per hop one kernel call; the hops' outputs merged by their log-sum-exps.
+
+  Returns out (q's layout and dtype) and the global lse float32 `[B, h, N_local]`.
+  """
+  size = lax.axis_size(axis_name)
+  perm = _ring_perm(size)
+  axis = block_kernels.TOKEN_AXIS[name]
+
+  def attend(k_blk, v_blk, out, lse):
+    out_t, lse_t = block_kernels.forward(name, q, k_blk, v_blk, interpret=interpret)
+    new = jnp.logaddexp(lse, lse_t)
+    out = (out * _lse_rows(jnp.exp(lse - new), axis)
+           + out_t.astype(jnp.float32) * _lse_rows(jnp.exp(lse_t - new), axis))
+    return out, new
+
+  def hop(_, carry):
+    k_blk, v_blk, out, lse = carry
+    out, lse = attend(k_blk, v_blk, out, lse)
+    k_blk, v_blk = lax.ppermute((k_blk, v_blk), axis_name, perm)
+    return k_blk, v_blk, out, lse
+
+  b, h = q.shape[0], q.shape[3 - axis]
+  # Derived from q so the carries vary over q's mesh axes.
+  lse = jnp.full_like(q, -jnp.inf, dtype=jnp.float32, shape=(b, h, q.shape[axis]))
+  lse = _vary_like(lse, q)
+  out = jnp.zeros_like(q, dtype=jnp.float32)
+  k_blk, v_blk, out, lse = lax.fori_loop(0, size - 1, hop, (k, v, out, lse))
+  out, lse = attend(k_blk, v_blk, out, lse)
+  return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _kernel_ring(axis_name, name, interpret, q, k, v):
+  return _kernel_ring_forward(axis_name, name, interpret, q, k, v)[0]
+
+
+def _kernel_ring_fwd(axis_name, name, interpret, q, k, v):
+  out, lse = _kernel_ring_forward(axis_name, name, interpret, q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _kernel_ring_bwd(axis_name, name, interpret, res, dout):
+  """Each hop's kernel backward with the global out and lse; dK/dV travel with K/V."""
+  q, k, v, out, lse = res
+  perm = _ring_perm(lax.axis_size(axis_name))
+
+  def grads(k_blk, v_blk, dk_blk, dv_blk, dq):
+    dq_t, dk_t, dv_t = block_kernels.backward(name, q, k_blk, v_blk, out, lse, dout,
+                                              interpret=interpret)
+    f32 = lambda x: x.astype(jnp.float32)
+    return dk_blk + f32(dk_t), dv_blk + f32(dv_t), dq + f32(dq_t)
+
+  def hop(_, carry):
+    k_blk, v_blk, dk_blk, dv_blk, dq = carry
+    dk_blk, dv_blk, dq = grads(k_blk, v_blk, dk_blk, dv_blk, dq)
+    k_blk, v_blk, dk_blk, dv_blk = lax.ppermute((k_blk, v_blk, dk_blk, dv_blk), axis_name, perm)
+    return k_blk, v_blk, dk_blk, dv_blk, dq
+
+  zeros_k = jnp.zeros_like(k, dtype=jnp.float32)
+  init = (k, v, zeros_k, zeros_k, jnp.zeros_like(q, dtype=jnp.float32))
+  k_blk, v_blk, dk, dv, dq = lax.fori_loop(0, lax.axis_size(axis_name) - 1, hop, init)
+  dk, dv, dq = grads(k_blk, v_blk, dk, dv, dq)
+  # After size - 1 hops the accumulators hold the block of device idx + 1: one
+  # more hop takes them home.
+  dk, dv = lax.ppermute((dk, dv), axis_name, perm)
+  cts = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+  return tuple(_match_vma(ct, x) for ct, x in zip(cts, (q, k, v)))
+
+
+_kernel_ring.defvjp(_kernel_ring_fwd, _kernel_ring_bwd)
+
+
+RING_IMPLEMENTATIONS = ("xla",) + block_kernels.BLOCK_KERNELS
+
+
+def choose_ring_implementation(backend: str, q_local: int, kv_local: int, head_dim: int, *,
+                               has_bias: bool) -> str:
+  """What `ring_attention` runs per hop by default: a fused kernel where one fits.
+
+  'pallas_gpu' on GPU and 'pallas_tpu' on TPU when there is no bias and the
+  kernel takes the local lengths (`block_kernels.supports`); 'xla' (batched
+  matmuls and the online softmax of `chunked`) otherwise and on CPU.
+  """
+  backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
+  kernel = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
+  if kernel and not has_bias and block_kernels.supports(kernel, q_local, kv_local, head_dim):
+    return kernel
+  return "xla"
+
+
 def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
-                   bias: Array | None = None, chunk_size: int | None = None) -> Array:
+                   bias: Array | None = None, chunk_size: int | None = None,
+                   implementation: str | None = None) -> Array:
   """Exact full attention over a sequence sharded along mesh axis `axis_name`.
 
   Call inside `shard_map`; every argument is this device's shard. Device i
   holds the i-th contiguous slice of queries and keys. Values and gradients
   equal those of unsharded softmax attention (scale `1/sqrt(head_dim)`).
+
+  What runs per hop (`implementation=None`, `choose_ring_implementation`):
+  on GPU the Pallas Triton flash kernel, on TPU the Pallas TPU flash kernel,
+  each when there is no bias and it takes the local lengths; otherwise, and
+  on CPU, 'xla': batched matmuls with the online softmax, `chunk_size`
+  queries at a time. The kernels' per-hop log-sum-exps merge the hops
+  (`block_kernels`); their speed on a GPU / TPU has not been measured here.
+  The kernels need the enclosing `shard_map` to run with `check_vma=False`
+  (the wrappers below do that when they use one); under vma checking the
+  default is 'xla' and a forced kernel raises.
 
   Args:
     q: `[batch, q_local, heads, head_dim]`.
@@ -229,9 +344,13 @@ def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
       against ALL keys: broadcastable to `[batch, heads, q_local, kv_local * P]`
       with P the size of `axis_name` (the key axis is 1 or global). Use a large
       negative bias (not -inf) to mask.
-    chunk_size: queries per inner step (must divide q_local); None = all of
-      them. Each hop materialises `[batch, heads, chunk_size, kv_local]`
-      float32 logits, so large shards need a chunk (e.g. 512-2048).
+    chunk_size: queries per inner step of the 'xla' path (must divide
+      q_local); None = all of them. Each hop materialises `[batch, heads,
+      chunk_size, kv_local]` float32 logits, so large shards need a chunk
+      (e.g. 512-2048). The fused kernels tile by themselves and ignore it.
+    implementation: None (see above), 'xla', 'pallas_gpu' or 'pallas_tpu'.
+      A kernel forced on another backend runs in Pallas' interpreter (exact,
+      very slow: tests only); the kernels take no bias.
 
   Returns:
     `[batch, q_local, heads, head_dim]` in q's dtype.
@@ -251,8 +370,37 @@ def ring_attention(q: Array, k: Array, v: Array, *, axis_name: str,
     kv_global = k.shape[1] * lax.axis_size(axis_name)
     bias = _as_4d(bias, (b, h, n, kv_global), "ring_attention: bias",
                   dims="[batch, heads, q_local, kv_global]")
+  backend = jax.default_backend()
+  checked = bool(_vma(q))  # inside shard_map(check_vma=True)
+  if implementation is None:
+    implementation = choose_ring_implementation(backend, n, k.shape[1], q.shape[-1],
+                                                has_bias=bias is not None)
+    if checked:
+      implementation = "xla"  # the kernels cannot run under vma checking (below)
   to_heads_first = lambda x: x.transpose(0, 2, 1, 3)  # block products become batched matmuls
-  out = _ring(axis_name, q_chunk, to_heads_first(q), to_heads_first(k), to_heads_first(v), bias)
+  if implementation == "xla":
+    out = _ring(axis_name, q_chunk, to_heads_first(q), to_heads_first(k), to_heads_first(v),
+                bias)
+    return to_heads_first(out)
+  if implementation not in RING_IMPLEMENTATIONS:
+    raise ValueError(f"ring_attention: implementation {implementation!r} is not one of "
+                     f"{RING_IMPLEMENTATIONS}")
+  if bias is not None:
+    raise ValueError(f"ring_attention: the {implementation!r} kernel takes no bias; "
+                     "use implementation='xla'")
+  if not block_kernels.supports(implementation, n, k.shape[1], q.shape[-1]):
+    raise ValueError(f"ring_attention: the {implementation!r} kernel cannot tile local "
+                     f"shards q {q.shape}, k {k.shape}; use implementation='xla'")
+  if checked:
+    # jax 0.10's Pallas ops declare their outputs without varying mesh axes,
+    # which shard_map's vma check rejects.
+    raise ValueError(f"ring_attention: the {implementation!r} kernel needs the enclosing "
+                     "jax.shard_map(..., check_vma=False)")
+  interpret = kernels.backend_of_kernel(implementation) != backend
+  if block_kernels.TOKEN_AXIS[implementation] == 1:  # the library layout already
+    return _kernel_ring(axis_name, implementation, interpret, q, k, v)
+  out = _kernel_ring(axis_name, implementation, interpret, to_heads_first(q),
+                     to_heads_first(k), to_heads_first(v))
   return to_heads_first(out)
 
 
@@ -350,7 +498,8 @@ def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh
                                      seq_axis: str = "seq",
                                      batch_axis: str | None = "data",
                                      bias: Array | None = None,
-                                     chunk_size: int | None = None) -> Array:
+                                     chunk_size: int | None = None,
+                                     implementation: str | None = None) -> Array:
   """Full attention with tokens sharded over `seq_axis` (ring) and batch over `batch_axis`.
 
   Args:
@@ -362,6 +511,7 @@ def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh
     bias: optional, broadcastable to `[batch, heads, q_len, kv_len]`; sharded
       along its query axis.
     chunk_size: queries per inner step of each hop (see `ring_attention`).
+    implementation: what each hop runs (see `ring_attention`).
 
   Returns:
     `[batch, q_len, heads, head_dim]`, sharded `P(batch_axis, seq_axis)`.
@@ -382,9 +532,15 @@ def sequence_parallel_full_attention(q: Array, k: Array, v: Array, *, mesh: Mesh
                   seq_axis if bias.shape[2] > 1 else None, None)
     args.append(_place(bias, mesh, bias_spec))
     in_specs.append(bias_spec)
+  if implementation is None:
+    implementation = choose_ring_implementation(
+        jax.default_backend(), q.shape[1] // seq, k.shape[1] // seq, q.shape[-1],
+        has_bias=bias is not None)
   attend = lambda q, k, v, bias=None: ring_attention(q, k, v, axis_name=seq_axis, bias=bias,
-                                                     chunk_size=chunk_size)
-  return jax.shard_map(attend, mesh=mesh, in_specs=tuple(in_specs), out_specs=spec)(*args)
+                                                     chunk_size=chunk_size,
+                                                     implementation=implementation)
+  return jax.shard_map(attend, mesh=mesh, in_specs=tuple(in_specs), out_specs=spec,
+                       check_vma=implementation == "xla")(*args)
 
 
 def sequence_parallel_axial_attention(q: Array, k: Array, v: Array, *, axis: int, mesh: Mesh,
@@ -512,6 +668,12 @@ def _seq_sharded_attention(layout: SequenceSharding, variant: str, q: Array, k: 
   for x, what in ((q, "q"), (k, "k")):
     _check_divisible(x.shape[1 + sharded], seq, name, f"{what} spatial axis {sharded}")
 
+  implementation = "xla"
+  if variant == "full":
+    tokens = math.prod(q.shape[1:-2]) // seq
+    implementation = choose_ring_implementation(jax.default_backend(), tokens, tokens,
+                                                q.shape[-1], has_bias=False)
+
   def attend(q, k, v):
     if variant == "axial":
       outs = [all_to_all_axial_attention(q, k, v, axis=a, axis_name=layout.seq_axis,
@@ -521,9 +683,11 @@ def _seq_sharded_attention(layout: SequenceSharding, variant: str, q: Array, k: 
     b, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
     flat = lambda x: x.reshape(b, -1, heads, dim)  # a depth slab is a contiguous token block
     return ring_attention(flat(q), flat(k), flat(v), axis_name=layout.seq_axis,
-                          chunk_size=chunk_size).reshape(q.shape)
+                          chunk_size=chunk_size, implementation=implementation).reshape(q.shape)
 
-  return jax.shard_map(attend, mesh=layout.mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+  # A fused kernel per hop needs vma checking off (see `ring_attention`).
+  return jax.shard_map(attend, mesh=layout.mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=implementation == "xla")(q, k, v)
 
 
 def _mesh_size(mesh: Mesh, axis: str | tuple[str, ...]) -> int:
