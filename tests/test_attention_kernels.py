@@ -78,14 +78,14 @@ def test_chunked_blocks():
 
 
 @pytest.mark.parametrize("batch,heads,n,cores,want", [
-    # Two loops of 8 maps: 2^20 scores as 2048 queries x 64 keys (as measured).
-    (4, 4, 4096, 2, (2048, 64)),
-    (4, 4, 4096, 1, (1024, 64)),        # one loop of 16 maps
-    (1, 4, 16384, 2, (8192, 64)),       # batch 1: the heads are split
-    (4, 4, 1024, 2, (1024, 128)),       # one query block; the rest widens the keys
-    (4, 4, 512, 2, (512, 256)),
+    # Two loops of 8 maps: 2^21 scores as 2048 queries x 128 keys (as measured).
+    (4, 4, 4096, 2, (2048, 128)),
+    (4, 4, 4096, 1, (1024, 128)),       # one loop of 16 maps
+    (1, 4, 16384, 2, (8192, 128)),      # batch 1: the heads are split
+    (4, 4, 1024, 2, (1024, 128)),       # one query block covers the queries
+    (4, 4, 512, 2, (512, 128)),
     (4096, 8, 4096, 2, (64, 64)),       # never below 64
-    (1, 1, 1 << 20, 1, (8192, 64)),     # never above 8192 queries
+    (1, 1, 1 << 20, 1, (8192, 128)),    # never above 8192 queries
 ])
 def test_cpu_chunk_size(batch, heads, n, cores, want):
   got = kernels.cpu_chunk_size(batch, heads, n, n, cores=cores)
@@ -197,17 +197,17 @@ def test_grouped_chunked_matches_reference(shape, groups, bias_shape):
 
 
 def test_default_cpu_blocks_match_reference():
-  # The default on CPU: chunked (600 x 520 >= 512^2 scores) with
+  # The default on CPU: chunked (600 x 523 >= 512^2 scores) with
   # `cpu_chunk_size`'s non-square blocks, keys padded to whole blocks, with a
   # bias and a mask.
   if jax.default_backend() != "cpu":
     pytest.skip("the CPU default")
   q, k, v, _ = random_qkv((2, 600, 2, 8), seed=21)
-  k, v = k[:, :520], v[:, :520]
+  k, v = k[:, :523], v[:, :523]
   assert kernels.choose_implementation("cpu", F32, q.shape, k.shape, has_bias=True,
                                        has_mask=True).implementation == "chunked"
-  bias = jax.random.normal(jax.random.PRNGKey(6), (1, 2, 600, 520))
-  allowed = np.random.default_rng(4).random((600, 520)) > 0.3
+  bias = jax.random.normal(jax.random.PRNGKey(6), (1, 2, 600, 523))
+  allowed = np.random.default_rng(4).random((600, 523)) > 0.3
   allowed[:, 0] = True
   mask = jnp.asarray(allowed)[None, None]
   fn = lambda q, k, v, b: full_attention(q, k, v, bias=b, mask=mask)

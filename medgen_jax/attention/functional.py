@@ -114,8 +114,8 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
     no mask, q_len and kv_len are multiples of 128 and head_dim <= 128 or a
     multiple of 128; otherwise 'xla' / 'chunked' as on GPU.
   * CPU: 'xla' below q_len * kv_len = 512 * 512, 'chunked' from there (with
-    `kernels.cpu_chunk_size` blocks: ~2^20 scores per loop, 64-key blocks and
-    long query blocks), bias and mask or not.
+    `kernels.cpu_chunk_size` blocks: ~2^21 scores per loop, 128-key blocks
+    and long query blocks), bias and mask or not.
 
   The implementations (each forced by `implementation=`):
 

@@ -58,18 +58,20 @@ IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "pallas_tpu", "pallas_gpu")
 # ms, dense 68 ms), and the blocked form is 1.5x faster at 1,024 and 1.8x at
 # 4,096.
 CPU_CHUNKED_MIN_SCORES = 512 * 512
-# Default CPU blocks (`cpu_chunk_size`): about 2^20 float32 scores per
-# [maps, bq, bk] block of one loop (maps = batch * heads / `cpu_groups`), with
-# long query blocks and short key blocks: 64 keys, and all the queries up to
-# what the budget allows. Fwd+bwd at 4,096 tokens, B=4, 4 heads, head_dim 32
-# on the 2-core CPU (two loops of 8 maps), interleaved in one process:
-# 2048 x 64 620-640 ms, 2048 x 128 635-650 ms, 512 x 256 670-810 ms, the
-# previous square 128 x 128 1,050-1,100 ms; at 16,384 tokens, B=1 (two loops
-# of 2 heads) 8192 x 64 2.3 s against 4.3 s for 256 x 256; at 1,024 tokens the
-# budget left over widens the key block (1024 x 128: 43 ms, 1024 x 64: 53 ms).
+# Default CPU blocks (`cpu_chunk_size`): about 2^21 float32 scores per
+# [maps, bq, bk] block of one loop (maps = batch * heads / `cpu_groups`), as
+# key blocks of 128 and query blocks as long as that allows. Fwd+bwd at 4,096
+# tokens, B=4, 4 heads, head_dim 32 on the 2-core CPU (two loops of 8 maps),
+# interleaved in one process: 2048 x 128 449-452 ms, 1024 x 256 432 ms,
+# 512 x 256 442 ms, 2048 x 64 550 ms, 4096 x 128 504 ms (the square 128 x 128
+# of ~2^18 scores used before: ~1,050 ms with the previous backward, against
+# 625-640 ms for 2048 x 64); at 1,024 tokens 1024 x 128 30 ms, 1024 x 64 48
+# ms; at 16,384 tokens, B=1 (two loops of 2 heads) 8192 x 128 1.72 s.
 # Fewer, longer loop iterations amortise the per-iteration work that is not
-# the block's scores (dynamic slices, the dk/dv row updates, loop overhead).
-CPU_BLOCK_SCORES = 2 ** 20
+# the block's products (dynamic slices, the dq / dk / dv updates, loop
+# overhead).
+CPU_BLOCK_SCORES = 2 ** 21
+CPU_KEY_BLOCK = 128
 CPU_MIN_BLOCK = 64
 CPU_MAX_BLOCK = 8192
 # GPU / TPU: dense XLA attention up to 2^28 scores (1 GiB float32; XLA's
@@ -121,10 +123,11 @@ def cpu_chunk_size(batch: int, heads: int, q_len: int, kv_len: int,
                    cores: int | None = None) -> tuple[int, int]:
   """The chunked form's default `(query_block, key_block)` on CPU.
 
-  Per loop (`cpu_groups` loops, one per core) a block holds ~`CPU_BLOCK_SCORES`
-  scores over the loop's maps: key blocks of `CPU_MIN_BLOCK` (64) and query
-  blocks as long as that budget allows (powers of two in [64, 8192]); when
-  one query block covers q_len, the rest of the budget widens the key block.
+  Per loop (`cpu_groups` loops, one per core) a block holds about
+  `CPU_BLOCK_SCORES` scores over the loop's maps: key blocks of
+  `CPU_KEY_BLOCK` (128; 64 when even 64-query blocks would exceed the budget)
+  and query blocks as long as the budget allows (powers of two in
+  [64, 8192], at most q_len).
 
   Args:
     batch, heads: the attention's batch and heads (maps = batch * heads).
@@ -132,12 +135,9 @@ def cpu_chunk_size(batch: int, heads: int, q_len: int, kv_len: int,
     cores: as in `cpu_groups` (default: os.cpu_count()).
   """
   maps = max(batch * heads // cpu_groups(batch, heads, cores), 1)
-  bq = _pow2_at_most(CPU_BLOCK_SCORES / (maps * CPU_MIN_BLOCK), CPU_MIN_BLOCK, CPU_MAX_BLOCK)
-  bk = CPU_MIN_BLOCK
-  if bq >= q_len:
-    bq = q_len
-    bk = _pow2_at_most(CPU_BLOCK_SCORES / (maps * q_len), CPU_MIN_BLOCK, CPU_MAX_BLOCK)
-  return bq, min(bk, kv_len)
+  bk = _pow2_at_most(CPU_BLOCK_SCORES / (maps * CPU_MIN_BLOCK), CPU_MIN_BLOCK, CPU_KEY_BLOCK)
+  bq = _pow2_at_most(CPU_BLOCK_SCORES / (maps * bk), CPU_MIN_BLOCK, CPU_MAX_BLOCK)
+  return min(bq, q_len), min(bk, kv_len)
 
 
 def cpu_groups(batch: int, heads: int, cores: int | None = None) -> int:
