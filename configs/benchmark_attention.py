@@ -7,7 +7,9 @@
 `gpu` (any accelerator): bf16, 8 heads x 64, batch x tokens = 65,536, grids up
 to 256^2 = 65,536 tokens in 2D and 32^3 in 3D, plus the `cudnn` (GPU) and
 `pallas` (GPU: Triton, TPU: Pallas TPU flash) rows; every row also reports
-`fraction_of_matmul`, its rate over a bf16 matmul measured in the same run.
+`fraction_of_matmul`, its rate over a bf16 matmul measured in the same run;
+the training step of `phantom_gan.py:gpu` is timed at batch 16 and at the
+largest batch that fits the device (`train_step.largest_batch`).
 """
 import ml_collections
 
@@ -37,8 +39,12 @@ def get_config(arg=None):
   # MFU of one jitted training step (G + D) of the GAN config `gan`: the
   # default configs/phantom_gan.py, overridable field by field
   # (--config.train_step.gan.model.attention=axial).
+  # With largest_batch, the step is timed again at the largest batch (a
+  # multiple of batch_multiple, <= max_batch) that XLA's buffer assignment
+  # fits in 90 % of the device's memory (CPU: memory_budget_gb).
   config.train_step = ml_collections.ConfigDict(dict(
-      enabled=True, gan=phantom_gan.get_config(), repeats=3))
+      enabled=True, gan=phantom_gan.get_config(), repeats=3, largest_batch=False,
+      batch_multiple=16, max_batch=4096))
   # Swin block side by side with timm (PyTorch, `torch_threads` threads).
   config.swin = ml_collections.ConfigDict(dict(
       enabled=True, dim=128, num_heads=4, window=8, shift=4, mlp_ratio=4.0, batch=8,
@@ -57,6 +63,8 @@ def get_config(arg=None):
     config.matmul_size = 8192
     config.memory_budget_gb = 70.0  # fits an 80 GiB H100 with headroom
     config.train_step.gan = phantom_gan.get_config("gpu")
+    config.train_step.gan.train.batch_size = 16  # and again at the largest that fits
+    config.train_step.largest_batch = True
     config.swin.enabled = False  # the timm peer row is a CPU comparison
   if "quick" in variants:
     config.grids = ((8, 8), (16, 16), (4, 4, 4))

@@ -168,3 +168,62 @@ def test_train_step_mfu_amortises_the_lazy_r1_period():
   assert out["flops"] > 0 and out["mfu"] > 0
   assert out["mfu"] == pytest.approx(
       out["flops"] / (out["step_ms"] * 1e-3) / 1e9 / 100.0, abs=1e-4)
+
+
+def _largest_by_brute_force(bytes_at, budget, multiple, cap):
+  fitting = [b for b in range(multiple, cap + 1, multiple) if bytes_at(b) <= budget]
+  return max(fitting)
+
+
+@pytest.mark.parametrize("bytes_at", [
+    lambda b: 100 + 7 * b,                  # linear: the two-point line is exact
+    lambda b: 100 + 7 * b + 0.01 * b * b,   # superlinear: the line overshoots, then shrinks
+])
+def test_largest_batch_matches_brute_force(bytes_at):
+  from medgen_jax.bench import train_step
+  calls = []
+
+  def counted(b):
+    calls.append(b)
+    return bytes_at(b)
+  got = train_step.largest_batch(counted, 1000, start=16, multiple=16, cap=4096)
+  assert got == _largest_by_brute_force(bytes_at, 1000, 16, 4096)
+  assert len(calls) <= 5  # compiles, on a device tens of seconds each
+
+
+def test_largest_batch_cap_start_and_errors():
+  from medgen_jax.bench import train_step
+  linear = lambda b: 100 + 7 * b
+  assert train_step.largest_batch(linear, 1e9, start=16, multiple=16, cap=512) == 512
+  assert train_step.largest_batch(linear, 100 + 7 * 20, start=16, multiple=16, cap=512) == 16
+  with pytest.raises(ValueError, match="batch 16 already needs"):
+    train_step.largest_batch(linear, 150, start=16, multiple=16, cap=512)
+
+
+def test_cpu_memory_budget_is_the_configs():
+  config = bench_config.get_config("quick")
+  config.memory_budget_gb = 3.0
+  assert attention_suite.memory_budget_bytes(config) == 3.0 * 2 ** 30
+
+
+def test_gpu_variant_times_batch_16_and_the_largest_batch():
+  config = bench_config.get_config("gpu")
+  assert config.train_step.gan.train.batch_size == 16 and config.train_step.largest_batch
+  assert not bench_config.get_config().train_step.largest_batch
+
+
+@pytest.mark.slow  # compiles the quick GAN step at three batch sizes, then times one
+def test_largest_batch_of_the_quick_gan_fits_the_budget():
+  from configs import phantom_gan
+  from medgen_jax.bench import train_step
+  config = bench_config.get_config("quick")
+  config.train_step.gan = phantom_gan.get_config("quick")
+  config.train_step.batch_multiple = 4
+  config.train_step.max_batch = 64
+  four, eight = (train_step.step_bytes(config.train_step.gan, b) for b in (4, 8))
+  assert eight > four
+  config.memory_budget_gb = (four + 3 * (eight - four)) / 2 ** 30  # room for about batch 16
+  out = attention_suite.measure_largest_batch(config, matmul_rate=100.0)
+  assert out["batch_size"] > 8 and out["batch_size"] % 4 == 0
+  assert out["peak_bytes"] <= config.memory_budget_gb * 2 ** 30
+  assert out["images_per_s"] == pytest.approx(out["batch_size"] / (out["step_ms"] * 1e-3), rel=1e-2)

@@ -162,6 +162,30 @@ def swin_block_ms(swin) -> dict[str, Any]:
           "compile_s": round(m.compile_s, 2), "flops": m.flops}
 
 
+def memory_budget_bytes(config) -> float:
+  """What one program may use: 90 % of the device's memory where jax reports it
+  (GPU, TPU), else `config.memory_budget_gb` (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return 0.9 * stats["bytes_limit"]
+  return config.memory_budget_gb * 2 ** 30
+
+
+def measure_largest_batch(config, matmul_rate: float) -> dict[str, Any]:
+  """The training step timed at the largest batch (a multiple of
+  `train_step.batch_multiple`, <= `train_step.max_batch`) that fits."""
+  gan = config.train_step.gan
+  size = train_step.largest_batch(
+      lambda b: train_step.step_bytes(gan, b), memory_budget_bytes(config),
+      start=int(gan.train.batch_size), multiple=config.train_step.batch_multiple,
+      cap=config.train_step.max_batch)
+  big = gan.copy_and_resolve_references()
+  big.train.batch_size = size
+  return train_step.measure_train_step(big, warmup=config.warmup,
+                                       repeats=config.train_step.repeats,
+                                       matmul_gflops_per_s=matmul_rate)
+
+
 def run_extras(config, matmul_rate: float) -> dict[str, Any]:
   """train_step_mfu, swin_block_ms and torch_swin_block_ms (each None when off)."""
   out: dict[str, Any] = dict(train_step_mfu=None, swin_block_ms=None,
@@ -171,8 +195,13 @@ def run_extras(config, matmul_rate: float) -> dict[str, Any]:
                                          repeats=config.train_step.repeats,
                                          matmul_gflops_per_s=matmul_rate)
     out.update(train_step_mfu=step["mfu"], train_step=step)
-    print(f"train step: {step['step_ms']:.0f} ms, {step['gflops_per_s']} GFLOP/s, "
-          f"MFU {step['mfu']}", flush=True)
+    print(f"train step: {step['step_ms']:.0f} ms, {step['images_per_s']} images/s, "
+          f"{step['gflops_per_s']} GFLOP/s, MFU {step['mfu']}", flush=True)
+    if config.train_step.largest_batch:
+      out["train_step_largest"] = largest = measure_largest_batch(config, matmul_rate)
+      print(f"train step at the largest batch that fits ({largest['batch_size']}): "
+            f"{largest['step_ms']:.0f} ms, {largest['images_per_s']} images/s, "
+            f"MFU {largest['mfu']}", flush=True)
   swin = config.swin
   if swin.enabled:
     jax_swin = swin_block_ms(swin)

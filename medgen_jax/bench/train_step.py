@@ -1,15 +1,17 @@
 """Model FLOP utilisation of the jitted GAN training step (G + D, default config).
 
 MFU here = XLA-counted FLOPs of the compiled step / median step time, divided
-by the dense fp32 matmul throughput measured in the same process (the CPU's
+by the dense matmul throughput measured in the same process (the backend's
 practical roofline, `timing.matmul_gflops_per_s`). The batch is synthetic (the
 step's cost does not depend on pixel values), so no dataset is built.
+`largest_batch` finds the largest batch whose step fits in device memory from
+XLA's buffer assignment, compiling but never running the candidates.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,75 @@ def synthetic_batch(info: DatasetInfo, batch_size: int, seed: int = 0) -> dict[s
   return {"image": image, **state_lib.dummy_conditions(info, batch_size)}
 
 
+def _step_parts(gan_config):
+  """(models, state, info) of `gan_config`'s GAN, initialised on the default device."""
+  info = phantom_info(gan_config.data)
+  generator = models_lib.build_generator(gan_config.model, info)
+  discriminator = models_lib.build_discriminator(gan_config.model, info)
+  # The condition teacher's forward/backward is part of the step; its
+  # weights are not (an untrained one costs the same).
+  teacher = loop.build_teacher(gan_config, info, trained=False)
+  models = state_lib.make_models(generator, discriminator, gan_config, teacher=teacher)
+  init = state_lib.make_init_fn(models, info, latent_dim=gan_config.model.latent_dim,
+                                seed=gan_config.train.seed)
+  return models, jax.jit(init)(), info
+
+
+def step_bytes(gan_config, batch_size: int) -> int:
+  """XLA's peak bytes (arguments + outputs + temporaries) of one R1 step at `batch_size`.
+
+  The R1 step (double backward through D) is the larger of the two
+  executables, so it decides what fits. Compiles, does not run.
+  """
+  models, state, info = _step_parts(gan_config)
+  step = functools.partial(step_lib.train_step, models=models, config=gan_config,
+                           with_r1=gan_config.loss.r1_gamma > 0)
+  abstract = jax.eval_shape(lambda: synthetic_batch(info, batch_size))
+  compiled, _ = timing.compile_fn(step, (state, abstract))
+  return int(timing.xla_peak_bytes(compiled))
+
+
+def largest_batch(bytes_at: Callable[[int], int], budget_bytes: float, *, start: int,
+                  multiple: int, cap: int, tries: int = 4) -> int:
+  """The largest batch (a multiple of `multiple`, <= `cap`) whose step fits `budget_bytes`.
+
+  Memory is close to fixed + per_example * batch, so two compiles (`start`,
+  `2 * start`) give the line; its largest fitting multiple is then checked
+  with `bytes_at` and, if XLA's buffer assignment says it does not fit, the
+  candidate shrinks in proportion to the overshoot (at most `tries` checks).
+
+  Args:
+    bytes_at: batch size -> peak bytes of the step (e.g. `step_bytes`).
+    budget_bytes: the memory the step may use.
+    start: a batch size that is known to be valid (e.g. the config's).
+    multiple: candidates are multiples of this.
+    cap: the largest batch to consider.
+
+  Returns:
+    The batch size; `start` itself when nothing larger fits.
+
+  Raises:
+    ValueError: if even `start` does not fit.
+  """
+  first = bytes_at(start)
+  if first > budget_bytes:
+    raise ValueError(f"largest_batch: batch {start} already needs {first / 2**30:.2f} GiB, "
+                     f"over the {budget_bytes / 2**30:.2f} GiB budget")
+  per_example = max((bytes_at(2 * start) - first) / start, 1.0)
+  fixed = first - per_example * start
+  candidate = int((budget_bytes - fixed) / per_example)
+  for _ in range(tries):
+    candidate = min(cap, candidate) // multiple * multiple
+    if candidate <= start:
+      return start
+    used = bytes_at(candidate)
+    if used <= budget_bytes:
+      return candidate
+    # Shrink by the overshoot, and by at least one multiple.
+    candidate = min(int(candidate * budget_bytes / used), candidate - multiple)
+  return start
+
+
 def measure_train_step(gan_config, *, warmup: int, repeats: int,
                        matmul_gflops_per_s: float) -> dict[str, Any]:
   """Compiles and times `train_step` of `gan_config`'s generator + discriminator.
@@ -52,18 +123,10 @@ def measure_train_step(gan_config, *, warmup: int, repeats: int,
   Returns:
     dict with step_ms (amortised), step_ms_r1 / step_ms_no_r1, compile_s
     (both executables), flops (amortised XLA count), gflops_per_s, mfu
-    (fraction of `matmul_gflops_per_s`), batch_size and the model description.
+    (fraction of `matmul_gflops_per_s`), images_per_s, peak_bytes (the larger
+    executable), batch_size and the model description.
   """
-  info = phantom_info(gan_config.data)
-  generator = models_lib.build_generator(gan_config.model, info)
-  discriminator = models_lib.build_discriminator(gan_config.model, info)
-  # The condition teacher's forward/backward is part of the step; its
-  # weights are not (an untrained one costs the same).
-  teacher = loop.build_teacher(gan_config, info, trained=False)
-  models = state_lib.make_models(generator, discriminator, gan_config, teacher=teacher)
-  init = state_lib.make_init_fn(models, info, latent_dim=gan_config.model.latent_dim,
-                                seed=gan_config.train.seed)
-  state = jax.jit(init)()
+  models, state, info = _step_parts(gan_config)
   batch = synthetic_batch(info, gan_config.train.batch_size)
   every = int(gan_config.loss.r1_every) if gan_config.loss.r1_gamma > 0 else 0
   measured = {}
@@ -72,7 +135,8 @@ def measure_train_step(gan_config, *, warmup: int, repeats: int,
                              with_r1=with_r1)
     compiled, compile_s = timing.compile_fn(step, (state, batch))
     times = timing.time_compiled(compiled, (state, batch), warmup=warmup, repeats=repeats)
-    measured[with_r1] = (float(np.median(times)), timing.xla_flops(compiled), compile_s)
+    measured[with_r1] = (float(np.median(times)), timing.xla_flops(compiled), compile_s,
+                         timing.xla_peak_bytes(compiled) or 0)
   # Per-period weights: 1 R1 step and every-1 plain steps (or all of one kind).
   weights = {True: 1 / every, False: 1 - 1 / every} if every > 1 else {k: 1.0 for k in measured}
   step_ms = sum(weights[k] * m[0] for k, m in measured.items())
@@ -85,6 +149,8 @@ def measure_train_step(gan_config, *, warmup: int, repeats: int,
       r1_every=every, compile_s=round(sum(m[2] for m in measured.values()), 2), flops=flops,
       gflops_per_s=None if rate is None else round(rate, 2),
       mfu=None if rate is None else round(rate / matmul_gflops_per_s, 4),
+      images_per_s=round(gan_config.train.batch_size / (step_ms * 1e-3), 1),
+      peak_bytes=max(m[3] for m in measured.values()),
       batch_size=int(gan_config.train.batch_size),
       image_shape=list(info.image_shape),
       generator=f"{gan_config.model.generator}/{gan_config.model.variant} "
