@@ -75,26 +75,6 @@ def _as_4d(x: Array | None, target: tuple[int, int, int, int], what: str,
   return x
 
 
-def default_chunk_size(batch: int, heads: int, q_len: int, kv_len: int,
-                       backend: str | None = None) -> tuple[int, int] | None:
-  """The chunked `(query_block, key_block)` `full_attention` uses on CPU when chunk_size is None.
-
-  Args:
-    batch, heads: the attention's batch and heads.
-    q_len, kv_len: sequence lengths.
-    backend: a jax backend name; None is the default backend.
-
-  Returns:
-    `kernels.cpu_chunk_size` on CPU for q_len * kv_len >= 512 * 512;
-    otherwise None (the CPU's dense path, or a backend whose choice
-    `kernels.choose_implementation` makes from dtype and bias / mask too).
-  """
-  backend = backend or jax.default_backend()
-  if backend != "cpu" or q_len * kv_len < kernels.CPU_CHUNKED_MIN_SCORES:
-    return None
-  return kernels.cpu_chunk_size(batch, heads, q_len, kv_len)
-
-
 def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
                    mask: Array | None = None,
                    chunk_size: IntOrSeq | None = None,
@@ -191,8 +171,7 @@ def full_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
                        "or mask; use 'chunked', 'xla' or 'cudnn'")
     return kernels.pallas_gpu_attention(q, k, v, interpret=backend != "gpu")
   if chunk_size is None:
-    chunk_size = (kernels.cpu_chunk_size(b, h, n, m) if backend == "cpu"
-                  else kernels.chunk_size_for(backend, b * h))
+    chunk_size = kernels.default_blocks(backend, b, h, n, m)
   q_chunk, k_chunk = ((chunk_size, chunk_size) if isinstance(chunk_size, int)
                       else tuple(chunk_size))
   if q_chunk < 1 or k_chunk < 1:

@@ -105,14 +105,17 @@ def _pow2_block(batch_heads: int, budget: int, lo: int, hi: int) -> int:
   return int(min(hi, max(lo, 2 ** round(math.log2(side)))))
 
 
-def chunk_size_for(backend: str, batch_heads: int) -> int:
-  """The chunked form's default square block on an accelerator ('gpu' / 'tpu').
+def default_blocks(backend: str, batch: int, heads: int, q_len: int,
+                   kv_len: int) -> tuple[int, int]:
+  """The chunked form's default `(query_block, key_block)` on `backend`.
 
-  A power of two in [128, 2048] with ~2^24 scores per block over all of
-  batch * heads. (On CPU the blocks are not square: `cpu_chunk_size`.)
+  CPU: `cpu_chunk_size`. GPU / TPU: a square power of two in [128, 2048]
+  with ~2^24 scores per block over all of batch * heads.
   """
-  del backend  # every accelerator uses the same rule
-  return _pow2_block(batch_heads, ACCEL_BLOCK_SCORES, 128, 2048)
+  if backend == "cpu":
+    return cpu_chunk_size(batch, heads, q_len, kv_len)
+  block = _pow2_block(batch * heads, ACCEL_BLOCK_SCORES, 128, 2048)
+  return block, block
 
 
 def _pow2_at_most(x: float, lo: int, hi: int) -> int:
@@ -193,11 +196,11 @@ def choose_implementation(backend: str, dtype, q_shape: tuple[int, ...],
   if backend in ("gpu", "tpu"):
     if b * h * n * m <= ACCEL_DENSE_MAX_SCORES:
       return Choice("xla", reason="dense scores fit (<= 2^28)")
-    block = chunk_size_for(backend, b * h)
-    return Choice("chunked", (block, block), reason="dense scores > 2^28")
+    return Choice("chunked", default_blocks(backend, b, h, n, m),
+                  reason="dense scores > 2^28")
   if n * m < CPU_CHUNKED_MIN_SCORES:
     return Choice("xla", reason="CPU, < 512^2 scores")
-  return Choice("chunked", cpu_chunk_size(b, h, n, m), reason="CPU, >= 512^2 scores")
+  return Choice("chunked", default_blocks("cpu", b, h, n, m), reason="CPU, >= 512^2 scores")
 
 
 # ---------------------------------------------------------------------------
