@@ -220,7 +220,8 @@ def test_largest_batch_of_the_quick_gan_fits_the_budget():
   config.train_step.gan = phantom_gan.get_config("quick")
   config.train_step.batch_multiple = 4
   config.train_step.max_batch = 64
-  four, eight = (train_step.step_bytes(config.train_step.gan, b) for b in (4, 8))
+  step_bytes = train_step.step_bytes_fn(config.train_step.gan)
+  four, eight = step_bytes(4), step_bytes(8)
   assert eight > four
   config.memory_budget_gb = (four + 3 * (eight - four)) / 2 ** 30  # room for about batch 16
   out = attention_suite.measure_largest_batch(config, matmul_rate=100.0)

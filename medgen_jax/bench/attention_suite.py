@@ -176,7 +176,7 @@ def measure_largest_batch(config, matmul_rate: float) -> dict[str, Any]:
   `train_step.batch_multiple`, <= `train_step.max_batch`) that fits."""
   gan = config.train_step.gan
   size = train_step.largest_batch(
-      lambda b: train_step.step_bytes(gan, b), memory_budget_bytes(config),
+      train_step.step_bytes_fn(gan), memory_budget_bytes(config),
       start=int(gan.train.batch_size), multiple=config.train_step.batch_multiple,
       cap=config.train_step.max_batch)
   big = gan.copy_and_resolve_references()

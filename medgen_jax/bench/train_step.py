@@ -43,7 +43,7 @@ def synthetic_batch(info: DatasetInfo, batch_size: int, seed: int = 0) -> dict[s
 
 
 def _step_parts(gan_config):
-  """(models, state, info) of `gan_config`'s GAN, initialised on the default device."""
+  """(models, init function, info) of `gan_config`'s GAN."""
   info = phantom_info(gan_config.data)
   generator = models_lib.build_generator(gan_config.model, info)
   discriminator = models_lib.build_discriminator(gan_config.model, info)
@@ -53,21 +53,26 @@ def _step_parts(gan_config):
   models = state_lib.make_models(generator, discriminator, gan_config, teacher=teacher)
   init = state_lib.make_init_fn(models, info, latent_dim=gan_config.model.latent_dim,
                                 seed=gan_config.train.seed)
-  return models, jax.jit(init)(), info
+  return models, init, info
 
 
-def step_bytes(gan_config, batch_size: int) -> int:
-  """XLA's peak bytes (arguments + outputs + temporaries) of one R1 step at `batch_size`.
+def step_bytes_fn(gan_config) -> Callable[[int], int]:
+  """batch size -> XLA's peak bytes (arguments + outputs + temporaries) of one R1 step.
 
   The R1 step (double backward through D) is the larger of the two
-  executables, so it decides what fits. Compiles, does not run.
+  executables, so it decides what fits. The models are built once; each
+  call compiles the step for abstract state and batch, allocating nothing.
   """
-  models, state, info = _step_parts(gan_config)
+  models, init, info = _step_parts(gan_config)
+  state = jax.eval_shape(init)
   step = functools.partial(step_lib.train_step, models=models, config=gan_config,
                            with_r1=gan_config.loss.r1_gamma > 0)
-  abstract = jax.eval_shape(lambda: synthetic_batch(info, batch_size))
-  compiled, _ = timing.compile_fn(step, (state, abstract))
-  return int(timing.xla_peak_bytes(compiled))
+
+  def step_bytes(batch_size: int) -> int:
+    batch = jax.eval_shape(lambda: synthetic_batch(info, batch_size))
+    compiled, _ = timing.compile_fn(step, (state, batch))
+    return int(timing.xla_peak_bytes(compiled))
+  return step_bytes
 
 
 def largest_batch(bytes_at: Callable[[int], int], budget_bytes: float, *, start: int,
@@ -80,7 +85,7 @@ def largest_batch(bytes_at: Callable[[int], int], budget_bytes: float, *, start:
   candidate shrinks in proportion to the overshoot (at most `tries` checks).
 
   Args:
-    bytes_at: batch size -> peak bytes of the step (e.g. `step_bytes`).
+    bytes_at: batch size -> peak bytes of the step (e.g. `step_bytes_fn(config)`).
     budget_bytes: the memory the step may use.
     start: a batch size that is known to be valid (e.g. the config's).
     multiple: candidates are multiples of this.
@@ -126,7 +131,8 @@ def measure_train_step(gan_config, *, warmup: int, repeats: int,
     (fraction of `matmul_gflops_per_s`), images_per_s, peak_bytes (the larger
     executable), batch_size and the model description.
   """
-  models, state, info = _step_parts(gan_config)
+  models, init, info = _step_parts(gan_config)
+  state = jax.jit(init)()
   batch = synthetic_batch(info, gan_config.train.batch_size)
   every = int(gan_config.loss.r1_every) if gan_config.loss.r1_gamma > 0 else 0
   measured = {}
