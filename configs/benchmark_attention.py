@@ -6,7 +6,10 @@
 
 `gpu` (any accelerator): bf16, 8 heads x 64, batch x tokens = 65,536, grids up
 to 256^2 = 65,536 tokens in 2D and 32^3 in 3D, plus the `cudnn` (GPU) and
-`pallas` (GPU: Triton, TPU: Pallas TPU flash) rows; every row also reports
+`pallas` (GPU: Triton, TPU: Pallas TPU flash) rows, and axial / window
+attention with the kernel forced (`axial_xla`, `window_xla`: the dense einsum
+path beside the default fused kernel; `window_shifted_cudnn`: cuDNN with the
+Swin mask beside the default dense path); every row also reports
 `fraction_of_matmul`, its rate over a bf16 matmul measured in the same run;
 the training step of `phantom_gan.py:gpu` is timed at batch 16 and at the
 largest batch that fits the device (`train_step.largest_batch`).
@@ -52,7 +55,8 @@ def get_config(arg=None):
   variants, _ = common.parse_variants(arg, config="benchmark_attention",
                                       flags=("quick", "gpu"))
   if "gpu" in variants:
-    config.variants = config.variants + ("cudnn", "pallas")
+    config.variants = config.variants + ("cudnn", "pallas", "axial_xla", "window_xla",
+                                         "window_shifted_cudnn")
     config.grids = ((64, 64), (128, 128), (256, 256), (16, 16, 16), (32, 32, 32))
     config.batch_size = 16
     config.max_batch_tokens = 65536

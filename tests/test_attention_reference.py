@@ -4,6 +4,7 @@ The masks here are built by looping over token coordinates and stating, from
 the definition, which keys each query may see; they share no code with the
 library (no reshapes into windows, no rolls).
 """
+import functools
 import itertools
 import math
 
@@ -105,11 +106,12 @@ def test_full_attention_over_flattened_grid(spatial=(2, 4, 3)):
   assert_values_and_grads(fn, ref, (q, k, v))
 
 
+@pytest.mark.parametrize("implementation", [None, "chunked"])
 @pytest.mark.parametrize("spatial", SPATIAL)
-def test_axial_attention_each_axis(spatial):
+def test_axial_attention_each_axis(spatial, implementation):
   q, k, v, _ = random_qkv((2,) + spatial + (2, 4), seed=1)
   for axis in range(len(spatial)):
-    fn = lambda q, k, v: axial_attention(q, k, v, axis=axis)
+    fn = lambda q, k, v: axial_attention(q, k, v, axis=axis, implementation=implementation)
     ref = lambda q, k, v: dense_reference(q, k, v, axial_mask(spatial, axis))
     assert_values_and_grads(fn, ref, (q, k, v))
   # Negative axes count from the last spatial axis.
@@ -133,18 +135,21 @@ WINDOW_CASES = [  # spatial, window, shift, with_bias
 ]
 
 
+@pytest.mark.parametrize("implementation", [None, "chunked"])
 @pytest.mark.parametrize("spatial,window,shift,with_bias", WINDOW_CASES)
-def test_window_attention_matches_brute_force(spatial, window, shift, with_bias):
+def test_window_attention_matches_brute_force(spatial, window, shift, with_bias,
+                                              implementation):
   q, k, v, _ = random_qkv((2,) + spatial + (2, 4), seed=3)
   allowed, local = window_mask_and_local(spatial, window, shift)
   t = math.prod(window)
+  attend = functools.partial(window_attention, window_size=window, shift=shift,
+                             implementation=implementation)
   if not with_bias:
-    fn = lambda q, k, v: window_attention(q, k, v, window_size=window, shift=shift)
     ref = lambda q, k, v: dense_reference(q, k, v, allowed)
-    assert_values_and_grads(fn, ref, (q, k, v))
+    assert_values_and_grads(attend, ref, (q, k, v))
     return
   bias = jax.random.normal(jax.random.PRNGKey(7), (2, t, t))
-  fn = lambda q, k, v, b: window_attention(q, k, v, window_size=window, shift=shift, bias=b)
+  fn = lambda q, k, v, b: attend(q, k, v, bias=b)
   ref = lambda q, k, v, b: dense_reference(q, k, v, allowed, b[:, local][:, :, local])
   assert_values_and_grads(fn, ref, (q, k, v, bias))
 
@@ -184,3 +189,17 @@ def test_full_attention_cross_with_bias_and_mask():
   for chunk in (None, 3):
     fn = lambda q, k, v, b: full_attention(q, k, v, bias=b, mask=allowed, chunk_size=chunk)
     assert_values_and_grads(fn, ref, (q, k, v, bias))
+
+
+def test_restricted_attention_forwards_the_forced_kernel():
+  # The forced implementation reaches full_attention: cuDNN does not exist on
+  # CPU, so forcing it must fail rather than quietly run the default.
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU's refusal of cuDNN")
+  q, k, v, _ = random_qkv((1, 4, 4, 2, 8), dtype=jnp.bfloat16)
+  with pytest.raises(Exception):
+    jax.block_until_ready(axial_attention(q, k, v, axis=0, implementation="cudnn"))
+  with pytest.raises(Exception):
+    jax.block_until_ready(window_attention(q, k, v, window_size=2, implementation="cudnn"))
+  with pytest.raises(ValueError, match="implementation must be"):
+    window_attention(q, k, v, window_size=2, implementation="flash")

@@ -26,7 +26,7 @@ def test_variant_core_matches_library(name):
   grid = (8, 8)
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q, k, v = (jax.random.normal(key, (1, *grid, 2, 8)) for key in keys)
-  if name in ("cudnn", "pallas") and jax.default_backend() == "cpu":
+  if name in ("cudnn", "pallas", "window_shifted_cudnn") and jax.default_backend() == "cpu":
     # Fused-kernel rows exist only where the backend has the kernel.
     with pytest.raises(ValueError, match="runs on"):
       attention_suite.variant_fn(name, grid, window_size=4, chunk_size=16)
@@ -35,12 +35,12 @@ def test_variant_core_matches_library(name):
   flat = lambda x: x.reshape(1, -1, 2, 8)
   if name in ("full", "full_chunked", "xla_baseline", "cudnn", "pallas"):
     ref = jax.nn.dot_product_attention(flat(q), flat(k), flat(v)).reshape(q.shape)
-  elif name == "axial":
+  elif name.startswith("axial"):
     ref = attention.axial_attention(attention.axial_attention(q, k, v, axis=0),
                                     k, v, axis=1)
   else:
     ref = attention.window_attention(q, k, v, window_size=4,
-                                     shift=2 if name == "window_shifted" else 0)
+                                     shift=2 if name.startswith("window_shifted") else 0)
   np.testing.assert_allclose(core(q, k, v), ref, atol=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_quick_benchmark_writes_results(tmp_path):
 def test_gpu_config_and_its_quick_cpu_analogue(tmp_path):
   gpu = bench_config.get_config("gpu")
   assert gpu.dtype == "bfloat16" and (gpu.num_heads, gpu.head_dim) == (8, 64)
-  assert {"cudnn", "pallas"} <= set(gpu.variants)
+  assert {"cudnn", "pallas"} | set(attention_suite.FORCED) <= set(gpu.variants)
   assert max(math.prod(g) for g in gpu.grids if len(g) == 2) == 65536
   assert (32, 32, 32) in [tuple(g) for g in gpu.grids]
   assert gpu.train_step.gan.model.dtype == "bfloat16"
@@ -81,17 +81,21 @@ def test_gpu_config_and_its_quick_cpu_analogue(tmp_path):
   # a same-run bf16 matmul; the fused-kernel rows say why they did not run.
   config = bench_config.get_config("gpu,quick")
   config.grids = ((8, 8),)
-  config.variants = ("full", "xla_baseline", "cudnn", "pallas")
+  config.variants = ("full", "xla_baseline", "window", "window_xla", "cudnn", "pallas",
+                     "window_shifted_cudnn")
   results = attention_suite.run_benchmark(config, str(tmp_path))
   assert results["matmul_dtype"] == "bfloat16"
   assert results["matmul_gflops_per_s_row_dtype"] > 0
   by_name = {r["variant"]: r for r in results["rows"]}
-  for name in ("full", "xla_baseline"):
+  for name in ("full", "xla_baseline", "window", "window_xla"):
     row = by_name[name]
     assert row["status"] == "ok", row
     assert row["fraction_of_matmul"] == pytest.approx(
         row["gflops_per_s"] / results["matmul_gflops_per_s_row_dtype"], rel=1e-2)
-  for name in ("cudnn", "pallas"):
+  # A forced kernel is credited with the FLOPs of the same math, whatever runs.
+  assert by_name["window"]["flops"] == by_name["window_xla"]["flops"] > 0
+  assert by_name["full"]["flops"] == by_name["xla_baseline"]["flops"] > 0
+  for name in ("cudnn", "pallas", "window_shifted_cudnn"):
     assert by_name[name]["status"] == "unsupported"
     assert "runs on" in by_name[name]["reason"]
 

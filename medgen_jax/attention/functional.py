@@ -221,15 +221,22 @@ def _num_spatial(q: Array, name: str) -> int:
 
 
 def axial_attention(q: Array, k: Array, v: Array, *, axis: int,
-                    chunk_size: IntOrSeq | None = None) -> Array:
+                    chunk_size: IntOrSeq | None = None,
+                    implementation: str | None = None) -> Array:
   """Attention along one spatial axis; every other position is independent.
+
+  Every line along `axis` becomes one sequence of a `full_attention` call
+  (lines folded into the batch), so the kernel is `full_attention`'s choice
+  (`kernels.choose_implementation`): e.g. cuDNN flash attention on GPU for
+  bf16/fp16, XLA's dense attention for lines shorter than 512 on CPU.
 
   Args:
     q, k, v: `[batch, *spatial, heads, head_dim]` with 2 or 3 spatial dims
       (k/v may differ from q in length along `axis` only).
     axis: spatial axis to attend along (0 = first spatial axis, i.e. array
       axis 1; negative counts from the last spatial axis).
-    chunk_size: forwarded to `full_attention`.
+    chunk_size, implementation: forwarded to `full_attention` (None: its
+      default choice).
 
   Returns:
     Same shape and dtype as q.
@@ -249,7 +256,7 @@ def axial_attention(q: Array, k: Array, v: Array, *, axis: int,
   if ql.shape[0] != kl.shape[0]:
     raise ValueError(f"axial_attention: q {q.shape} and k {k.shape} may differ only along "
                      f"spatial axis {axis}")
-  out = full_attention(ql, kl, vl, chunk_size=chunk_size)
+  out = full_attention(ql, kl, vl, chunk_size=chunk_size, implementation=implementation)
   return jnp.moveaxis(out.reshape(q_moved), -3, ax)
 
 
@@ -311,8 +318,16 @@ def shifted_window_mask(spatial: Sequence[int], window: Sequence[int],
 
 
 def window_attention(q: Array, k: Array, v: Array, *, window_size: IntOrSeq,
-                     shift: IntOrSeq = 0, bias: Array | None = None) -> Array:
+                     shift: IntOrSeq = 0, bias: Array | None = None,
+                     implementation: str | None = None) -> Array:
   """Swin-style attention inside non-overlapping windows, optionally shifted.
+
+  The windows become the sequences of one `full_attention` call (windows
+  folded into the batch), so the kernel is `full_attention`'s choice
+  (`kernels.choose_implementation`): without bias and shift (no mask) e.g.
+  cuDNN flash attention on GPU for bf16/fp16; with the relative position bias
+  or the Swin mask XLA's dense attention (windows are short, so the scores
+  stay small).
 
   Args:
     q, k, v: `[batch, H, W, heads, head_dim]` or `[batch, D, H, W, heads, head_dim]`.
@@ -323,6 +338,7 @@ def window_attention(q: Array, k: Array, v: Array, *, window_size: IntOrSeq,
       result is rolled back.
     bias: `[heads, T, T]` with T = prod(window) (e.g. `RelativePositionBias`),
       added to every window's logits.
+    implementation: forwarded to `full_attention` (None: its default choice).
 
   Returns:
     Same shape and dtype as q.
@@ -356,7 +372,8 @@ def window_attention(q: Array, k: Array, v: Array, *, window_size: IntOrSeq,
   if shifted:
     region = shifted_window_mask(spatial, window, shifts)  # [nW, T, T]
     mask = jnp.asarray(np.tile(region, (q.shape[0], 1, 1))[:, None])
-  out = full_attention(qw, kw, vw, bias=None if bias is None else bias[None], mask=mask)
+  out = full_attention(qw, kw, vw, bias=None if bias is None else bias[None], mask=mask,
+                       implementation=implementation)
   out = window_reverse(out, window, spatial)
   if shifted:
     out = jnp.roll(out, list(shifts), axis=axes)

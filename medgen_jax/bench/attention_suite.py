@@ -27,12 +27,20 @@ from medgen_jax.bench import timing
 from medgen_jax.bench import torch_swin
 from medgen_jax.bench import train_step
 
+# The restricted variants with their kernel forced: on an accelerator
+# `full_attention`'s default for windows and axial lines is a fused kernel
+# where one applies (cuDNN for bf16 without bias or mask), so these rows
+# time the alternative at the same sizes: the dense einsum path ('xla'), and
+# cuDNN taking the Swin mask (folded into a bf16 bias).
+FORCED = {"axial_xla": ("axial", "xla"), "window_xla": ("window", "xla"),
+          "window_shifted_cudnn": ("window_shifted", "cudnn")}
 VARIANTS = ("full", "full_chunked", "xla_baseline", "axial", "window",
-            "window_shifted", "cudnn", "pallas")
+            "window_shifted", "cudnn", "pallas") + tuple(FORCED)
 # Fused kernels that only exist on some backends: elsewhere their rows are
 # reported as 'unsupported' (never run in an interpreter, which would time
 # the interpreter).
-_KERNEL_BACKENDS = {"cudnn": ("gpu",), "pallas": ("gpu", "tpu")}
+_KERNEL_BACKENDS = {"cudnn": ("gpu",), "pallas": ("gpu", "tpu"),
+                    "window_shifted_cudnn": ("gpu",)}
 
 
 def _flat(x):
@@ -43,6 +51,10 @@ def _flat(x):
 def variant_fn(name: str, grid: tuple[int, ...], *, window_size: int,
                chunk_size: int | None) -> Callable[..., jax.Array]:
   """The attention core of variant `name` as f(q, k, v) -> out, same layout."""
+  backend = jax.default_backend()
+  if backend not in _KERNEL_BACKENDS.get(name, (backend,)):
+    raise ValueError(f"variant {name!r} runs on {_KERNEL_BACKENDS[name]} only; "
+                     f"this backend is {backend!r}")
   if name == "full":  # the library default: chunked on CPU above 512^2 scores
     return lambda q, k, v: attention.full_attention(
         _flat(q), _flat(k), _flat(v)).reshape(q.shape)
@@ -53,32 +65,49 @@ def variant_fn(name: str, grid: tuple[int, ...], *, window_size: int,
   if name == "xla_baseline":
     return lambda q, k, v: jax.nn.dot_product_attention(
         _flat(q), _flat(k), _flat(v)).reshape(q.shape)
-  if name in _KERNEL_BACKENDS:
-    backend = jax.default_backend()
-    if backend not in _KERNEL_BACKENDS[name]:
-      raise ValueError(f"variant {name!r} runs on {_KERNEL_BACKENDS[name]} only; "
-                       f"this backend is {backend!r}")
+  if name in ("cudnn", "pallas"):
     impl = "cudnn" if name == "cudnn" else f"pallas_{backend}"
     return lambda q, k, v: attention.full_attention(
         _flat(q), _flat(k), _flat(v), implementation=impl).reshape(q.shape)
-  if name == "axial":
+  base, implementation = FORCED.get(name, (name, None))
+  if base not in ("axial", "window", "window_shifted"):
+    raise ValueError(f"unknown benchmark variant {name!r}; expected one of {VARIANTS}")
+  return _restricted(base, grid, window_size=window_size, implementation=implementation)
+
+
+def _restricted(base: str, grid: tuple[int, ...], *, window_size: int,
+                implementation: str | None) -> Callable[..., jax.Array]:
+  """Axial or (shifted) window attention over `grid`, `implementation` forced or None."""
+  if base == "axial":
     # An axial layer attends along every spatial axis in turn (rows, columns,
     # and depth in 3D), so it is timed as that whole composition.
     def axial(q, k, v):
       out = q
       for axis in range(len(grid)):
-        out = attention.axial_attention(out, k, v, axis=axis)
+        out = attention.axial_attention(out, k, v, axis=axis,
+                                        implementation=implementation)
       return out
     return axial
   window = tuple(min(window_size, g) for g in grid)
-  if name == "window":
-    return functools.partial(attention.window_attention, window_size=window)
-  if name == "window_shifted":
-    # No shift along an axis the window covers whole (nothing to exchange).
-    shift = attention.half_window_shift(window, grid)
-    return functools.partial(attention.window_attention, window_size=window,
-                             shift=shift)
-  raise ValueError(f"unknown benchmark variant {name!r}; expected one of {VARIANTS}")
+  # No shift along an axis the window covers whole (nothing to exchange).
+  shift = attention.half_window_shift(window, grid) if base == "window_shifted" else 0
+  return functools.partial(attention.window_attention, window_size=window, shift=shift,
+                           implementation=implementation)
+
+
+def dense_equivalent(name: str, grid: tuple[int, ...], *,
+                     window_size: int) -> Callable[..., jax.Array]:
+  """The same math as variant `name` with XLA's dense attention, to count FLOPs.
+
+  XLA counts a while loop's body once (the blocked form) and a fused kernel's
+  custom call not at all (cuDNN, Pallas: on accelerators the default for
+  windows and axial lines too), so each row is credited with the FLOPs of
+  its loop-free dense form.
+  """
+  if name in ("full", "full_chunked", "xla_baseline", "cudnn", "pallas"):
+    return variant_fn("xla_baseline", grid, window_size=window_size, chunk_size=None)
+  return _restricted(FORCED.get(name, (name, None))[0], grid, window_size=window_size,
+                     implementation="xla")
 
 
 def fwd_bwd(core: Callable[..., jax.Array]) -> Callable[..., Any]:
@@ -114,15 +143,11 @@ def run_row(name: str, grid: tuple[int, ...], config,
   except ValueError as e:  # e.g. a window that does not divide the grid
     return {**row, "status": "unsupported", "reason": str(e)}
   peak = timing.xla_peak_bytes(compiled)
-  row.update(compile_s=round(compile_s, 3), flops=timing.xla_flops(compiled),
-             peak_bytes=peak)
-  if name in ("full", "full_chunked", "cudnn", "pallas"):
-    # XLA counts a while loop's body once, so the blocked form's own count is
-    # ~nq * nk too small, and a fused kernel's custom call has no count at
-    # all; count the same math in its dense (loop-free) form.
-    dense = jax.jit(fwd_bwd(variant_fn("xla_baseline", grid, window_size=1,
-                                       chunk_size=None))).lower(*args)
-    row.update(flops=timing.xla_flops(dense), flops_source="dense_equivalent")
+  # Every row is credited with XLA's count for the same math in dense form,
+  # whatever kernel runs (see `dense_equivalent`).
+  dense = jax.jit(fwd_bwd(dense_equivalent(name, grid, window_size=config.window_size)))
+  row.update(compile_s=round(compile_s, 3), peak_bytes=peak,
+             flops=timing.xla_flops(dense.lower(*args)), flops_source="dense_equivalent")
   if peak is not None and peak > config.memory_budget_gb * 2**30:
     return {**row, "status": "out_of_memory",
             "reason": f"XLA peak {peak / 2**30:.1f} GiB > budget "
