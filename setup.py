@@ -5,8 +5,7 @@ INSTALL_REQUIRES = [
     # CI and the tests run on jax 0.10.2 (CPU, Python 3.11), the floor: the
     # attention kernels call the Pallas ops' VJP rules, whose signatures are
     # not public API and are pinned by the interpret-mode tests on this
-    # version. jax 0.11 (needs Python >= 3.12) has no known incompatibility,
-    # but the test suite has not run on it.
+    # version. The suite also passes on jax 0.11.2 (CPU, Python 3.12).
     "jax>=0.10.2,<0.12",
     "flax>=0.10,<0.13",
     "optax>=0.2.4,<0.3",
@@ -27,6 +26,10 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "pillow>=10",
     "absl-py>=2.1",
+    # tensorflow-datasets imports it to locate builders defined outside its
+    # own package (ours) without declaring it; on Python 3.11 nibabel pulls it
+    # in, on 3.12 nothing else does and building a dataset fails.
+    "importlib-resources>=5.12",
 ]
 
 setup(

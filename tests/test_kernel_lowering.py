@@ -8,16 +8,31 @@ to PTX, Mosaic to TPU code) or speed; tests/test_accelerator.py runs the
 kernels natively. The numerics are checked in interpret mode by
 tests/test_attention_kernels.py and tests/test_block_kernels.py.
 """
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 from medgen_jax.attention import block_kernels, kernels
 
 # (platform of jax.export, the kernel's custom-call target in the lowered module)
 TARGETS = {"pallas_gpu": ("cuda", "__gpu$xla.gpu.triton"),
            "pallas_tpu": ("tpu", "tpu_custom_call")}
+# Triton lowering needs the GPU's compute capability: from jax 0.11 it reads
+# it from the abstract mesh's device when no GPU is attached.
+TARGET_DEVICE = {"cuda": AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                        platform="gpu")}
+
+
+def _target(platform):
+  device = TARGET_DEVICE.get(platform)
+  if device is None:
+    return contextlib.nullcontext()
+  return use_abstract_mesh(AbstractMesh((1,), ("devices",), axis_types=(AxisType.Auto,),
+                                        abstract_device=device))
 
 
 def kernel_calls(name, fn, *shapes):
@@ -25,9 +40,10 @@ def kernel_calls(name, fn, *shapes):
   platform, target = TARGETS[name]
   # Kernel custom calls carry no serialisation guarantee; lowering is all
   # that is wanted here, so that check is off.
-  exported = export.export(jax.jit(fn), platforms=[platform],
-                           disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
-                               *shapes)
+  with _target(platform):
+    exported = export.export(jax.jit(fn), platforms=[platform],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
+                                 *shapes)
   return exported.mlir_module().count(f"@{target}(")
 
 
