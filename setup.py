@@ -44,6 +44,7 @@ setup(
         # Accelerators: jax's own extras pull the matching jaxlib, CUDA 12
         # plugin (with pip-installed CUDA and cuDNN) or libtpu.
         "cuda12": ["jax[cuda12]>=0.10.2,<0.12"],
+        "cuda13": ["jax[cuda13]>=0.10.2,<0.12"],  # drivers >= 580
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         # PyTorch + timm only for the peer comparison in the attention benchmark.
         "bench": ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0"],
