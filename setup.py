@@ -41,7 +41,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8"],
-        # Accelerators: jax's own extras pull the matching jaxlib, CUDA 12
+        # Accelerators: jax's own extras pull the matching jaxlib, CUDA 12 or 13
         # plugin (with pip-installed CUDA and cuDNN) or libtpu.
         "cuda12": ["jax[cuda12]>=0.10.2,<0.12"],
         "cuda13": ["jax[cuda13]>=0.10.2,<0.12"],  # drivers >= 580
