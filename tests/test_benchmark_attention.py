@@ -49,6 +49,7 @@ def test_quick_benchmark_writes_results(tmp_path):
   config.grids = ((8, 8),)
   results = attention_suite.run_benchmark(config, str(tmp_path))
   saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["complete"] is True
   assert saved["rows"] == json.loads(json.dumps(results["rows"]))
   assert {r["variant"] for r in saved["rows"]} == set(config.variants)
   for row in saved["rows"]:
@@ -232,3 +233,22 @@ def test_largest_batch_of_the_quick_gan_fits_the_budget():
   assert out["batch_size"] > 8 and out["batch_size"] % 4 == 0
   assert out["peak_bytes"] <= config.memory_budget_gb * 2 ** 30
   assert out["images_per_s"] == pytest.approx(out["batch_size"] / (out["step_ms"] * 1e-3), rel=1e-2)
+
+
+def test_results_survive_a_run_cut_short(tmp_path, monkeypatch):
+  # A time limit (a leased accelerator) can stop the run after any row: the
+  # rows measured so far are on disk, marked incomplete.
+  config = bench_config.get_config("quick")
+  config.grids = ((8, 8),)
+  config.variants = ("full", "window")
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt("time limit")
+  monkeypatch.setattr(attention_suite, "run_extras", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    attention_suite.run_benchmark(config, str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["complete"] is False
+  assert [r["variant"] for r in saved["rows"]] == ["full", "window"]
+  assert all(r["status"] == "ok" for r in saved["rows"])
+  assert not (tmp_path / "results.json.tmp").exists()

@@ -295,16 +295,29 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def _write_json(results: dict[str, Any], path: str) -> None:
+  """Writes `results` to `path` atomically (a killed run leaves the last whole file)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
 def run_benchmark(config, workdir: str) -> dict[str, Any]:
-  """Runs every (variant, grid) of `config`; writes results.json and plots."""
+  """Runs every (variant, grid) of `config`; writes results.json and plots.
+
+  results.json is rewritten after every row and again after the training
+  step and Swin extras, with `complete` False until the end, so a run cut
+  short by a time limit (e.g. a leased accelerator) keeps what it measured.
+  """
   os.makedirs(workdir, exist_ok=True)
   unknown = sorted(set(config.variants) - set(VARIANTS))
   if unknown:
     raise ValueError(f"unknown benchmark variants {unknown}; expected a subset "
                      f"of {list(VARIANTS)}")
   grids = [tuple(g) for g in config.grids]
+  path = os.path.join(workdir, "results.json")
   results: dict[str, Any] = dict(machine=machine_description(),
-                                 config=config.to_dict())
+                                 config=config.to_dict(), complete=False, rows=[])
   results["matmul_gflops_per_s"] = round(
       timing.matmul_gflops_per_s(config.matmul_size), 2)
   # The roofline the rows are a fraction of: a matmul in the rows' own dtype
@@ -312,15 +325,15 @@ def run_benchmark(config, workdir: str) -> dict[str, Any]:
   results["matmul_dtype"] = str(jnp.dtype(config.dtype))
   results["matmul_gflops_per_s_row_dtype"] = round(
       timing.matmul_gflops_per_s(config.matmul_size, dtype=jnp.dtype(config.dtype)), 2)
-  rows = []
+  rows = results["rows"]
   for grid in grids:
     for name in config.variants:
       rows.append(run_row(name, grid, config, results["matmul_gflops_per_s_row_dtype"]))
       print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-  results["rows"] = rows
+      _write_json(results, path)
   results.update(run_extras(config, results["matmul_gflops_per_s"]))
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  results["complete"] = True
+  _write_json(results, path)
   plot(rows, os.path.join(workdir, "attention_scaling.png"))
   print(format_table(rows))
   print(f"dense matmul roofline: {results['matmul_gflops_per_s']:.1f} GFLOP/s")
