@@ -60,9 +60,15 @@ FULL_ATTENTION = {
 
 
 @pytest.mark.parametrize("name", sorted(FULL_ATTENTION))
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_full_attention_kernels_lower_forward_and_backward(name, dtype):
-  q = jax.ShapeDtypeStruct((2, 1024, 8, 64), jnp.dtype(dtype))
+@pytest.mark.parametrize("dtype,shape", [
+    ("bfloat16", (2, 1024, 8, 64)),
+    ("float32", (2, 1024, 8, 64)),
+    # The largest rows of the `:gpu` benchmark: 256^2 and 32^3 tokens.
+    ("bfloat16", (1, 65536, 8, 64)),
+    ("bfloat16", (2, 32768, 8, 64)),
+])
+def test_full_attention_kernels_lower_forward_and_backward(name, dtype, shape):
+  q = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
   forward, grad = fwd_and_grad(FULL_ATTENTION[name])
   n_forward = kernel_calls(name, forward, q, q, q)
   assert n_forward >= 1
