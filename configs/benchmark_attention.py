@@ -39,6 +39,9 @@ def get_config(arg=None):
   config.seed = 0
   config.matmul_size = 2048
   config.memory_budget_gb = 12.0  # rows above this XLA peak are reported as out_of_memory
+  # Rows that would start after this many seconds are reported 'skipped'
+  # (None: no limit); the training step and Swin rows run either way.
+  config.rows_time_budget_s = ml_collections.config_dict.placeholder(float)
   # MFU of one jitted training step (G + D) of the GAN config `gan`: the
   # default configs/phantom_gan.py, overridable field by field
   # (--config.train_step.gan.model.attention=axial).

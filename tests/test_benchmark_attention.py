@@ -252,3 +252,15 @@ def test_results_survive_a_run_cut_short(tmp_path, monkeypatch):
   assert [r["variant"] for r in saved["rows"]] == ["full", "window"]
   assert all(r["status"] == "ok" for r in saved["rows"])
   assert not (tmp_path / "results.json.tmp").exists()
+
+
+def test_rows_past_the_time_budget_are_skipped_and_extras_still_run(tmp_path):
+  config = bench_config.get_config("quick")
+  config.grids = ((8, 8), (16, 16))
+  config.variants = ("full",)
+  config.rows_time_budget_s = 0.0  # spent before the first row starts
+  results = attention_suite.run_benchmark(config, str(tmp_path))
+  assert [r["status"] for r in results["rows"]] == ["skipped", "skipped"]
+  assert "rows_time_budget_s" in results["rows"][0]["reason"]
+  assert results["rows"][1]["tokens"] == 256
+  assert results["complete"] and results["swin_block_ms"] > 0

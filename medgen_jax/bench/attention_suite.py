@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import time
 from typing import Any, Callable
 
 import jax
@@ -308,6 +309,8 @@ def run_benchmark(config, workdir: str) -> dict[str, Any]:
   results.json is rewritten after every row and again after the training
   step and Swin extras, with `complete` False until the end, so a run cut
   short by a time limit (e.g. a leased accelerator) keeps what it measured.
+  With `rows_time_budget_s` set, rows that would start after that many
+  seconds are reported 'skipped' and the extras still run.
   """
   os.makedirs(workdir, exist_ok=True)
   unknown = sorted(set(config.variants) - set(VARIANTS))
@@ -326,9 +329,17 @@ def run_benchmark(config, workdir: str) -> dict[str, Any]:
   results["matmul_gflops_per_s_row_dtype"] = round(
       timing.matmul_gflops_per_s(config.matmul_size, dtype=jnp.dtype(config.dtype)), 2)
   rows = results["rows"]
+  budget = config.get("rows_time_budget_s")
+  start = time.perf_counter()
   for grid in grids:
     for name in config.variants:
-      rows.append(run_row(name, grid, config, results["matmul_gflops_per_s_row_dtype"]))
+      if budget is not None and time.perf_counter() - start > budget:
+        tokens = math.prod(grid)
+        rows.append(dict(variant=name, grid=list(grid), tokens=tokens,
+                         batch=batch_for(tokens, config), status="skipped",
+                         reason=f"rows_time_budget_s={budget} spent"))
+      else:
+        rows.append(run_row(name, grid, config, results["matmul_gflops_per_s_row_dtype"]))
       print(format_table(rows[-1:]).splitlines()[-1], flush=True)
       _write_json(results, path)
   results.update(run_extras(config, results["matmul_gflops_per_s"]))
