@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medgen_jax.attention import block_kernels, full_attention, kernels, window_attention
+from medgen_jax.attention import full_attention, kernels, window_attention
 from medgen_jax.attention import sequence_parallel as sp
 from test_attention_reference import dense_reference, window_mask_and_local
+from test_block_kernels import merged_halves
 from test_sequence_parallel import _one_device_mesh
 
 BACKEND = jax.default_backend()
@@ -38,14 +39,10 @@ BF16_REL = 2e-2   # relative error of bf16 inputs / kernels against float32
 F32_REL = 5e-3    # float32 through kernels that may use TF32 / bf16 passes
 
 
-def reference(q, k, v, bias=None, mask=None):
+def reference(q, k, v):
   """float32 softmax attention, `[B, N, h, d]` -> `[B, N, h, d]`."""
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   s = jnp.einsum("bnhd,bmhd->bhnm", q, k, precision="highest") / math.sqrt(q.shape[-1])
-  if bias is not None:
-    s = s + bias.astype(jnp.float32)
-  if mask is not None:
-    s = jnp.where(mask, s, -jnp.inf)
   return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, -1), v, precision="highest")
 
 
@@ -121,23 +118,11 @@ def test_block_kernel_lse_merge_natively():
   # equal attention over both (test_block_kernels.py does this interpreted).
   name = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}[BACKEND]
   q, k, v, dout = qkv((2, 256, 2, 64), jnp.float32, seed=3)
-  axis = block_kernels.TOKEN_AXIS[name]
-  to = (lambda x: x) if axis == 1 else (lambda x: x.transpose(0, 2, 1, 3))
-  qk, kk, vk = map(to, (q, k, v))
-  half = lambda x, i: jax.lax.slice_in_dim(x, 128 * i, 128 * (i + 1), axis=axis)
-  parts = [block_kernels.forward(name, qk, half(kk, i), half(vk, i), interpret=False)
-           for i in range(2)]
-  lse = jnp.logaddexp(parts[0][1], parts[1][1])
-  out = sum(o * to(jnp.exp(l - lse).transpose(0, 2, 1)[..., None]) for o, l in parts)
-  assert rel_err(to(out), reference(q, k, v)) < F32_REL
-  grads = [block_kernels.backward(name, qk, half(kk, i), half(vk, i), out, lse, to(dout),
-                                  interpret=False) for i in range(2)]
+  out, _, _, dq, dk, dv = merged_halves(name, q, k, v, dout, interpret=False)
+  assert rel_err(out, reference(q, k, v)) < F32_REL
   _, vjp = jax.vjp(reference, q, k, v)
-  ref_dq, ref_dk, ref_dv = vjp(dout)
-  join = lambda a, b: to(jnp.concatenate([a, b], axis=axis))
-  assert rel_err(to(grads[0][0] + grads[1][0]), ref_dq) < F32_REL
-  assert rel_err(join(grads[0][1], grads[1][1]), ref_dk) < F32_REL
-  assert rel_err(join(grads[0][2], grads[1][2]), ref_dv) < F32_REL
+  for which, got, want in zip("qkv", (dq, dk, dv), vjp(dout)):
+    assert rel_err(got, want) < F32_REL, which
 
 
 def test_sequence_parallel_ring_picks_and_runs_the_kernel():

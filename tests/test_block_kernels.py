@@ -34,36 +34,51 @@ def _inputs():
   return q, k, v, dout
 
 
+def merged_halves(name, q, k, v, dout, *, interpret):
+  """k/v split in two key blocks, each through `name`'s kernel, merged as the ring does.
+
+  The forward outputs merge by their log-sum-exps; each block's backward gets
+  the merged (global) output and log-sum-exp, its dq shares add up and its
+  dk / dv are that block's rows. All in the library layout `[B, N, h, d]`.
+
+  Returns:
+    (out, lse, lse of the first block alone, dq, dk, dv).
+  """
+  # The kernel's layout: tokens at axis 1 (GPU) or 2 (TPU, heads first).
+  axis = block_kernels.TOKEN_AXIS[name]
+  to = (lambda x: x) if axis == 1 else (lambda x: x.transpose(0, 2, 1, 3))
+  qk, kk, vk, dk_out = map(to, (q, k, v, dout))
+  m = k.shape[1] // 2
+  halves = lambda x: (jax.lax.slice_in_dim(x, 0, m, axis=axis),
+                      jax.lax.slice_in_dim(x, m, 2 * m, axis=axis))
+  blocks = list(zip(halves(kk), halves(vk)))
+
+  parts = [block_kernels.forward(name, qk, kb, vb, interpret=interpret) for kb, vb in blocks]
+  lse = jnp.logaddexp(parts[0][1], parts[1][1])
+  weight = lambda l: to(jnp.exp(l - lse).transpose(0, 2, 1)[..., None])
+  out = sum(o * weight(l) for o, l in parts)
+
+  grads = [block_kernels.backward(name, qk, kb, vb, out, lse, dk_out, interpret=interpret)
+           for kb, vb in blocks]
+  join = lambda a, b: to(jnp.concatenate([a, b], axis=axis))
+  return (to(out), lse, parts[0][1], to(grads[0][0] + grads[1][0]),
+          join(grads[0][1], grads[1][1]), join(grads[0][2], grads[1][2]))
+
+
 @pytest.mark.parametrize("name", block_kernels.BLOCK_KERNELS)
 def test_two_blocks_merged_by_lse_equal_dense_attention(name):
   q, k, v, dout = _inputs()
   (ref_out, ref_lse), vjp = jax.vjp(lambda *a: dense(*a), q, k, v)
   ref_dq, ref_dk, ref_dv = vjp((dout, jnp.zeros_like(ref_lse)))
 
-  # The kernel's layout: tokens at axis 1 (GPU) or 2 (TPU, heads first).
-  axis = block_kernels.TOKEN_AXIS[name]
-  to = (lambda x: x) if axis == 1 else (lambda x: x.transpose(0, 2, 1, 3))
-  qk, kk, vk, dk_out = map(to, (q, k, v, dout))
-  halves = lambda x: (jax.lax.slice_in_dim(x, 0, N, axis=axis),
-                      jax.lax.slice_in_dim(x, N, 2 * N, axis=axis))
-  blocks = list(zip(halves(kk), halves(vk)))
-
-  parts = [block_kernels.forward(name, qk, kb, vb, interpret=True) for kb, vb in blocks]
-  lse = jnp.logaddexp(parts[0][1], parts[1][1])
-  weight = lambda l: to(jnp.exp(l - lse).transpose(0, 2, 1)[..., None])
-  out = sum(o * weight(l) for o, l in parts)
-  np.testing.assert_allclose(to(out), ref_out, rtol=2e-5, atol=2e-5)
+  out, lse, first_lse, dq, dk, dv = merged_halves(name, q, k, v, dout, interpret=True)
+  np.testing.assert_allclose(out, ref_out, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
   # One block alone: its own lse is that block's logsumexp.
-  np.testing.assert_allclose(parts[0][1], dense(q, k[:, :N], v[:, :N])[1], rtol=1e-5, atol=1e-5)
-
-  grads = [block_kernels.backward(name, qk, kb, vb, out, lse, dk_out, interpret=True)
-           for kb, vb in blocks]
-  dq = grads[0][0] + grads[1][0]
-  join = lambda a, b: jnp.concatenate([a, b], axis=axis)
-  np.testing.assert_allclose(to(dq), ref_dq, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(to(join(grads[0][1], grads[1][1])), ref_dk, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(to(join(grads[0][2], grads[1][2])), ref_dv, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(first_lse, dense(q, k[:, :N], v[:, :N])[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dq, ref_dq, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dk, ref_dk, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dv, ref_dv, rtol=1e-4, atol=1e-4)
 
 
 def test_supports_and_unknown_names():
