@@ -169,6 +169,11 @@ def pallas_tpu_supports(q_len: int, kv_len: int, head_dim: int) -> bool:
           and (head_dim <= TPU_MIN_BLOCK or head_dim % TPU_MIN_BLOCK == 0))
 
 
+def canonical_backend(backend: str) -> str:
+  """A jax platform name as this module's backend: 'cuda' and 'rocm' are 'gpu'."""
+  return {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
+
+
 def choose_implementation(backend: str, dtype, q_shape: tuple[int, ...],
                           kv_shape: tuple[int, ...], *, has_bias: bool,
                           has_mask: bool) -> Choice:
@@ -185,7 +190,7 @@ def choose_implementation(backend: str, dtype, q_shape: tuple[int, ...],
   Returns:
     A `Choice`; for 'chunked' with its `(query_block, key_block)`.
   """
-  backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
+  backend = canonical_backend(backend)
   b, n, h, d = q_shape
   m = kv_shape[1]
   plain = not (has_bias or has_mask)

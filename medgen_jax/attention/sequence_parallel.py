@@ -307,8 +307,7 @@ def choose_ring_implementation(backend: str, q_local: int, kv_local: int, head_d
   kernel takes the local lengths (`block_kernels.supports`); 'xla' (batched
   matmuls and the online softmax of `chunked`) otherwise and on CPU.
   """
-  backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
-  kernel = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
+  kernel = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(kernels.canonical_backend(backend))
   if kernel and not has_bias and block_kernels.supports(kernel, q_local, kv_local, head_dim):
     return kernel
   return "xla"
