@@ -129,7 +129,7 @@ def check_ring_kernels():
   chosen = sp.choose_ring_implementation
   sp.choose_ring_implementation = lambda *a, **kw: "pallas_gpu"
   try:
-    fn = lambda q, k, v: layout.attention_fn("full")(grid(q), grid(k), grid(v)).reshape(q.shape)
+    fn = lambda q, k, v: layout.attention_fn(sp.RING)(grid(q), grid(k), grid(v)).reshape(q.shape)
     check_same(jax.jit(fn), dense_attention, (q, k, v), expected_spec=P("data", "seq"),
                label="model attention_fn 'full', pallas_gpu kernel per hop")
   finally:

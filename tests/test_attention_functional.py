@@ -190,5 +190,5 @@ def test_window_shifted_variant_does_not_shift_along_a_spanned_axis():
   assert half_window_shift((2, 4, 4), (8, 4, 16)) == (1, 0, 2)
   q, k, v = (_normal(s, (2, 4, 8, 2, 4)) for s in range(3))
   np.testing.assert_array_equal(
-      ATTENTION_VARIANTS["window_shifted"](q, k, v, window_size=4),
+      ATTENTION_VARIANTS["window_shifted"].fn(q, k, v, window_size=4),
       window_attention(q, k, v, window_size=4, shift=(0, 2)))

@@ -77,9 +77,10 @@ def test_layer_errors():
   x = _x((1, 4, 4, 8))
   with pytest.raises(ValueError, match="'axial', 'full', 'window', 'window_shifted'"):
     MultiHeadAttention(2, attention="flash").init(KEY, x, deterministic=True)
-  with pytest.raises(ValueError, match="larger than the token grid"):
+  with pytest.raises(ValueError, match=r"window_size=8 must be <= and divide the token "
+                                       r"grid \(4, 4\)"):
     MultiHeadAttention(2, attention="window", window_size=8).init(KEY, x, deterministic=True)
-  with pytest.raises(ValueError, match="not divisible by window_size"):
+  with pytest.raises(ValueError, match="window_size=3 must be <= and divide"):
     MultiHeadAttention(2, attention="window", window_size=3).init(KEY, x, deterministic=True)
   with pytest.raises(ValueError, match="num_heads"):
     MultiHeadAttention(3).init(KEY, x, deterministic=True)

@@ -101,7 +101,7 @@ SPATIAL = [(4, 6), (2, 4, 3)]
 def test_full_attention_over_flattened_grid(spatial=(2, 4, 3)):
   q, k, v, _ = random_qkv((2,) + spatial + (2, 4))
   n = math.prod(spatial)
-  fn = lambda q, k, v: ATTENTION_VARIANTS["full"](q, k, v)
+  fn = lambda q, k, v: ATTENTION_VARIANTS["full"].fn(q, k, v)
   ref = lambda q, k, v: dense_reference(q, k, v, np.ones((n, n), bool))
   assert_values_and_grads(fn, ref, (q, k, v))
 
@@ -124,7 +124,7 @@ def test_axial_variant_sums_axes():
   spatial = (3, 4)
   q, k, v, _ = random_qkv((1,) + spatial + (2, 4), seed=2)
   want = sum(dense_reference(q, k, v, axial_mask(spatial, a)) for a in range(2))
-  np.testing.assert_allclose(ATTENTION_VARIANTS["axial"](q, k, v), want, atol=1e-5)
+  np.testing.assert_allclose(ATTENTION_VARIANTS["axial"].fn(q, k, v), want, atol=1e-5)
 
 
 WINDOW_CASES = [  # spatial, window, shift, with_bias
@@ -159,9 +159,9 @@ def test_window_variants_in_registry():
   q, k, v, _ = random_qkv((1,) + spatial + (2, 4), seed=4)
   plain, _ = window_mask_and_local(spatial, window, (0, 0))
   shifted, _ = window_mask_and_local(spatial, window, (2, 2))
-  np.testing.assert_allclose(ATTENTION_VARIANTS["window"](q, k, v, window_size=4),
+  np.testing.assert_allclose(ATTENTION_VARIANTS["window"].fn(q, k, v, window_size=4),
                              dense_reference(q, k, v, plain), atol=1e-5)
-  np.testing.assert_allclose(ATTENTION_VARIANTS["window_shifted"](q, k, v, window_size=4),
+  np.testing.assert_allclose(ATTENTION_VARIANTS["window_shifted"].fn(q, k, v, window_size=4),
                              dense_reference(q, k, v, shifted), atol=1e-5)
 
 

@@ -20,7 +20,7 @@ def _config(**changes):
 
 @pytest.mark.parametrize("changes, devices, message", [
     (dict(model__attention="flash"), 1, "unknown model.attention 'flash'"),
-    (dict(model__window_size=16), 1, "window_size 16 is larger than the 8x8 token grid"),
+    (dict(model__window_size=16), 1, "window_size=16 must be <= and divide the token grid (8, 8)"),
     (dict(model__token_grid=5), 1, "image_size 32 is not divisible by model.token_grid 5"),
     (dict(train__batch_size=6), 4, "batch_size 6 is not divisible by the 4 devices"),
     (dict(loss__gan="wgan"), 1, "unknown loss.gan 'wgan'"),

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from configs import phantom_3d
-from medgen_jax.attention import sequence_parallel as sp
+from medgen_jax.attention import registry
 from medgen_jax.train import parallel
 
 SCRIPT = textwrap.dedent("""
@@ -236,5 +236,5 @@ def test_seq_1_keeps_the_generator_untouched():
 
 
 def test_windowed_attention_has_no_sequence_parallel_form():
-  with pytest.raises(ValueError, match="supports"):
-    sp.SequenceSharding(mesh=None, rules=()).attention_fn("window_shifted")
+  with pytest.raises(ValueError, match="'window_shifted' has no sequence-parallel form"):
+    registry.sequence_parallel_form("window_shifted")

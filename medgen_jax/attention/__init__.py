@@ -1,16 +1,17 @@
 """Attention library: pure variants, position encodings and linen layers.
 
 Layout everywhere: `[batch, *spatial, heads, head_dim]`, scores scaled by
-`1/sqrt(head_dim)`. Variants are chosen by name from `ATTENTION_VARIANTS`.
+`1/sqrt(head_dim)`. Variants are chosen by name from `ATTENTION_VARIANTS`,
+whose entries (`AttentionVariant`) carry each variant's function and traits.
 
 Modules: `functional` (`full_attention` and its backend dispatch, axial and
-window layouts, the variant registry), `chunked` (the exact blocked kernel
-with its custom VJP, and the online-softmax block steps), `sequence_parallel`
-(ring and all-to-all attention over sharded tokens, built on those block
-steps), `position` and `layers`.
+window layouts), `registry` (the named variants and their traits, the
+window-vs-grid check), `chunked` (the exact blocked kernel with its custom
+VJP, and the online-softmax block steps), `sequence_parallel` (ring and
+all-to-all attention over sharded tokens, built on those block steps, and the
+forms a variant takes on a seq-sharded mesh), `position` and `layers`.
 """
 from medgen_jax.attention.functional import (
-    ATTENTION_VARIANTS,
     attention_weights,
     axial_attention,
     full_attention,
@@ -25,6 +26,13 @@ from medgen_jax.attention.layers import (
     Mlp,
     MultiHeadAttention,
     TransformerBlock,
+)
+from medgen_jax.attention.registry import (
+    ATTENTION_VARIANTS,
+    AttentionVariant,
+    check_window,
+    get_attention,
+    register_attention,
 )
 from medgen_jax.attention.sequence_parallel import (
     all_to_all_axial_attention,
@@ -41,6 +49,7 @@ from medgen_jax.attention.position import (
 
 __all__ = [
     "ATTENTION_VARIANTS",
+    "AttentionVariant",
     "CrossModalAttention",
     "LearnedPositionEmbedding",
     "Mlp",
@@ -50,8 +59,11 @@ __all__ = [
     "all_to_all_axial_attention",
     "attention_weights",
     "axial_attention",
+    "check_window",
     "full_attention",
+    "get_attention",
     "half_window_shift",
+    "register_attention",
     "relative_position_index",
     "ring_attention",
     "sequence_parallel_axial_attention",

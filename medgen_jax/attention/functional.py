@@ -8,8 +8,8 @@ accumulated in float32, whatever the input dtype.
 `full_attention` chooses per backend between cuDNN / Pallas flash kernels
 (`medgen_jax.attention.kernels`), XLA's dense attention and the blocked exact
 kernel of `medgen_jax.attention.chunked`; `axial_attention` and
-`window_attention` re-lay tokens out (lines, windows) and call it;
-`ATTENTION_VARIANTS` names the spatial variants the layers use.
+`window_attention` re-lay tokens out (lines, windows) and call it. The named
+variants the layers use are in `medgen_jax.attention.registry`.
 
 Conventions for `bias` / `mask` (those of `jax.nn.dot_product_attention`):
 bias is added to the scaled logits and must broadcast to
@@ -20,7 +20,7 @@ masked row averages all values, as in JAX).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -380,23 +380,6 @@ def window_attention(q: Array, k: Array, v: Array, *, window_size: IntOrSeq,
   return out
 
 
-def _spatial_full(q, k, v, *, window_size=None, shift=None, bias=None, chunk_size=None):
-  del window_size, shift
-  b, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
-  flat = lambda x: x.reshape(b, -1, heads, dim)
-  return full_attention(flat(q), flat(k), flat(v), bias=bias,
-                        chunk_size=chunk_size).reshape(q.shape)
-
-
-def _spatial_axial(q, k, v, *, window_size=None, shift=None, bias=None, chunk_size=None):
-  del window_size, shift
-  if bias is not None:
-    raise ValueError("axial attention takes no bias")
-  num = _num_spatial(q, "axial attention")
-  outs = [axial_attention(q, k, v, axis=a, chunk_size=chunk_size) for a in range(num)]
-  return sum(outs[1:], outs[0])
-
-
 def half_window_shift(window: Sequence[int], spatial: Sequence[int]) -> tuple[int, ...]:
   """Swin's shift: window // 2 per axis, but 0 along an axis the window covers whole.
 
@@ -405,28 +388,3 @@ def half_window_shift(window: Sequence[int], spatial: Sequence[int]) -> tuple[in
   border (see `shifted_window_mask`) and take context away.
   """
   return tuple(w // 2 if w < size else 0 for w, size in zip(window, spatial))
-
-
-def _spatial_window(shifted: bool) -> Callable[..., Array]:
-  def attend(q, k, v, *, window_size=8, shift=None, bias=None, chunk_size=None):
-    del chunk_size  # windows are small; blocking them buys nothing
-    if shift is None:
-      num = _num_spatial(q, "window attention")
-      window = _per_axis(window_size, num, "window_size")
-      shift = half_window_shift(window, q.shape[1:1 + num]) if shifted else 0
-    return window_attention(q, k, v, window_size=window_size, shift=shift, bias=bias)
-  return attend
-
-
-# Registry of variants with one signature over `[batch, *spatial, heads, head_dim]`:
-# `fn(q, k, v, *, window_size=, shift=None, bias=None, chunk_size=None)`.
-# 'full' flattens the spatial axes; 'axial' sums attention along every spatial
-# axis (each token sees its row, column and, in 3D, depth line in one call);
-# 'window_shifted' defaults to `half_window_shift` (window // 2, 0 along an axis
-# the window spans).
-ATTENTION_VARIANTS: dict[str, Callable[..., Array]] = {
-    "full": _spatial_full,
-    "axial": _spatial_axial,
-    "window": _spatial_window(shifted=False),
-    "window_shifted": _spatial_window(shifted=True),
-}

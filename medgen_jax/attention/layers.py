@@ -1,7 +1,8 @@
 """Linen attention layers: projections around the pure attention variants.
 
-Modules own parameters only; the attention itself is a function from
-`ATTENTION_VARIANTS` with one signature, so adding a variant touches no layer.
+Modules own parameters only; the attention itself is a registry entry's
+function (`ATTENTION_VARIANTS`, one signature) and the entry's traits decide
+windows, shifts and the relative bias, so adding a variant touches no layer.
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medgen_jax.attention.functional import ATTENTION_VARIANTS, full_attention
+from medgen_jax.attention.functional import full_attention
 from medgen_jax.attention.position import RelativePositionBias
+from medgen_jax.attention.registry import check_window, get_attention
 from medgen_jax.conditioning import AttentionGate
 
 Array = jax.Array
-_WINDOWED = ("window", "window_shifted")
 
 
 def _window_tuple(window_size: int | Sequence[int], num: int) -> tuple[int, ...]:
@@ -31,7 +32,7 @@ def _window_tuple(window_size: int | Sequence[int], num: int) -> tuple[int, ...]
 def resolve_shift(attention: str, window: Sequence[int],
                   shift: int | Sequence[int] | None,
                   grid: Sequence[int] | None = None) -> tuple[int, ...]:
-  """Per-axis shift: explicit value, else window // 2 for 'window_shifted', else 0.
+  """Per-axis shift: explicit value, else window // 2 for a shifted variant, else 0.
 
   With `grid` (the token grid's spatial sizes) the shift is 0 along every axis
   that the window covers whole, whether explicit or not: such a window has no
@@ -39,7 +40,8 @@ def resolve_shift(attention: str, window: Sequence[int],
   the roll border (as `half_window_shift` does for the functional variant).
   """
   if shift is None:
-    shifts = tuple(w // 2 if attention == "window_shifted" else 0 for w in window)
+    shifted = get_attention(attention).shifted
+    shifts = tuple(w // 2 if shifted else 0 for w in window)
   else:
     shifts = _window_tuple(shift, len(window))
   if grid is not None:
@@ -58,15 +60,16 @@ class MultiHeadAttention(nn.Module):
       in 3D, depth line), 'window' or 'window_shifted' (Swin).
     window_size: int or per-axis window for the windowed variants.
     shift: per-axis cyclic shift for windowed variants; None = window // 2 for
-      'window_shifted' and 0 for 'window'. Along an axis the window covers
-      whole the shift is always 0 (see `resolve_shift`).
+      a shifted variant ('window_shifted') and 0 otherwise. Along an axis the
+      window covers whole the shift is always 0 (see `resolve_shift`).
     qk_norm: LayerNorm over head_dim on q and k (stabilises large logits).
     chunk_size: memory-efficient blocks for 'full' / 'axial' (see `full_attention`).
-    use_relative_bias: learned Swin `RelativePositionBias` for windowed variants.
+    use_relative_bias: learned Swin `RelativePositionBias` for variants that
+      accept a bias.
     out_features: output channels (default: input channels).
     dropout_rate: dropout on the output projection.
     dtype: computation dtype; parameters stay `param_dtype`.
-    attention_fn: replaces `ATTENTION_VARIANTS[attention]` for self-attention
+    attention_fn: replaces the registry entry's function for self-attention
       (same signature), e.g. a sequence-parallel version from
       `SequenceSharding.attention_fn`; None = the registry's. Owns no
       parameters, so checkpoints load either way.
@@ -86,32 +89,25 @@ class MultiHeadAttention(nn.Module):
   attention_fn: Callable[..., Array] | None = None
 
   def _check(self, x: Array, context: Array | None) -> None:
-    if self.attention not in ATTENTION_VARIANTS:
-      raise ValueError(f"unknown attention {self.attention!r}; valid names are "
-                       f"{sorted(ATTENTION_VARIANTS)}")
+    variant = get_attention(self.attention)
     if x.ndim < 3:
       raise ValueError(f"MultiHeadAttention expects x [batch, *spatial, channels]; "
                        f"got shape {x.shape}")
     if x.shape[-1] % self.num_heads:
       raise ValueError(f"channels {x.shape[-1]} not divisible by num_heads {self.num_heads}")
     spatial = x.shape[1:-1]
-    if self.attention != "full" and len(spatial) not in (2, 3):
+    if not variant.flat and len(spatial) not in (2, 3):
       raise ValueError(f"attention {self.attention!r} needs 2 or 3 spatial dims; "
                        f"got x of shape {x.shape}")
     if context is not None:
-      if self.attention != "full":
-        raise ValueError(f"context (cross-attention) needs attention='full'; "
-                         f"got {self.attention!r}")
+      if not variant.flat:
+        raise ValueError(f"context (cross-attention) needs a flat variant such as "
+                         f"attention='full'; got {self.attention!r}")
       if context.ndim != 3 or context.shape[0] != x.shape[0]:
         raise ValueError(f"context must be [batch, tokens, channels] with batch "
                          f"{x.shape[0]}; got shape {context.shape}")
-    if self.attention in _WINDOWED:
-      window = _window_tuple(self.window_size, len(spatial))
-      if any(w > s for w, s in zip(window, spatial)):
-        raise ValueError(f"window_size {window} is larger than the token grid {spatial}")
-      if any(s % w for w, s in zip(window, spatial)):
-        raise ValueError(f"token grid {spatial} is not divisible by window_size {window}")
-    elif self.shift not in (None, 0):
+    check_window(self.attention, self.window_size, spatial)
+    if not variant.windowed and self.shift not in (None, 0):
       raise ValueError(f"shift={self.shift} only applies to windowed attention, not "
                        f"{self.attention!r}")
 
@@ -129,14 +125,15 @@ class MultiHeadAttention(nn.Module):
       out = full_attention(q.reshape(b, -1, self.num_heads, head_dim), k, v,
                            chunk_size=self.chunk_size).reshape(q.shape)
     else:
+      variant = get_attention(self.attention)
       bias, shift = None, None
-      if self.attention in _WINDOWED:
+      if variant.windowed:
         window = _window_tuple(self.window_size, x.ndim - 2)
         shift = resolve_shift(self.attention, window, self.shift, grid=x.shape[1:-1])
-        if self.use_relative_bias:
+        if variant.accepts_bias and self.use_relative_bias:
           bias = RelativePositionBias(self.num_heads, window, name="relative_bias")()
           bias = bias.astype(self.dtype)
-      attend = self.attention_fn or ATTENTION_VARIANTS[self.attention]
+      attend = self.attention_fn or variant.fn
       out = attend(
           q, k, v, window_size=self.window_size, shift=shift, bias=bias,
           chunk_size=self.chunk_size)
@@ -267,11 +264,11 @@ class TransformerBlock(nn.Module):
 
   Attributes:
     num_heads, attention, window_size, shift, qk_norm, chunk_size: see
-      `MultiHeadAttention` ('window_shifted' uses shift = window // 2, and no
+      `MultiHeadAttention` (a shifted variant uses shift = window // 2, and no
       block shifts along an axis its window covers whole).
     mlp_ratio: MLP hidden width / channels.
     dropout_rate: dropout in attention output and MLP.
-    attention_fn: see `MultiHeadAttention` (None = `ATTENTION_VARIANTS[attention]`).
+    attention_fn: see `MultiHeadAttention` (None = the registry entry's function).
   """
   num_heads: int
   mlp_ratio: float = 4.0

@@ -25,10 +25,10 @@ mesh axis. Two exact schemes live here:
 on local shards; `sequence_parallel_full_attention` /
 `sequence_parallel_axial_attention` wrap them for global arrays and a `Mesh`.
 Inside a jitted model, `SequenceSharding` pins activations to logical axes
-and provides an `attention_fn` (the `ATTENTION_VARIANTS` signature) that
-shard_maps these functions; the trainer sets it on the generator when the
-mesh has seq > 1. See docs/scaling.md for how these map onto a pod and what
-they cost.
+and provides an `attention_fn` (the registry's signature) that shard_maps a
+variant's `SequenceParallelForm` (`RING`, `ALL_TO_ALL`); the trainer sets it
+on the generator when the mesh has seq > 1. See docs/scaling.md for how these
+map onto a pod and what they cost.
 """
 from __future__ import annotations
 
@@ -582,7 +582,6 @@ def sequence_parallel_axial_attention(q: Array, k: Array, v: Array, *, axis: int
 
 # Logical names of a generator's token grid `[batch, *spatial, channels]`.
 SPATIAL_NAMES = {2: ("height", "width"), 3: ("depth", "height", "width")}
-SEQ_PARALLEL_VARIANTS = ("full", "axial")
 
 
 def activation_names(num_spatial: int) -> tuple[str, ...]:
@@ -625,27 +624,78 @@ class SequenceSharding:
     hits = [a for a, mesh_axis in enumerate(spec) if mesh_axis == self.seq_axis]
     return hits[0] if hits else None
 
-  def attention_fn(self, variant: str) -> Callable[..., Array]:
-    """An `ATTENTION_VARIANTS`-compatible function over seq-sharded global arrays.
+  def attention_fn(self, form: SequenceParallelForm) -> Callable[..., Array]:
+    """A registry-signature attention function over seq-sharded global arrays.
 
     The returned `fn(q, k, v, *, window_size, shift, bias, chunk_size)` takes
     q/k/v `[batch, *spatial, heads, head_dim]` (global, inside jit) and runs
-    `variant` ('axial': `all_to_all_axial_attention` summed over the spatial
-    axes, as `ATTENTION_VARIANTS['axial']` does; 'full': `ring_attention` over
-    the row-major flattened grid) in a `shard_map` over every mesh axis the
-    layout uses. Values equal the unsharded variant up to float rounding.
+    `form` (a variant's `sequence_parallel` entry: `RING` or `ALL_TO_ALL`) in
+    a `shard_map` over every mesh axis the layout uses. Values equal the
+    unsharded variant up to float rounding.
     """
-    if variant not in SEQ_PARALLEL_VARIANTS:
-      raise ValueError(f"sequence-parallel attention supports {SEQ_PARALLEL_VARIANTS}; "
-                       f"got {variant!r}")
-    return functools.partial(_seq_sharded_attention, self, variant)
+    return functools.partial(_seq_sharded_attention, self, form)
 
 
-def _seq_sharded_attention(layout: SequenceSharding, variant: str, q: Array, k: Array,
-                           v: Array, *, window_size=None, shift=None, bias=None,
+def _ring_attend(q: Array, k: Array, v: Array, *, axis_name: str, sharded_axis: int,
+                 chunk_size, implementation: str) -> Array:
+  """Full attention over the row-major flattened grid of local shards, by `ring_attention`."""
+  del sharded_axis  # always the first: a depth slab is a contiguous token block
+  b, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
+  flat = lambda x: x.reshape(b, -1, heads, dim)
+  return ring_attention(flat(q), flat(k), flat(v), axis_name=axis_name,
+                        chunk_size=chunk_size, implementation=implementation).reshape(q.shape)
+
+
+def _all_to_all_attend(q: Array, k: Array, v: Array, *, axis_name: str, sharded_axis: int,
+                       chunk_size, implementation: str) -> Array:
+  """Axial attention of local shards summed over the spatial axes, as the unsharded variant sums."""
+  del implementation  # the local lines use `full_attention`'s own choice
+  outs = [all_to_all_axial_attention(q, k, v, axis=a, axis_name=axis_name,
+                                     sharded_axis=sharded_axis, chunk_size=chunk_size)
+          for a in range(q.ndim - 3)]
+  return sum(outs[1:], outs[0])
+
+
+def _ring_implementation(q: Array, seq: int) -> str:
+  """The per-hop kernel for global q over `seq` shards (`choose_ring_implementation`)."""
+  tokens = math.prod(q.shape[1:-2]) // seq
+  return choose_ring_implementation(jax.default_backend(), tokens, tokens, q.shape[-1],
+                                    has_bias=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallelForm:
+  """How a variant runs with one spatial axis of its token grid sharded over `seq`.
+
+  Attributes:
+    name: the exchange, for messages ('ring', 'all-to-all').
+    attend: `attend(q, k, v, *, axis_name, sharded_axis, chunk_size,
+      implementation)` on local shards inside `shard_map`.
+    implementation: `implementation(q, seq)` -> the kernel each step uses for
+      global q over `seq` shards ('xla' or a fused one).
+    contiguous_blocks: the exchange passes contiguous blocks of the row-major
+      flattened grid, so the sharded axis must be the first spatial axis and a
+      chunk_size must divide the local tokens.
+    regroups_heads: the exchange trades the sharded axis for a sharding of the
+      heads or of another local axis, one of which must divide by `seq`.
+  """
+  name: str
+  attend: Callable[..., Array]
+  implementation: Callable[[Array, int], str]
+  contiguous_blocks: bool = False
+  regroups_heads: bool = False
+
+
+RING = SequenceParallelForm("ring", _ring_attend, _ring_implementation, contiguous_blocks=True)
+ALL_TO_ALL = SequenceParallelForm("all-to-all", _all_to_all_attend, lambda q, seq: "xla",
+                                  regroups_heads=True)
+
+
+def _seq_sharded_attention(layout: SequenceSharding, form: SequenceParallelForm, q: Array,
+                           k: Array, v: Array, *, window_size=None, shift=None, bias=None,
                            chunk_size=None) -> Array:
   del window_size, shift  # only meaningful for windowed variants
-  name = f"sequence-parallel {variant} attention"
+  name = f"sequence-parallel {form.name} attention"
   if bias is not None:
     raise ValueError(f"{name}: takes no bias")
   num = _num_spatial(q, name)
@@ -653,8 +703,8 @@ def _seq_sharded_attention(layout: SequenceSharding, variant: str, q: Array, k: 
   if sharded is None:
     raise ValueError(f"{name}: logical_axis_rules {layout.rules} map none of "
                      f"{SPATIAL_NAMES[num]} to mesh axis {layout.seq_axis!r}")
-  if variant == "full" and sharded != 0:
-    raise ValueError(f"{name}: the ring needs contiguous token blocks, i.e. the first "
+  if form.contiguous_blocks and sharded != 0:
+    raise ValueError(f"{name}: needs contiguous token blocks, i.e. the first "
                      f"spatial axis {SPATIAL_NAMES[num][0]!r} sharded; got axis {sharded}")
   spec = layout.spec(activation_names(num)[:-1] + ("heads", "head_dim"))
   # shard_map needs every sharded dimension divisible by its devices; a batch
@@ -664,24 +714,9 @@ def _seq_sharded_attention(layout: SequenceSharding, variant: str, q: Array, k: 
   seq = layout.mesh.shape[layout.seq_axis]
   for x, what in ((q, "q"), (k, "k")):
     _check_divisible(x.shape[1 + sharded], seq, name, f"{what} spatial axis {sharded}")
-
-  implementation = "xla"
-  if variant == "full":
-    tokens = math.prod(q.shape[1:-2]) // seq
-    implementation = choose_ring_implementation(jax.default_backend(), tokens, tokens,
-                                                q.shape[-1], has_bias=False)
-
-  def attend(q, k, v):
-    if variant == "axial":
-      outs = [all_to_all_axial_attention(q, k, v, axis=a, axis_name=layout.seq_axis,
-                                         sharded_axis=sharded, chunk_size=chunk_size)
-              for a in range(num)]
-      return sum(outs[1:], outs[0])
-    b, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
-    flat = lambda x: x.reshape(b, -1, heads, dim)  # a depth slab is a contiguous token block
-    return ring_attention(flat(q), flat(k), flat(v), axis_name=layout.seq_axis,
-                          chunk_size=chunk_size, implementation=implementation).reshape(q.shape)
-
+  implementation = form.implementation(q, seq)
+  attend = functools.partial(form.attend, axis_name=layout.seq_axis, sharded_axis=sharded,
+                             chunk_size=chunk_size, implementation=implementation)
   # A fused kernel per hop needs vma checking off (see `ring_attention`).
   return jax.shard_map(attend, mesh=layout.mesh, in_specs=(spec,) * 3, out_specs=spec,
                        check_vma=implementation == "xla")(q, k, v)

@@ -51,49 +51,49 @@ def _flat(x):
 
 def variant_fn(name: str, grid: tuple[int, ...], *, window_size: int,
                chunk_size: int | None) -> Callable[..., jax.Array]:
-  """The attention core of variant `name` as f(q, k, v) -> out, same layout."""
+  """The attention core of row `name` as f(q, k, v) -> out, same layout.
+
+  A registry variant's row (and its `FORCED` form) is the registry entry's own
+  function, the one the model's layers call; the other rows are kernels of
+  the 'full' entry, and `jax.nn.dot_product_attention` as the baseline.
+  """
   backend = jax.default_backend()
   if backend not in _KERNEL_BACKENDS.get(name, (backend,)):
     raise ValueError(f"variant {name!r} runs on {_KERNEL_BACKENDS[name]} only; "
                      f"this backend is {backend!r}")
-  if name == "full":  # the library default: chunked on CPU above 512^2 scores
-    return lambda q, k, v: attention.full_attention(
-        _flat(q), _flat(k), _flat(v)).reshape(q.shape)
-  if name == "full_chunked":  # always blocked; chunk_size None = default block
-    return lambda q, k, v: attention.full_attention(
-        _flat(q), _flat(k), _flat(v), chunk_size=chunk_size,
-        implementation="chunked").reshape(q.shape)
   if name == "xla_baseline":
     return lambda q, k, v: jax.nn.dot_product_attention(
         _flat(q), _flat(k), _flat(v)).reshape(q.shape)
+  if name == "full_chunked":  # always blocked; chunk_size None = default block
+    return _registry_core("full", grid, window_size=window_size, chunk_size=chunk_size,
+                          implementation="chunked")
   if name in ("cudnn", "pallas"):
     impl = "cudnn" if name == "cudnn" else f"pallas_{backend}"
-    return lambda q, k, v: attention.full_attention(
-        _flat(q), _flat(k), _flat(v), implementation=impl).reshape(q.shape)
+    return _registry_core("full", grid, window_size=window_size, implementation=impl)
   base, implementation = FORCED.get(name, (name, None))
-  if base not in ("axial", "window", "window_shifted"):
+  if base not in attention.ATTENTION_VARIANTS:
     raise ValueError(f"unknown benchmark variant {name!r}; expected one of {VARIANTS}")
-  return _restricted(base, grid, window_size=window_size, implementation=implementation)
+  # 'full' with no implementation is the library default: chunked on CPU
+  # above 512^2 scores.
+  return _registry_core(base, grid, window_size=window_size, implementation=implementation)
 
 
-def _restricted(base: str, grid: tuple[int, ...], *, window_size: int,
-                implementation: str | None) -> Callable[..., jax.Array]:
-  """Axial or (shifted) window attention over `grid`, `implementation` forced or None."""
-  if base == "axial":
-    # An axial layer attends along every spatial axis in turn (rows, columns,
-    # and depth in 3D), so it is timed as that whole composition.
-    def axial(q, k, v):
-      out = q
-      for axis in range(len(grid)):
-        out = attention.axial_attention(out, k, v, axis=axis,
-                                        implementation=implementation)
-      return out
-    return axial
-  window = tuple(min(window_size, g) for g in grid)
-  # No shift along an axis the window covers whole (nothing to exchange).
-  shift = attention.half_window_shift(window, grid) if base == "window_shifted" else 0
-  return functools.partial(attention.window_attention, window_size=window, shift=shift,
-                           implementation=implementation)
+def _registry_core(name: str, grid: tuple[int, ...], *, window_size: int,
+                   implementation: str | None, chunk_size: int | None = None
+                   ) -> Callable[..., jax.Array]:
+  """`ATTENTION_VARIANTS[name].fn` as f(q, k, v), its kernel forced unless `implementation` is None.
+
+  A windowed variant gets `window_size` clipped to each axis of `grid` and
+  its own default shift (half a window for a shifted variant, 0 along an
+  axis the window covers whole).
+  """
+  variant = attention.get_attention(name)
+  kwargs = {} if implementation is None else {"implementation": implementation}
+  if chunk_size is not None:
+    kwargs["chunk_size"] = chunk_size
+  if variant.windowed:
+    kwargs["window_size"] = tuple(min(window_size, g) for g in grid)
+  return functools.partial(variant.fn, **kwargs)
 
 
 def dense_equivalent(name: str, grid: tuple[int, ...], *,
@@ -107,8 +107,8 @@ def dense_equivalent(name: str, grid: tuple[int, ...], *,
   """
   if name in ("full", "full_chunked", "xla_baseline", "cudnn", "pallas"):
     return variant_fn("xla_baseline", grid, window_size=window_size, chunk_size=None)
-  return _restricted(FORCED.get(name, (name, None))[0], grid, window_size=window_size,
-                     implementation="xla")
+  return _registry_core(FORCED.get(name, (name, None))[0], grid, window_size=window_size,
+                        implementation="xla")
 
 
 def fwd_bwd(core: Callable[..., jax.Array]) -> Callable[..., Any]:

@@ -9,8 +9,8 @@ For one generated 2D image and one query pixel (y, x):
    with the branch outputs they scale.
 2. `attention_matrix` turns one layer's q/k into its full token-to-token
    weight matrix `[heads, N, N]` by running the layer's own attention variant
-   (`ATTENTION_VARIANTS`, the code the forward pass ran) on identity values:
-   output row n is then exactly the weight query n gave each key. So a
+   (its registry entry's function, the code the forward pass ran) on identity
+   values: output row n is then exactly the weight query n gave each key. So a
    'full' layer gives a dense row, 'axial' the query's row and column lines
    (the mean of the per-axis softmaxes: the layer sums their outputs),
    'window' the query's window, and 'window_shifted' the rolled window under
@@ -46,7 +46,7 @@ from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
 from medgen_jax import data as data_lib
 from medgen_jax import viz
-from medgen_jax.attention import ATTENTION_VARIANTS, Mlp, MultiHeadAttention, RelativePositionBias
+from medgen_jax.attention import Mlp, MultiHeadAttention, RelativePositionBias, get_attention
 from medgen_jax.attention.layers import resolve_shift
 from medgen_jax.conditioning import AttentionGate
 from medgen_jax.inference import sample as sample_lib
@@ -108,7 +108,7 @@ def capture(generator: nn.Module, params: Any, z: jax.Array,
       if isinstance(m, MultiHeadAttention):
         nd = out.ndim - 2
         window, shift = (), ()
-        if m.attention.startswith("window"):
+        if get_attention(m.attention).windowed:
           ws = m.window_size
           window = (ws,) * nd if isinstance(ws, int) else tuple(ws)
           shift = resolve_shift(m.attention, window, m.shift, grid=out.shape[1:-1])
@@ -160,23 +160,24 @@ def attention_matrix(q: np.ndarray, k: np.ndarray, *, attention: str,
     q, k: `[*grid, heads, head_dim]` (2 or 3 grid axes; 'full' any).
     attention: a key of `ATTENTION_VARIANTS`.
     window, shift: per-axis window and shift of the windowed variants.
-    bias: `[heads, T, T]` relative position bias of the windowed variants.
+    bias: `[heads, T, T]` relative position bias of the variants that accept one.
 
   Returns:
     float32 weights; row n is what query token n gave every key. Rows sum to
-    1 ('axial': the mean over axes of the per-line softmaxes).
+    1 (a variant that sums per-axis attentions, 'axial': the mean over axes
+    of the per-line softmaxes).
   """
-  if attention not in ATTENTION_VARIANTS:
-    raise ValueError(f"unknown attention {attention!r}; valid: {sorted(ATTENTION_VARIANTS)}")
+  variant = get_attention(attention)
   if q.shape != k.shape or q.ndim < 3:
     raise ValueError(f"q and k must both be [*grid, heads, head_dim]; got {q.shape}, {k.shape}")
   grid, (heads, dim) = q.shape[:-2], q.shape[-2:]
   n = math.prod(grid)
   kwargs = {}
-  if attention.startswith("window"):
-    kwargs = dict(window_size=tuple(window), shift=tuple(shift),
-                  bias=None if bias is None else jnp.asarray(bias))
-  fn = jax.jit(lambda q, k, v: ATTENTION_VARIANTS[attention](q, k, v, **kwargs))
+  if variant.windowed:
+    kwargs = dict(window_size=tuple(window), shift=tuple(shift))
+  if variant.accepts_bias:
+    kwargs["bias"] = None if bias is None else jnp.asarray(bias)
+  fn = jax.jit(lambda q, k, v: variant.fn(q, k, v, **kwargs))
   qb, kb = jnp.asarray(q)[None], jnp.asarray(k)[None]
   # Attention is linear in v: identity values (head_dim columns at a time)
   # read the weight matrix out of the layer's own implementation.
@@ -189,7 +190,7 @@ def attention_matrix(q: np.ndarray, k: np.ndarray, *, attention: str,
     out = np.asarray(fn(qb, kb, v))[0].reshape(n, heads, dim)
     cols.append(out[:, :, :len(idx)])
   weights = np.concatenate(cols, axis=-1).transpose(1, 0, 2)  # [heads, N, N]
-  if attention == "axial":
+  if variant.sums_axes:
     weights = weights / len(grid)
   return weights
 

@@ -19,9 +19,10 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medgen_jax.attention import (ATTENTION_VARIANTS, LearnedPositionEmbedding,
-                                  TransformerBlock,
+from medgen_jax.attention import (LearnedPositionEmbedding, TransformerBlock,
                                   sinusoidal_position_encoding)
+from medgen_jax.attention.registry import (block_shift, get_attention,
+                                           sequence_parallel_form)
 from medgen_jax.attention.sequence_parallel import SequenceSharding
 from medgen_jax.data.info import ConditionField
 from medgen_jax.models import shapes
@@ -38,9 +39,7 @@ def check_config(spatial_shape: tuple[int, ...], variant: Variant, *,
                  token_grid: int, attention: str, window_size: int,
                  attention_stages: int, position_encoding: str) -> None:
   """Raises one clear ValueError if the sizes cannot build a generator."""
-  if attention not in ATTENTION_VARIANTS:
-    raise ValueError(f"unknown attention {attention!r}; valid: "
-                     f"{list(ATTENTION_VARIANTS)}")
+  get_attention(attention)
   if position_encoding not in POSITION_ENCODINGS:
     raise ValueError(f"unknown position_encoding {position_encoding!r}; "
                      f"valid: {list(POSITION_ENCODINGS)}")
@@ -158,18 +157,15 @@ class TransformerGenerator(nn.Module):
   def _attention_stage(self, x: jnp.ndarray, style: jnp.ndarray, stage: int, *,
                        train: bool) -> jnp.ndarray:
     grid = x.shape[1:-1]
-    # Swin: alternate unshifted and half-window-shifted blocks; a window that
-    # already covers an axis has nothing to shift across.
-    can_shift = (self.attention == "window_shifted"
-                 and self.window_size < min(grid))
     layout = self.sequence_sharding
     constrain = (lambda t: t) if layout is None else layout.constrain
-    attention_fn = None if layout is None else layout.attention_fn(self.attention)
+    attention_fn = (None if layout is None
+                    else layout.attention_fn(sequence_parallel_form(self.attention)))
     # Pinning every block's input and output keeps the partitioner from
     # gathering the grid between the shard_mapped attention calls.
     x = constrain(x)
     for block in range(self.variant.depth[stage]):
-      shift = self.window_size // 2 if can_shift and block % 2 else 0
+      shift = block_shift(self.attention, self.window_size, grid, block)
       x = TransformerBlock(
           num_heads=self.variant.num_heads[stage], mlp_ratio=self.mlp_ratio,
           attention=self.attention, window_size=self.window_size, shift=shift,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from medgen_jax.attention.registry import check_window
+
 
 def upsampling_plan(spatial_shape: Sequence[int],
                     token_grid: int) -> tuple[tuple[int, ...], int]:
@@ -62,7 +64,7 @@ def stage_grids(grid: Sequence[int], num_up: int) -> tuple[tuple[int, ...], ...]
 
 def check_windows(grids: Sequence[Sequence[int]], attention: str,
                   window_size: int) -> None:
-  """Window attention needs the window to tile every attention stage's grid.
+  """`check_window` on every attention stage's grid.
 
   Args:
     grids: the grid of each stage that uses attention.
@@ -70,16 +72,8 @@ def check_windows(grids: Sequence[Sequence[int]], attention: str,
     window_size: window side.
 
   Raises:
-    ValueError: the window is larger than, or does not divide, a grid axis.
+    ValueError: a windowed variant's window is larger than, or does not
+      divide, a grid axis.
   """
-  if not attention.startswith("window"):
-    return
-  if window_size < 1:
-    raise ValueError(f"window_size must be >= 1, got {window_size}")
   for stage, grid in enumerate(grids):
-    for side in grid:
-      if window_size > side or side % window_size:
-        raise ValueError(
-            f"attention={attention!r}: window_size={window_size} must be <= "
-            f"and divide the token grid {tuple(grid)} of attention stage "
-            f"{stage}")
+    check_window(attention, window_size, grid, where=f" of attention stage {stage}")

@@ -25,8 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medgen_jax.attention import (ATTENTION_VARIANTS, CrossModalAttention,
-                                  LearnedPositionEmbedding, TransformerBlock)
+from medgen_jax.attention import (CrossModalAttention, LearnedPositionEmbedding,
+                                  TransformerBlock)
+from medgen_jax.attention.registry import block_shift, check_window, get_attention
 from medgen_jax.data.info import ConditionField
 from medgen_jax.models.condition import condition_embedding
 from medgen_jax.models.layers import ModulatedNorm, conv, pixel_shuffle
@@ -201,11 +202,7 @@ class Translator(nn.Module):
         nn.gelu(c.astype(self.dtype)))
 
   def _block(self, x, style, index: int, name: str, *, train: bool):
-    grid = x.shape[1:-1]
-    shift = 0
-    if (self.attention == "window_shifted" and index % 2
-        and self.window_size < min(grid)):
-      shift = self.window_size // 2
+    shift = block_shift(self.attention, self.window_size, x.shape[1:-1], index)
     return TransformerBlock(
         num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
         attention=self.attention, window_size=self.window_size, shift=shift,
@@ -245,17 +242,12 @@ def check_translator_config(spatial_shape: Sequence[int], *, patch_size: int,
                             attention: str, window_size: int, width: int,
                             num_heads: int) -> None:
   """One clear ValueError if the sizes cannot build a translator."""
-  if attention not in ATTENTION_VARIANTS:
-    raise ValueError(f"unknown attention {attention!r}; valid: "
-                     f"{list(ATTENTION_VARIANTS)}")
+  get_attention(attention)
   if patch_size < 1 or any(s % patch_size for s in spatial_shape):
     raise ValueError(f"model.patch_size={patch_size} must divide the image "
                      f"size {tuple(spatial_shape)}")
   grid = [s // patch_size for s in spatial_shape]
-  if attention.startswith("window") and any(
-      window_size > g or g % window_size for g in grid):
-    raise ValueError(f"attention={attention!r}: window_size={window_size} must "
-                     f"be <= and divide the token grid {tuple(grid)}")
+  check_window(attention, window_size, grid)
   if width % num_heads:
     raise ValueError(f"translator width {width} not divisible by num_heads "
                      f"{num_heads}")

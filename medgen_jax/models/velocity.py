@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medgen_jax.attention import ATTENTION_VARIANTS
+from medgen_jax.attention.registry import get_attention
 from medgen_jax.models import ode, shapes
 from medgen_jax.models.condition import condition_embedding
 from medgen_jax.models.generator import POSITION_ENCODINGS, TransformerGenerator
@@ -91,8 +91,7 @@ def check_config(spatial_shape: tuple[int, ...], variant: Variant, *, token_grid
                  attention: str, window_size: int, position_encoding: str,
                  num_steps: int, solver: str, guidance_scale: float) -> None:
   """One clear ValueError if the sizes or sampler settings cannot work."""
-  if attention not in ATTENTION_VARIANTS:
-    raise ValueError(f"unknown attention {attention!r}; valid: {list(ATTENTION_VARIANTS)}")
+  get_attention(attention)
   if position_encoding not in POSITION_ENCODINGS:
     raise ValueError(f"unknown position_encoding {position_encoding!r}; valid: "
                      f"{list(POSITION_ENCODINGS)}")

@@ -21,7 +21,7 @@ import numpy as np
 from medgen_jax import data as data_lib
 from medgen_jax import models as models_lib
 from medgen_jax import viz
-from medgen_jax.attention import ATTENTION_VARIANTS
+from medgen_jax.attention import check_window, get_attention
 from medgen_jax.data import builders
 from medgen_jax.train import augment as augment_lib
 from medgen_jax.train import checkpoint as ckpt_lib
@@ -103,17 +103,16 @@ def validate_config(config: Any, num_devices: int) -> None:
               "keep_checkpoints"):
     if int(t[key]) < 1:
       raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
-  if m.generator == "transformer" and m.attention not in ATTENTION_VARIANTS:
-    raise ValueError(f"unknown model.attention {m.attention!r}; expected one of "
-                     f"{sorted(ATTENTION_VARIANTS)}")
-  if m.generator == "transformer" and m.attention.startswith("window") and (
-      m.window_size > m.token_grid):
-    raise ValueError(f"model.window_size {m.window_size} is larger than the "
-                     f"{m.token_grid}x{m.token_grid} token grid")
+  if m.generator == "transformer":
+    get_attention(m.attention, "model.attention")
   size = config.data.image_size
   if size % m.token_grid:
     raise ValueError(f"data.image_size {size} is not divisible by model.token_grid "
                      f"{m.token_grid}")
+  if m.generator == "transformer":
+    # The smallest axis of the first attention stage; build_generator checks every stage.
+    check_window(m.attention, m.window_size,
+                 (m.token_grid,) * len(builders.spatial_shape(config.data)))
   losses.get_gan_loss(config.loss.gan)
   augment_lib.parse_policy(config.loss.augment)
   if config.loss.r1_gamma < 0 or config.loss.r2_gamma < 0 or config.loss.r1_every < 1:

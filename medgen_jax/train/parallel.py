@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medgen_jax.attention import registry
 from medgen_jax.attention import sequence_parallel as sp
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.models import shapes, variants
@@ -132,14 +133,16 @@ def _validate_sequence_parallel(parallel_config: Any, seq: int, model_config: An
     raise ValueError(f"parallel.mesh.seq={seq} shards the transformer generator's "
                      f"attention stages; model.generator={generator!r} has none")
   attention = model_config.attention
-  if attention not in sp.SEQ_PARALLEL_VARIANTS:
+  form = registry.get_attention(attention, "model.attention").sequence_parallel
+  if form is None:
     raise ValueError(f"parallel.mesh.seq={seq} supports model.attention in "
-                     f"{sp.SEQ_PARALLEL_VARIANTS}; got {attention!r} (windows would need "
-                     f"halo exchange across the depth shards)")
+                     f"{registry.sequence_parallel_names()}; got {attention!r}, which has "
+                     f"no sequence-parallel form (windows would need halo exchange across "
+                     f"the depth shards)")
   sharded = names.index(to_seq[0])
-  if attention == "full" and sharded != 0:
-    raise ValueError(f"parallel.logical_axis_rules: full (ring) attention needs the first "
-                     f"axis {names[0]!r} on 'seq', not {to_seq[0]!r}")
+  if form.contiguous_blocks and sharded != 0:
+    raise ValueError(f"parallel.logical_axis_rules: {attention} ({form.name}) attention needs "
+                     f"the first axis {names[0]!r} on 'seq', not {to_seq[0]!r}")
   grid, num_up = shapes.upsampling_plan(spatial_shape, int(model_config.token_grid))
   variant = variants.decode_variant(model_config.variant)
   stages = min(int(model_config.attention_stages), num_up + 1, len(variant.depth))
@@ -152,15 +155,15 @@ def _validate_sequence_parallel(parallel_config: Any, seq: int, model_config: An
     local = list(stage_grid)
     local[sharded] //= seq
     heads = variant.num_heads[stage]
-    if attention == "axial" and heads % seq and not any(
+    if form.regroups_heads and heads % seq and not any(
         n % seq == 0 for a, n in enumerate(local) if a != sharded):
-      raise ValueError(f"parallel.mesh.seq={seq}: the all-to-all of axial attention needs "
-                       f"the heads ({heads}, model.variant) or another axis of the local "
-                       f"grid {tuple(local)} of {where} divisible by seq")
-    if attention == "full" and chunk is not None and (
+      raise ValueError(f"parallel.mesh.seq={seq}: the {form.name} of {attention} attention "
+                       f"needs the heads ({heads}, model.variant) or another axis of the "
+                       f"local grid {tuple(local)} of {where} divisible by seq")
+    if form.contiguous_blocks and chunk is not None and (
         not isinstance(chunk, int) or math.prod(local) % chunk):
       raise ValueError(f"model.chunk_size={chunk} must divide the {math.prod(local)} "
-                       f"local tokens of {where} for ring attention over seq={seq}")
+                       f"local tokens of {where} for {form.name} attention over seq={seq}")
 
 
 def make_mesh(parallel_config: Any, devices=None) -> Mesh:
