@@ -70,14 +70,40 @@ def _kid_brute(x, y):
   return kxx / (m * (m - 1)) + kyy / (m * (m - 1)) - 2 * kxy / m ** 2
 
 
-def test_kid_matches_brute_force_single_subset():
+def _kid_full_brute(x, y):
+  # The unbiased estimator on the full sets (sizes may differ): off-diagonal
+  # kxx and kyy means, minus twice the mean over every x-y pair.
+  n1, n2, d = len(x), len(y), x.shape[1]
+  k = lambda u, v: (u @ v / d + 1) ** 3
+  kxx = sum(k(x[i], x[j]) for i in range(n1) for j in range(n1) if i != j)
+  kyy = sum(k(y[i], y[j]) for i in range(n2) for j in range(n2) if i != j)
+  kxy = sum(k(x[i], y[j]) for i in range(n1) for j in range(n2))
+  return kxx / (n1 * (n1 - 1)) + kyy / (n2 * (n2 - 1)) - 2 * kxy / (n1 * n2)
+
+
+def test_kid_equal_sizes_has_a_spread():
+  # A subset as large as the set would be the whole set every time (std 0
+  # with equal sizes); subsets of at most half the smaller set vary.
   rng = np.random.default_rng(3)
-  x, y = rng.normal(size=(20, 5)), rng.normal(size=(20, 5)) + 0.7
-  # subset_size == n: every subset is a permutation of the full set.
-  mean, std = distances.kernel_inception_distance(x, y, num_subsets=3,
-                                                  subset_size=20)
-  np.testing.assert_allclose(mean, _kid_brute(x, y), rtol=1e-9)
-  assert std == pytest.approx(0.0, abs=1e-9)
+  x, y = rng.normal(size=(320, 16)), rng.normal(size=(320, 16)) + 0.3
+  mean, std = distances.kernel_inception_distance(x, y, num_subsets=20,
+                                                  subset_size=1000)
+  assert std > 0.05 * abs(mean) > 0
+
+
+def test_kid_mean_is_the_full_set_unbiased_estimator():
+  # Each subset value is the torch-fidelity estimator on that subset (next
+  # test); its expectation over the draws is the full-set estimator, so the
+  # mean over many subsets converges to the brute-force full-set value.
+  rng = np.random.default_rng(8)
+  x, y = rng.normal(size=(24, 4)), rng.normal(size=(18, 4)) * 1.2 + 0.5
+  n = 4000
+  mean, std = distances.kernel_inception_distance(x, y, num_subsets=n,
+                                                  subset_size=1000, seed=1)
+  ref = _kid_full_brute(x, y)
+  assert std > 0
+  assert abs(mean - ref) < 4 * std / np.sqrt(n)
+  assert abs(mean - ref) < 0.05 * abs(ref)
 
 
 def test_kid_subsets_mean_and_std():
@@ -121,6 +147,8 @@ def test_validation_errors():
     distances.frechet_distance(x[:1], x)
   with pytest.raises(ValueError, match=r"\[num_samples, dim\]"):
     distances.kernel_inception_distance(np.zeros(5), x)
+  with pytest.raises(ValueError, match="at least 4 samples"):
+    distances.kernel_inception_distance(x[:3], x)
   with pytest.raises(ValueError, match="k must be"):
     distances.nearest_neighbors(x, x, k=6)
   with pytest.raises(ValueError, match="NaN"):

@@ -110,17 +110,19 @@ def kernel_inception_distance(features1, features2, *, num_subsets: int = 100,
                               seed: int = 0) -> tuple[float, float]:
   """KID: unbiased MMD^2 with kernel k(x, y) = (x.y / dim + 1)^3.
 
-  As in Binkowski et al. 2018: draw `num_subsets` random subsets of
-  `subset_size` samples (without replacement within a subset) from each set,
-  compute the unbiased MMD^2 on each, and report the mean and std over subsets.
-  `subset_size` is reduced to the smaller set size when larger.
+  As in Binkowski et al. 2018: draw `num_subsets` random subsets of `m`
+  samples (without replacement within a subset) from each set, compute the
+  unbiased MMD^2 on each, and report the mean and std over subsets. `m` is
+  `subset_size` capped at half the smaller set, so both sets vary between
+  subsets and the std reflects both samples' variability at `m` per set.
 
   Args:
-    features1: `[n1, dim]`.
-    features2: `[n2, dim]`.
+    features1: `[n1, dim]`, n1 >= 4.
+    features2: `[n2, dim]`, n2 >= 4.
     num_subsets: number of subset pairs.
-    subset_size: samples per subset (>= 2).
-    seed: numpy seed for the subset draws.
+    subset_size: samples per subset (>= 2) before the cap.
+    seed: numpy seed for the subset draws (per subset: `choice(n1)` then
+      `choice(n2)`, without replacement).
 
   Returns:
     (mean, std) of MMD^2 over subsets, python floats (unbiased: may be < 0).
@@ -130,9 +132,13 @@ def kernel_inception_distance(features1, features2, *, num_subsets: int = 100,
   check_same_dim(x, y)
   if num_subsets < 1:
     raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
-  m = min(subset_size, x.shape[0], y.shape[0])
-  if m < 2:
+  if subset_size < 2:
     raise ValueError(f"subset_size must be >= 2, got {subset_size}")
+  m = min(subset_size, min(x.shape[0], y.shape[0]) // 2)
+  if m < 2:
+    raise ValueError(f"KID needs at least 4 samples per set (subsets of at "
+                     f"most half the smaller set), got {x.shape[0]} and "
+                     f"{y.shape[0]}")
   rng = np.random.default_rng(seed)
   # float64 host copies: the kernel's cube amplifies fp32 round-off.
   with jax.enable_x64(True):

@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = dict(
     max_test=None,             # cap on real test images (None: all)
     prdc_k=5,
     kid_subsets=100,
-    kid_subset_size=1000,
+    kid_subset_size=1000,      # capped at half the smaller set (32 for 64 volumes)
     bootstrap_resamples=50,
     memorization_percentile=1.0,
     num_pairs=8,
@@ -49,6 +49,8 @@ def eval_settings(config: Any) -> dict[str, Any]:
   for key in ("generate_batch_size", "prdc_k", "kid_subsets", "num_pairs", "grid_cols"):
     if int(s[key]) < 1:
       raise ValueError(f"eval.{key} must be >= 1, got {s[key]}")
+  if int(s["kid_subset_size"]) < 2:
+    raise ValueError(f"eval.kid_subset_size must be >= 2, got {s['kid_subset_size']}")
   if not 0.0 < float(s["memorization_percentile"]) < 100.0:
     raise ValueError(f"eval.memorization_percentile must be in (0, 100), got "
                      f"{s['memorization_percentile']}")
