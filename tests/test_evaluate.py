@@ -62,7 +62,7 @@ def test_real_test_as_generated_matches_reference(setup, tmp_path):
     a, b = m[key], m[f"{key}_real_reference"]
     assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b), key
   assert m["num_samples"] == m["num_real_test"] == len(test["image"])
-  assert m["fd_domain_ci_low"] <= m["fd_domain_ci_high"]
+  assert 0.0 <= m["fd_domain_ci_low"] <= m["fd_domain"] <= m["fd_domain_ci_high"]
   # With n distinct test-to-train distances the 1st percentile lies between
   # the smallest and the second smallest: exactly one test image is below.
   assert m["memorized_fraction_real_reference"] == pytest.approx(1 / len(test["image"]))
