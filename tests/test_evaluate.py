@@ -63,9 +63,11 @@ def test_real_test_as_generated_matches_reference(setup, tmp_path):
     assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b), key
   assert m["num_samples"] == m["num_real_test"] == len(test["image"])
   assert 0.0 <= m["fd_domain_ci_low"] <= m["fd_domain"] <= m["fd_domain_ci_high"]
-  # With n distinct test-to-train distances the 1st percentile lies between
-  # the smallest and the second smallest: exactly one test image is below.
-  assert m["memorized_fraction_real_reference"] == pytest.approx(1 / len(test["image"]))
+  # New patients are not copies: the real reference reads ~0 in both spaces.
+  assert m["memorized_fraction_real_reference"] <= 0.05
+  assert m["memorized_fraction_pixel_real_reference"] <= 0.05
+  assert m["memorization_threshold"] > 0 and m["memorization_threshold_pixel"] > 0
+  assert f"of {len(test['image'])} test" in m["memorization_threshold_rule"]
   for name in ("samples_lesion", "samples_site", "memorization_features",
                "memorization_pixels", "hu_histograms"):
     assert os.path.getsize(m["figures"][name]) > 1000, name

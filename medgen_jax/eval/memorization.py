@@ -3,11 +3,12 @@
 For every generated sample we find its nearest real training image, in a
 feature space (domain extractor features) and in pixel space, and compare
 those distances with the same distances from held-out real test images to
-the training set. A test image is a new patient, so the 1st percentile of
-test-to-train distances is how close an honest new sample gets; a generated
-sample closer than that is flagged as a likely copy. Synthetic patient data
-that copies a training patient is a privacy leak, so `memorized_fraction` is
-reported with every evaluation.
+the training set. A test image is a new patient; the threshold is a robust
+low bound of the test-to-train distances, `max(median - k * 1.4826 * MAD,
+min_fraction * median)`, so near-copies among the test images do not pull it
+to 0 and a small test set (64 volumes) does not reduce it to its smallest
+distance. A generated sample closer than that is flagged as a likely copy
+(a privacy leak for patient data).
 """
 from __future__ import annotations
 
@@ -27,18 +28,31 @@ def _flatten(name: str, x) -> np.ndarray:
   return x.reshape(x.shape[0], -1)
 
 
-def memorization_audit(generated, train, test, *, percentile: float = 1.0,
-                       chunk_size: int = 512) -> dict[str, np.ndarray | float]:
+MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its std
+
+
+def robust_threshold(test_to_train, *, mad_k: float = 4.0,
+                     min_fraction: float = 0.1) -> float:
+  """`max(median - mad_k * 1.4826 * MAD, min_fraction * median)` of `[n]` distances."""
+  d = np.asarray(test_to_train, np.float64).reshape(-1)
+  med = float(np.median(d))
+  mad = float(np.median(np.abs(d - med)))
+  return max(med - mad_k * MAD_TO_STD * mad, min_fraction * med)
+
+
+def memorization_audit(generated, train, test, *, mad_k: float = 4.0,
+                       min_fraction: float = 0.1,
+                       chunk_size: int = 512) -> dict[str, np.ndarray | float | str]:
   """Nearest-training-neighbour audit in one space (features or pixels).
 
   Args:
     generated: `[n_gen, ...]` generated samples (features `[n, F]` or images
       `[n, *spatial, C]`; images are flattened).
     train: `[n_train, ...]` real training samples, same trailing shape.
-    test: `[n_test, ...]` real held-out samples, same trailing shape; at least
-      `100 / percentile` of them so the percentile is not the minimum of a
-      handful.
-    percentile: reference percentile of test-to-train distances (1 = 1st).
+    test: `[n_test, ...]` real held-out samples (>= 2), same trailing shape.
+    mad_k: robust standard deviations below the median test distance.
+    min_fraction: floor of the threshold as a fraction of that median, in
+      (0, 1).
     chunk_size: queries per distance block (10k x 10k images are fine).
 
   Returns:
@@ -46,11 +60,13 @@ def memorization_audit(generated, train, test, *, percentile: float = 1.0,
       'gen_to_train': `[n_gen]` nearest training distance per generated sample,
       'gen_nearest_train': `[n_gen]` index of that training sample,
       'test_to_train': `[n_test]` the real reference distances,
-      'threshold': the `percentile` of 'test_to_train',
+      'threshold': `robust_threshold` of 'test_to_train',
       'memorized_fraction': fraction of generated samples with distance
         strictly below the threshold,
       'test_memorized_fraction': the same fraction for the test set itself
-        (the real-vs-real reference, ~percentile/100 by construction).
+        (the real-vs-real reference, ~0 without test-train near-copies),
+      'num_test': number of test references,
+      'threshold_rule': the rule and its number of references, as text.
   """
   gen, tr, te = (_flatten(n, x) for n, x in
                  (("generated", generated), ("train", train), ("test", test)))
@@ -58,14 +74,16 @@ def memorization_audit(generated, train, test, *, percentile: float = 1.0,
     if x.shape[1] != tr.shape[1]:
       raise ValueError(f"{name} has {x.shape[1]} values per sample but train "
                        f"has {tr.shape[1]}")
-  if not 0.0 < percentile < 100.0:
-    raise ValueError(f"percentile must be in (0, 100), got {percentile}")
+  if mad_k < 0.0:
+    raise ValueError(f"mad_k must be >= 0, got {mad_k}")
+  if not 0.0 < min_fraction < 1.0:
+    raise ValueError(f"min_fraction must be in (0, 1), got {min_fraction}")
   if te.shape[0] < 2:
     raise ValueError(f"test needs at least 2 samples, got {te.shape[0]}")
   gen_d, gen_i = distances.nearest_neighbors(gen, tr, k=1, chunk_size=chunk_size)
   test_d, _ = distances.nearest_neighbors(te, tr, k=1, chunk_size=chunk_size)
   gen_d, gen_i, test_d = gen_d[:, 0], gen_i[:, 0], test_d[:, 0]
-  threshold = float(np.percentile(test_d, percentile))
+  threshold = robust_threshold(test_d, mad_k=mad_k, min_fraction=min_fraction)
   return {
       "gen_to_train": gen_d,
       "gen_nearest_train": gen_i,
@@ -73,6 +91,10 @@ def memorization_audit(generated, train, test, *, percentile: float = 1.0,
       "threshold": threshold,
       "memorized_fraction": float(np.mean(gen_d < threshold)),
       "test_memorized_fraction": float(np.mean(test_d < threshold)),
+      "num_test": int(te.shape[0]),
+      "threshold_rule": (f"max(median - {mad_k:g} * 1.4826 * MAD, "
+                         f"{min_fraction:g} * median) of {te.shape[0]} "
+                         f"test-to-train nearest distances"),
   }
 
 

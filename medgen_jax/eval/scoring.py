@@ -128,11 +128,11 @@ def _score_set(images: np.ndarray, requested: Mapping[str, np.ndarray],
                                          transform, seed=seed)
     out.update({f"{key}_{modality}": v for key, v in scored.items()})
 
-  pct = float(s["memorization_percentile"])
-  audit_f = memorization.memorization_audit(feats, tr, real_test_feats,
-                                            percentile=pct)
+  rule = dict(mad_k=float(s["memorization_mad_k"]),
+              min_fraction=float(s["memorization_min_fraction"]))
+  audit_f = memorization.memorization_audit(feats, tr, real_test_feats, **rule)
   audit_p = memorization.memorization_audit(images, real.train_images,
-                                            real.test_images, percentile=pct)
+                                            real.test_images, **rule)
   out["memorized_fraction"] = audit_f["memorized_fraction"]
   out["memorization_threshold"] = audit_f["threshold"]
   out["nearest_train_distance_median"] = float(np.median(audit_f["gen_to_train"]))
@@ -171,7 +171,9 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
     flat dict: each metric name, `<name>_real_reference`, `baseline_<name>`
     when a baseline is given, `figures` ({name: path}, baseline ones as
     `baseline_<name>`) when figures were written, and `num_samples`,
-    `num_real_train`, `num_real_test`, `seed`.
+    `num_real_train`, `num_real_test`, `seed` and
+    `memorization_threshold_rule` (the rule and its number of test
+    references, as text).
   """
   s = dict(settings_lib.DEFAULTS if settings is None else settings)
   sets = {"": generated} if baseline is None else {"": generated,
@@ -227,7 +229,8 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
           grid_cols=int(s["grid_cols"]))
       figures.update({prefix + name: path for name, path in written.items()})
   metrics.update(num_samples=int(n), num_real_train=int(len(train_images)),
-                 num_real_test=int(len(test_images)), seed=int(s["seed"]))
+                 num_real_test=int(len(test_images)), seed=int(s["seed"]),
+                 memorization_threshold_rule=ref_art["audit_features"]["threshold_rule"])
   if figures:
     metrics["figures"] = figures
   return metrics

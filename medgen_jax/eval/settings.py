@@ -23,7 +23,10 @@ DEFAULTS: dict[str, Any] = dict(
     kid_subsets=100,
     kid_subset_size=1000,      # capped at half the smaller set (32 for 64 volumes)
     bootstrap_resamples=50,
-    memorization_percentile=1.0,
+    # Memorisation threshold: max(median - k * 1.4826 * MAD, min_fraction *
+    # median) of the test-to-train nearest distances.
+    memorization_mad_k=4.0,
+    memorization_min_fraction=0.1,
     num_pairs=8,
     grid_cols=8,
     figures=True,
@@ -51,7 +54,10 @@ def eval_settings(config: Any) -> dict[str, Any]:
       raise ValueError(f"eval.{key} must be >= 1, got {s[key]}")
   if int(s["kid_subset_size"]) < 2:
     raise ValueError(f"eval.kid_subset_size must be >= 2, got {s['kid_subset_size']}")
-  if not 0.0 < float(s["memorization_percentile"]) < 100.0:
-    raise ValueError(f"eval.memorization_percentile must be in (0, 100), got "
-                     f"{s['memorization_percentile']}")
+  if float(s["memorization_mad_k"]) < 0.0:
+    raise ValueError(f"eval.memorization_mad_k must be >= 0, got "
+                     f"{s['memorization_mad_k']}")
+  if not 0.0 < float(s["memorization_min_fraction"]) < 1.0:
+    raise ValueError(f"eval.memorization_min_fraction must be in (0, 1), got "
+                     f"{s['memorization_min_fraction']}")
   return extractor_cache.check_settings(s)
