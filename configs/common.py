@@ -1,10 +1,12 @@
-"""What several config files share: the variant parser and the eval section."""
+"""What several config files share: the variant parser, the eval section and
+the condition classifier's recipe sections."""
 from __future__ import annotations
 
 from typing import Iterable
 
 import ml_collections
 
+from medgen_jax import classifier
 from medgen_jax.eval import settings as eval_settings
 
 # Types of the eval settings whose default is None, so that the config holds
@@ -63,4 +65,24 @@ def eval_section(**overrides) -> ml_collections.ConfigDict:
     if default is None:
       default = ml_collections.config_dict.placeholder(_NONE_TYPES[key])
     section[key] = default
+  return ml_collections.ConfigDict(section)
+
+
+def classifier_section(**overrides) -> ml_collections.ConfigDict:
+  """A condition classifier's recipe section (`config.teacher`, `config.selector`).
+
+  Every field of `medgen_jax.classifier.Recipe` with its default there, so
+  each one can be overridden on the command line (`--config.teacher.steps=600`);
+  `fields` is comma separated ('' = every condition), `max_train` a typed
+  placeholder (None = the whole train split).
+
+  Args:
+    **overrides: this use's values for some recipe fields, and keys of the
+      use itself (e.g. the selector's `candidates`).
+  """
+  recipe = {k: v for k, v in overrides.items() if k in classifier.recipe.FIELDS}
+  section = classifier.section_values(**recipe)
+  section.update({k: v for k, v in overrides.items() if k not in recipe})
+  if section["max_train"] is None:
+    section["max_train"] = ml_collections.config_dict.placeholder(int)
   return ml_collections.ConfigDict(section)

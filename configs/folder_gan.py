@@ -20,7 +20,7 @@ condition teacher is off (`loss.teacher_weight` unset means on with
 conditions, off without), sample grids have one row, the evaluation's
 extractor learns a label-free pretext task and reports no condition fidelity.
 Asking for what cannot work (`--config.loss.teacher_weight=1` or AC heads
-without conditions, `loss.teacher_fields` naming no CSV column) fails with
+without conditions, `teacher.fields` naming no CSV column) fails with
 one message before the dataset is built.
 
 Variants (comma-separated): `quick` (16x16 slices or 8x16x16 volumes, a few
@@ -56,5 +56,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.teacher_weight = ml_collections.config_dict.placeholder(float)
     # Select with every condition of the labels CSV (the phantom's 'lesion'
     # need not be one); without conditions sampling is plain.
-    config.model.select_fields = ""
+    config.selector.fields = ""
   return config

@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The paired L1 already ties the output to its source; the generation
   # task's condition teacher does not apply to translation.
   config.loss.teacher_weight = 0.0
-  config.model.select_candidates = 1  # translation samples one output per input
+  config.selector.candidates = 1  # translation samples one output per input
   # Pairs move together; intensity jitter would change SUV/HU meaning.
   config.loss.augment = "translation"
   # The non-saturating loss: with the 2D default's rpgan and R1/R2 gamma 2

@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # No discriminator, no teacher: the GAN's penalties and pushes are off.
   lcfg.update(r1_gamma=0.0, r2_gamma=0.0, teacher_weight=0.0, condition_weight=0.0,
               augment="")
-  config.model.select_candidates = 1  # each draw is a full ODE solve
+  config.selector.candidates = 1  # each draw is a full ODE solve
   # Logit-normal time sampling, t = sigmoid(N(time_mean, time_std)) (SD3),
   # and the probability of dropping an example's conditions to unknown.
   lcfg.time_mean = 0.0

@@ -51,17 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       d_minibatch_std=0,
       # AC-GAN heads on D predicting every condition (used by
       # loss.condition_weight; the two must be set together).
-      d_condition_heads=False, dtype="float32",
-      # Sampling (experiments.evaluate / sample / downstream): each image is the
-      # best of select_candidates noise draws by a frozen condition teacher of
-      # select_fields ('' = the training teacher's fields; trained once, cached;
-      # medgen_jax/inference/selection.py; 1 = plain sampling). Over seeds 0-2
-      # of the hinged-teacher generator without the mode-seeking term, 16
-      # draws by a lesion teacher raised the requested large
-      # lesion from 0.24-0.31 to 0.75-0.78 of samples and lowered FD from
-      # 20.0-29.5 to 17.8-24.0, at recall 0.094-0.186 against 0.132-0.257
-      # (docs/results.md, "2D generation").
-      select_candidates=16, select_fields="lesion"))
+      d_condition_heads=False, dtype="float32"))
   # Sized for the 15-minute CPU budget: a batch-16 step with the condition
   # teacher takes ~0.25-0.3 s on the idle 2-core machine, so 2,000 steps plus
   # dataset build, the teacher's one-off 300 steps and compilation fit. Over
@@ -103,26 +93,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # 17.0 / 24.6 / 11.7 against 17.8 / 24.0 / 20.3, requested large lesion
       # 0.86-0.94 against 0.75-0.78 (docs/results.md, "2D generation").
       diversity_weight=1.0, diversity_cap=0.3,
-      # Frozen condition teacher (train.loop.build_teacher): weight of its
-      # loss on generated images (0 = off), its seed (must differ from
-      # eval.extractor_seed) and training steps (trained once, cached). On:
-      # without it a requested large lesion was drawn in 2-12 % of samples,
-      # with it in 76 % (real 73 %), at an FD cost (1,200-step runs, commit 5f2b8c2).
-      teacher_weight=1.0, teacher_seed=1, teacher_steps=300,
+      # Weight of the frozen condition teacher's loss on generated images
+      # (0 = off; the teacher is config.teacher).
+      teacher_weight=1.0,
       # 'real': the teacher's loss on fakes is hinged at its loss on the
       # paired real batch (losses.teacher_hinge), so fakes are pushed only
       # until they are as recognisable as real slices; 'none': minimised.
-      # Minimising it draws every sample towards one prototype per lesion
-      # class: at 2,000 steps (seed 0) recall 0.257 hinged, 0.000 minimised,
-      # 0.007 with only the lesion field minimised. The hinge costs lesion
-      # following: a requested large lesion in 0.24-0.31 of samples over
-      # seeds 0-2, against 0.38-0.62 for the 1,000-step unhinged recipe.
-      teacher_margin="real",
-      # Conditions the teacher is trained on and teaches, comma separated
-      # ('' = all). 'lesion': a requested large lesion is drawn in 91-100 %
-      # of samples (two seeds; 49-93 % with all), but FD 67-75 against 37-45
-      # and site stops following (docs/results.md, teacher options).
-      teacher_fields=""))
+      teacher_margin="real"))
+  # The condition teacher's recipe (medgen_jax.classifier.Recipe; trained once
+  # on the real train split, cached): its seed differs from eval.extractor_seed,
+  # and fields ('' = all) are the conditions it is trained on and teaches.
+  config.teacher = common.classifier_section(seed=1, steps=300, fields="")
+  # Best-of-K sampling (experiments.evaluate / sample / downstream): each image
+  # is the best of `candidates` noise draws (1 = plain sampling) by a frozen
+  # condition classifier of this recipe (medgen_jax/inference/selection.py).
+  config.selector = common.classifier_section(candidates=16, seed=1, steps=300,
+                                              fields="lesion")
   # Evaluation (experiments.evaluate): every setting of medgen_jax/eval/settings.py
   # with its default there. None sample count = size of the real test split;
   # None extractor path = a cache keyed by the dataset's identity; None
@@ -144,10 +130,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.model.d_group_size = 8  # divides d_width * d_expansion
       config.train.update(num_steps=3, batch_size=4, log_every=1, sample_every=3,
                           checkpoint_every=2)
-      config.model.select_candidates = 2
       config.loss.ema_decay = 0.9
       config.loss.r1_every = 2
-      config.loss.teacher_steps = 3
+      config.teacher.steps = 3
+      config.selector.update(candidates=2, steps=3)
       config.eval.update(extractor_steps=6, kid_subsets=3, bootstrap_resamples=3)
     elif v == "cnn":
       config.model.generator = "cnn"

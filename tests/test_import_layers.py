@@ -4,7 +4,8 @@ Every module under medgen_jax/ is parsed with `ast` (nothing is imported, so
 this runs in well under a second) and each `import` of a medgen_jax module is
 checked against the layer order:
 
-  data < viz < conditioning < attention < models < train < inference < eval < bench
+  data < viz < conditioning < attention < models < classifier < train < inference < eval
+  < bench
 
 A module may import its own package and any package to its left. The library
 never imports the top-level `configs` or `experiments` packages (they sit on
@@ -18,8 +19,8 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 PACKAGE = "medgen_jax"
-LAYERS = ("data", "viz", "conditioning", "attention", "models", "train", "inference",
-          "eval", "bench")
+LAYERS = ("data", "viz", "conditioning", "attention", "models", "classifier", "train",
+          "inference", "eval", "bench")
 # viz_volume is the 3D half of viz: one layer.
 LAYER_OF = {**{name: i for i, name in enumerate(LAYERS)}, "viz_volume": LAYERS.index("viz")}
 ABOVE_THE_LIBRARY = ("configs", "experiments")
@@ -149,6 +150,10 @@ def test_the_library_imports_downward_only():
      "train sits below eval"),
     ("medgen_jax.inference.quantize", "import medgen_jax.eval.evaluate\n",
      "inference sits below eval"),
+    ("medgen_jax.classifier.cache", "from medgen_jax.train import loop\n",
+     "classifier sits below train"),
+    ("medgen_jax.models.discriminator", "from medgen_jax import classifier\n",
+     "models sits below classifier"),
     ("medgen_jax.bench.suite", "from configs import phantom_gan\n",
      "the library never imports configs/"),
     ("medgen_jax.data.pipeline", "def f():\n  from medgen_jax.data import info\n",

@@ -10,8 +10,8 @@ separated by ';'. The value after '=' is a class name or index of the
 
 Only the train split is affected: the held-out splits keep their labels for
 evaluation. It is a read-time choice (the stored dataset is unchanged), but
-it changes what a condition teacher learns, so it is part of the extractor
-cache key (`medgen_jax.train.extractor_cache`).
+it changes what a condition teacher learns, so it is part of the classifier
+cache key (`medgen_jax.classifier.cache`).
 """
 from __future__ import annotations
 

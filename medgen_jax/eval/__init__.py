@@ -20,9 +20,8 @@ One job per module:
   memorization  nearest-training-neighbour audit and closest-pair figure
   bootstrap     bootstrap confidence intervals
 
-The domain feature extractor is trained and cached one layer down
-(`medgen_jax.train.extractor`, `medgen_jax.train.extractor_cache`): the
-GAN's condition teacher is the same network.
+The domain feature extractor is a `medgen_jax.classifier` network, trained
+and cached from the `config.eval.extractor_*` recipe (`settings`).
 """
 from medgen_jax.eval.bootstrap import bootstrap_ci
 from medgen_jax.eval.distances import (frechet_distance,

@@ -4,10 +4,10 @@ Shared by the augmentation learning curve (`eval.downstream`) and the
 cross-site experiment (`eval.cross_site`), so both train, score and summarise
 in exactly the same way:
 
-- the classifier is the domain extractor's CNN (`train.extractor`) with one
-  head, for the classes kept by `config.classes` (a subset such as
-  ('none', 'large') makes a task the phantom's 64x64 slices can answer);
-  its recipe (steps, batch, lr, architecture) is fixed in the config and the
+- the classifier is `medgen_jax.classifier`'s network with one head, for
+  the classes kept by `config.classes` (a subset such as ('none', 'large')
+  makes a task the phantom's 64x64 slices can answer); its recipe
+  (`config.classifier`: steps, batch, lr, architecture) is fixed and the
   last step is scored: no checkpoint is selected on any held-out data;
 - scores: macro-F1, balanced accuracy (mean per-class recall) and accuracy
   on held-out subjects;
@@ -25,8 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from medgen_jax import classifier
 from medgen_jax.data.info import CATEGORICAL, ConditionField, DatasetInfo
-from medgen_jax.train import extractor
 
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
 
@@ -129,15 +129,15 @@ def class_task(info: DatasetInfo, field: str, classes: Sequence[str | int] = ())
 
 
 def train_and_test(images, labels, task: ClassTask, tests: Mapping[str, Mapping[str, np.ndarray]],
-                   classifier: Any, seed: int) -> dict[str, dict[str, Any]]:
+                   recipe: classifier.Recipe, seed: int) -> dict[str, dict[str, Any]]:
   """Trains the classifier on (images, task labels) and scores it on each test set.
 
   Args:
     images: `[N, *spatial, C]` in [-1, 1].
     labels: `[N]` task labels in [0, k).
     tests: name -> {'image': ..., 'label': task labels}.
-    classifier: the recipe (steps, batch_size, lr, and `make_extractor`
-      keywords), e.g. `config.classifier`.
+    recipe: the classifier's recipe (`classifier.from_section(config.classifier)`;
+      its seed and fields are not used).
     seed: initialisation and batch order.
 
   Returns:
@@ -147,13 +147,13 @@ def train_and_test(images, labels, task: ClassTask, tests: Mapping[str, Mapping[
   labels = np.asarray(labels)
   if labels.min() < 0 or labels.max() >= task.num_classes:
     raise ValueError("train_and_test: labels must be task labels in [0, k)")
-  model, params, _ = extractor.train_feature_extractor(
-      images, {task.field.name: labels}, (task.task_field,), steps=int(classifier.steps),
-      batch_size=int(classifier.batch_size), seed=seed, lr=float(classifier.lr),
-      **extractor.architecture_from(classifier))
+  recipe = dataclasses.replace(recipe, seed=int(seed))
+  model, params, _ = classifier.train_feature_extractor(
+      images, {task.field.name: labels}, (task.task_field,), **recipe.optimisation,
+      **recipe.architecture)
   out = {}
   for name, test in tests.items():
-    pred = extractor.predict_conditions(model, params, test["image"])[task.field.name]
+    pred = classifier.predict_conditions(model, params, test["image"])[task.field.name]
     out[name] = scores(pred, test["label"], task.num_classes)
   # Experiments train tens of classifiers: one line each shows progress.
   log.info("classifier seed %d on %d images: %s (%.1f s)", seed, len(labels),

@@ -36,6 +36,7 @@ import numpy as np
 
 from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
+from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.data import hidden_labels
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
@@ -141,6 +142,7 @@ def run_cross_site(config: Any, workdir: str, *,
     generators = downstream.checkpoint_generators(config, info)
   m = int(config.num_synthetic)
   runs: list[dict[str, Any]] = []
+  recipe = classifier.from_section(config.classifier)
   for seed in (int(s) for s in config.seeds):
     rng = np.random.default_rng(seed)
     real = rng.choice(source_pool, int(config.num_real), replace=False)
@@ -157,7 +159,7 @@ def run_cross_site(config: Any, workdir: str, *,
       sets[arm] = (np.concatenate([source_rows["image"], e["image"]]),
                    np.concatenate([source_rows["label"], e["label"]]))
     for arm, (images, labels) in sets.items():
-      result = cls_lib.train_and_test(images, labels, task, tests, config.classifier, seed)
+      result = cls_lib.train_and_test(images, labels, task, tests, recipe, seed)
       runs.append({"seed": seed, "arm": arm, **{t: result[t] for t in TESTS}})
 
   arms = list(dict.fromkeys(r["arm"] for r in runs))

@@ -1,7 +1,7 @@
 """Distances between feature sets: Fréchet distance, KID, chunked k-NN.
 
 All functions take feature arrays `[num_samples, dim]` (e.g. penultimate
-activations of the domain feature extractor, `medgen_jax.train.extractor`).
+activations of the domain feature extractor, `medgen_jax.classifier`).
 
 The Fréchet distance is computed in float64 (inside `jax.enable_x64`) with
 the trace of the matrix square root taken from the symmetric product

@@ -44,6 +44,7 @@ import numpy as np
 
 from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
+from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.eval import classification as cls_lib
@@ -181,6 +182,7 @@ def run_downstream(config: Any, workdir: str, *,
     generators = checkpoint_generators(config, info)
   arms = ["real"] + [arm_name(g, r) for g in generators for r in ratios]
   runs: list[dict[str, Any]] = []
+  recipe = classifier.from_section(config.classifier)
   for seed in (int(s) for s in config.seeds):
     order = np.random.default_rng(seed).permutation(known)
     synthetic = {g: synthetic_set(fn, task, info, train, int(round(ratios[-1] * sizes[-1])),
@@ -196,7 +198,7 @@ def run_downstream(config: Any, workdir: str, *,
               np.concatenate([train["image"][real], synthetic[g]["image"][:m]]),
               np.concatenate([train["label"][real], synthetic[g]["label"][:m]]))
       for arm, (images, labels) in sets.items():
-        result = cls_lib.train_and_test(images, labels, task, tests, config.classifier, seed)
+        result = cls_lib.train_and_test(images, labels, task, tests, recipe, seed)
         runs.append({"seed": seed, "num_real": n, "arm": arm, **result["test"]})
 
   def select(arm, n):

@@ -8,7 +8,7 @@ One evaluation run:
    which the sampler sweep shares);
 3. gets the domain feature extractor: restored from its orbax cache, or
    trained once on the real train split and cached
-   (`medgen_jax.train.extractor_cache.get_extractor`; without conditions it
+   (`medgen_jax.classifier.get_classifier`; without conditions it
    learns the label-free rotation pretext, and its rotation accuracy on the
    real test and train splits is reported as `extractor_pretext_accuracy_*`);
 4. draws `num_samples` condition tuples from the real test split's rows (so
@@ -32,13 +32,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from medgen_jax import classifier
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.eval import baseline as baseline_lib
 from medgen_jax.eval import output, reference, scoring, translation
 from medgen_jax.eval import settings as settings_lib
 from medgen_jax.inference import sample, selection
 from medgen_jax.train import checkpoint as ckpt_lib
-from medgen_jax.train import extractor
 
 GenerateFn = Callable[..., np.ndarray]  # (conditions, seed, num=None) -> images
 
@@ -94,12 +94,12 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                     baseline=baseline)
   metrics.update(checkpoint_step=int(gen_step if gen_step is not None else step),
                  extractor_path=meta["path"], extractor_reused=meta["reused"])
-  if extractor.is_pretext(model):
+  if classifier.is_pretext(model):
     # Does the label-free extractor know anatomy beyond its train subjects?
     metrics.update(
-        extractor_pretext_accuracy_test=extractor.pretext_accuracy(
+        extractor_pretext_accuracy_test=classifier.pretext_accuracy(
             model, params, test["image"], seed=int(s["seed"])),
-        extractor_pretext_accuracy_train=extractor.pretext_accuracy(
+        extractor_pretext_accuracy_train=classifier.pretext_accuracy(
             model, params, train["image"][:len(test["image"])], seed=int(s["seed"])))
   if baseline_config is not None:
     metrics.update(baseline_checkpoint_step=int(

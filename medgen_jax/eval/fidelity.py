@@ -1,7 +1,7 @@
 """Condition fidelity: do generated images show what was asked for?
 
 Two independent judges:
-- the domain classifier (`medgen_jax.train.extractor.predict_conditions`)
+- the domain classifier (`medgen_jax.classifier.predict_conditions`)
   applied to generated images, scored against the requested conditions
   (`condition_fidelity`): accuracy per categorical field (e.g.
   `lesion_accuracy`, `site_accuracy`), MAE per continuous field (`age_mae`, in

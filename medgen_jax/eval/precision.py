@@ -13,13 +13,13 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.data.info import uniform_conditions
 from medgen_jax.eval import distances, fidelity, reference
 from medgen_jax.eval import settings as settings_lib
 from medgen_jax.inference import quantize
 from medgen_jax.inference import sample as sample_lib
-from medgen_jax.train import extractor, extractor_cache
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -41,7 +41,7 @@ def compare_precisions(config: Any, workdir: str, out_dir: str, *, num_samples: 
   field's support); PSNR is against the fp32 output, domain FD and lesion
   accuracy use the evaluation suite's domain extractor (restored from its
   cache or trained once on the real train split, see
-  `medgen_jax.train.extractor_cache.get_extractor`), FD against the real test
+  `medgen_jax.classifier.get_classifier`), FD against the real test
   split.
 
   Args:
@@ -62,8 +62,10 @@ def compare_precisions(config: Any, workdir: str, out_dir: str, *, num_samples: 
   settings = settings_lib.eval_settings(config)
   settings.update(extractor_settings or {})
   train, test = reference.load_real(config.data, settings)
-  ext_model, ext_params, _ = extractor_cache.get_extractor(config.data, info, train, settings)
-  real_feats = extractor.extract_features(ext_model, ext_params, test["image"])
+  ext_model, ext_params, _ = classifier.get_classifier(
+      settings_lib.extractor_recipe(settings), config.data, info, train=train,
+      path=settings["extractor_path"])
+  real_feats = classifier.extract_features(ext_model, ext_params, test["image"])
 
   conditions = uniform_conditions(info, np.random.default_rng(seed), num_samples)
   z = sample_lib.make_noise(seed, num_samples, int(config.model.latent_dim))
@@ -74,8 +76,8 @@ def compare_precisions(config: Any, workdir: str, out_dir: str, *, num_samples: 
     images, latency = sample_lib.generate(prepared, z, conditions, batch_size=batch_size)
     if precision == "fp32":
       fp32_images = images
-    feats = extractor.extract_features(ext_model, ext_params, images)
-    predicted = extractor.predict_conditions(ext_model, ext_params, images)
+    feats = classifier.extract_features(ext_model, ext_params, images)
+    predicted = classifier.predict_conditions(ext_model, ext_params, images)
     fid = fidelity.condition_fidelity(predicted, conditions, info.conditions)
     # fp32 itself is the reference: its PSNR would be +inf (not valid JSON).
     row = dict(precision=precision, **quantize.stored_bytes(prepared),

@@ -1,6 +1,6 @@
 """How well can an extractor architecture read each condition from real images?
 
-`probe_extractor` trains the domain extractor's `FeatureNet` on a dataset's real train split
+`probe_extractor` trains `medgen_jax.classifier`'s `FeatureNet` on a dataset's real train split
 and scores it on the real test split (other subjects) with the same
 `fidelity.condition_fidelity` the evaluation applies to generated images.
 That accuracy is the ceiling of every condition-fidelity number: a classifier
@@ -13,8 +13,8 @@ import time
 from typing import Any, Sequence
 
 from medgen_jax import data as data_lib
+from medgen_jax.classifier import training
 from medgen_jax.eval import fidelity
-from medgen_jax.train import extractor
 
 
 def probe_extractor(data_config: Any, *, fields: Sequence[str] | None = None,
@@ -26,7 +26,7 @@ def probe_extractor(data_config: Any, *, fields: Sequence[str] | None = None,
     data_config: the dataset config.
     fields: condition names to train and score (None: all).
     steps, batch_size, seed, lr: extractor training settings.
-    **architecture: `extractor.make_extractor` keywords.
+    **architecture: `training.make_extractor` keywords.
 
   Returns:
     {'steps', 'train_s', 'architecture', 'num_train', 'num_test'} plus the
@@ -38,18 +38,18 @@ def probe_extractor(data_config: Any, *, fields: Sequence[str] | None = None,
             else tuple(info.condition(name) for name in fields))
   if not chosen:
     raise ValueError(f"dataset {info.name!r} has no condition fields to probe")
-  extractor.make_extractor(chosen, **architecture)  # bad settings fail here
+  training.make_extractor(chosen, **architecture)  # bad settings fail here
   train = data_lib.load_arrays(data_config, split="train")
   test = data_lib.load_arrays(data_config, split="test")
   start = time.perf_counter()
-  model, params, _ = extractor.train_feature_extractor(
+  model, params, _ = training.train_feature_extractor(
       train["image"], {f.name: train[f.name] for f in chosen}, chosen,
       steps=steps, batch_size=batch_size, seed=seed, lr=lr, **architecture)
   train_s = time.perf_counter() - start
-  predicted = extractor.predict_conditions(model, params, test["image"])
+  predicted = training.predict_conditions(model, params, test["image"])
   scores = fidelity.condition_fidelity(
       predicted, {f.name: test[f.name] for f in chosen}, chosen)
   return {"steps": int(steps), "train_s": round(train_s, 1),
-          "architecture": {k: getattr(model, k) for k in extractor.ARCHITECTURE_KEYS},
+          "architecture": {k: getattr(model, k) for k in training.ARCHITECTURE_KEYS},
           "num_train": int(len(train["image"])), "num_test": int(len(test["image"])),
           **scores}

@@ -8,8 +8,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from medgen_jax import data as data_lib
+from medgen_jax.classifier import cache
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
-from medgen_jax.train import extractor_cache
+from medgen_jax.eval import settings as settings_lib
 
 
 def load_real(data_config: Any, settings: Mapping[str, Any]
@@ -54,7 +55,7 @@ class Reference:
     info: the dataset's DatasetInfo.
     train, test: real split arrays (`load_real`).
     model, params: the domain feature extractor.
-    extractor_meta: `extractor_cache.get_extractor`'s {'path', 'reused', ...}.
+    extractor_meta: `classifier.get_classifier`'s {'path', 'reused', ...}.
     num_samples: how many images to generate.
     requested: {field: `[num_samples]`} conditions to generate them for
       (`draw_conditions`); {} for an unconditional model.
@@ -78,7 +79,9 @@ def load_reference(config: Any, settings: Mapping[str, Any]) -> Reference:
   """
   info = data_lib.load_info(config.data)
   train, test = load_real(config.data, settings)
-  model, params, meta = extractor_cache.get_extractor(config.data, info, train, settings)
+  model, params, meta = cache.get_classifier(
+      settings_lib.extractor_recipe(settings), config.data, info, train=train,
+      path=settings["extractor_path"])
   num = int(settings["num_samples"] or len(test["image"]))
   requested = draw_conditions(test, info, num, seed=int(settings["seed"]))
   return Reference(info, train, test, model, params, meta, num, requested)

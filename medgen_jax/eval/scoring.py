@@ -15,12 +15,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from medgen_jax import classifier
 from medgen_jax.data import phantom
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.eval import (bootstrap, distances, fidelity, manifold, memorization,
                              physical, report)
 from medgen_jax.eval import settings as settings_lib
-from medgen_jax.train import extractor
 
 
 def phantom_lesion_ranges() -> dict[int, tuple[float, float]] | None:
@@ -101,7 +101,7 @@ def _score_set(images: np.ndarray, requested: Mapping[str, np.ndarray],
   out["kid_domain"], out["kid_domain_std"] = kid, kid_std
   out.update(manifold.prdc(tr, feats, k=int(s["prdc_k"])))
 
-  predicted = extractor.predict_conditions(model, params, images)
+  predicted = classifier.predict_conditions(model, params, images)
   out.update(fidelity.condition_fidelity(predicted, requested, info.conditions))
 
   artifacts: dict[str, Any] = {}
@@ -147,7 +147,7 @@ def _score_set(images: np.ndarray, requested: Mapping[str, np.ndarray],
 def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
                     real_train: Mapping[str, np.ndarray],
                     real_test: Mapping[str, np.ndarray], info: DatasetInfo,
-                    model: extractor.FeatureNet, params,
+                    model: classifier.FeatureNet, params,
                     settings: Mapping[str, Any] | None = None,
                     figures_dir: str | None = None,
                     baseline=None) -> dict[str, Any]:
@@ -200,8 +200,8 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
 
   train_images = np.asarray(real_train["image"], np.float32)
   test_images = np.asarray(real_test["image"], np.float32)
-  train_feats = extractor.extract_features(model, params, train_images)
-  test_feats = extractor.extract_features(model, params, test_images)
+  train_feats = classifier.extract_features(model, params, train_images)
+  test_feats = classifier.extract_features(model, params, test_images)
   ch = _ct_channel(info)
   train_hu = _hu(train_images, info, ch) if ch is not None else None
   real = _Real(train_images, train_feats, test_images, train_hu,
@@ -213,7 +213,7 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
   metrics: dict[str, Any] = {}
   figures: dict[str, str] = {}
   for prefix, images in sets.items():
-    feats = extractor.extract_features(model, params, images)
+    feats = classifier.extract_features(model, params, images)
     scored, artifacts = _score_set(images, requested, feats, real, test_feats,
                                    info, model, params, s)
     for key, value in scored.items():

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from medgen_jax.train import extractor_cache
+from medgen_jax import classifier
+from medgen_jax.inference import selection
+
+# The domain extractor's recipe: `classifier.Recipe`'s fields as
+# `extractor_<field>` (its defaults are this recipe's), `max_train` unprefixed
+# (it also caps the real train split the metrics read).
+_RECIPE = {k: v for k, v in classifier.section_values().items() if k != "fields"}
 
 DEFAULTS: dict[str, Any] = dict(
     num_samples=None,          # None: as many as the real test split
     seed=0,                    # noise and condition draws
     generate_batch_size=64,
-    # The domain extractor's recipe (extractor_*, max_train), shared with the
-    # condition teacher.
-    **extractor_cache.SETTINGS,
+    extractor_path=None,       # None: a cache dir keyed by dataset identity and recipe
+    **{f"extractor_{k}": v for k, v in _RECIPE.items() if k != "max_train"},
+    max_train=None,            # cap on real train images (None: all)
     max_test=None,             # cap on real test images (None: all)
     prdc_k=5,
     kid_subsets=100,
@@ -60,4 +66,29 @@ def eval_settings(config: Any) -> dict[str, Any]:
   if not 0.0 < float(s["memorization_min_fraction"]) < 1.0:
     raise ValueError(f"eval.memorization_min_fraction must be in (0, 1), got "
                      f"{s['memorization_min_fraction']}")
-  return extractor_cache.check_settings(s)
+  s["extractor_widths"] = tuple(int(w) for w in s["extractor_widths"])
+  judge = extractor_recipe(s)
+  _check_judge_is_independent(config, judge)
+  return s
+
+
+def extractor_recipe(settings: Any) -> classifier.Recipe:
+  """The domain extractor's `classifier.Recipe` from eval settings (or `config.eval`)."""
+  return classifier.from_section(settings, prefix="extractor_", unprefixed=("max_train",))
+
+
+def _check_judge_is_independent(config: Any, judge: classifier.Recipe) -> None:
+  """The extractor must not share its seed with the network the samples were
+  trained against (`config.teacher`) or selected by (`config.selector`)."""
+  if not hasattr(config, "get"):
+    return
+  loss = config.get("loss") or {}
+  used = {"teacher": config.get("teacher") is not None
+                     and loss.get("teacher_weight", 0.0) != 0.0,
+          "selector": config.get("selector") is not None
+                      and selection.num_candidates(config) > 1}
+  for use, on in used.items():
+    if on and classifier.from_section(config[use]).seed == judge.seed:
+      raise ValueError(f"{use}.seed {config[use].seed} must differ from "
+                       f"eval.extractor_seed {judge.seed}: the evaluation would judge "
+                       f"with the network the samples were made with")

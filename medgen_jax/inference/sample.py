@@ -22,6 +22,7 @@ image measured on the following calls (one warm-up batch first), both with
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax import models
 from medgen_jax import viz
@@ -41,7 +43,6 @@ from medgen_jax.inference import nifti
 from medgen_jax.inference import quantize
 from medgen_jax.inference import selection
 from medgen_jax.train import checkpoint as ckpt_lib
-from medgen_jax.train import loop as train_loop
 from medgen_jax.train.state import dummy_conditions
 
 UNSPECIFIED = ("uniform", "unknown")
@@ -204,34 +205,30 @@ def generate(prepared: quantize.PreparedGenerator, z: np.ndarray,
 
 def selection_scorer(config: Any, info: DatasetInfo, *, batch_size: int = 64
                      ) -> tuple[int, selection.ScoreFn | None]:
-  """(K, score) of `model.select_candidates`; score is None for plain sampling.
+  """(K, score) of `selector.candidates`; score is None for plain sampling.
 
-  The scorer is the condition teacher of `model.select_fields` (comma
-  separated; '' = the run's `loss.teacher_fields`), trained once and cached
-  like the training teacher (`train.loop.build_teacher`). A dataset without
-  conditions has nothing to select on and samples plainly.
+  The scorer is the condition classifier of `config.selector`'s recipe
+  (`selector.fields`, comma separated; '' = every condition), trained once
+  and cached (`classifier.get_classifier`). A dataset without conditions
+  has nothing to select on and samples plainly.
 
   Raises:
-    ValueError: a bad K (`selection.num_candidates`), or select_fields naming
-      a condition the dataset does not have.
+    ValueError: a bad K (`selection.num_candidates`), or selector.fields
+      naming a condition the dataset does not have.
   """
   candidates = selection.num_candidates(config)
   if candidates == 1 or not info.conditions:
     return 1, None
-  fields = str(config.model.get("select_fields", "") or "").strip()
-  if fields:
-    known = [f.name for f in info.conditions]
-    unknown = [n for n in fields.split(",") if n.strip() not in known]
-    if unknown:
-      raise ValueError(f"model.select_fields names {unknown}, not conditions of the "
-                       f"dataset {known}")
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.loss.teacher_fields = fields
-  teacher = train_loop.build_teacher(config, info)
-  if teacher is None:  # teacher_weight unset on a folder that turned out unlabelled
-    return 1, None
-  return candidates, selection.teacher_scorer(teacher, batch_size=batch_size)
+  recipe = classifier.from_section(config.selector)
+  known = [f.name for f in info.conditions]
+  unknown = [n for n in recipe.fields if n not in known]
+  if unknown:
+    raise ValueError(f"selector.fields names {unknown}, not conditions of the "
+                     f"dataset {known}")
+  model, params, meta = classifier.get_classifier(recipe, config.data, info)
+  logging.info("best-of-%d selector %s (%s)", candidates, meta["path"],
+               "reused" if meta["reused"] else "trained")
+  return candidates, selection.condition_scorer((model, params), batch_size=batch_size)
 
 
 def generator_fn(config: Any, workdir: str, info: DatasetInfo, *, precision: str = "fp32",
@@ -241,8 +238,8 @@ def generator_fn(config: Any, workdir: str, info: DatasetInfo, *, precision: str
 
   For the evaluation suite: the latest EMA generator at `precision`. N is
   the length of the condition arrays, or `num` for an unconditional model
-  (empty `conditions`). With `model.select_candidates` K > 1 each image is
-  the best of K noise draws by the run's condition teacher
+  (empty `conditions`). With `selector.candidates` K > 1 each image is
+  the best of K noise draws by the condition selector
   (`selection.best_of`).
   """
   candidates, score = selection_scorer(config, info, batch_size=batch_size)
@@ -296,7 +293,7 @@ def sample(config: Any, workdir: str, *, num_samples: int, out_dir: str,
     interpolate: > 0 makes each row of the grid (one condition draw per
       row, `interpolate` columns) walk between two noise draws
       (`interpolation_noise`): what the noise controls. Without it, each
-      image is the best of `model.select_candidates` draws
+      image is the best of `selector.candidates` draws
       (`selection_scorer`; `latency.ms_per_image_selected` is that cost).
 
   Raises:

@@ -1,20 +1,18 @@
-"""Best-of-K sampling: keep the noise draw the condition teacher reads best.
+"""Best-of-K sampling: keep the noise draw the condition selector reads best.
 
 A GAN generator call is cheap (hundreds of images per second on a CPU), so
 a sampler can draw K candidates for every requested condition tuple and
-keep, per request, the candidate whose frozen condition teacher loss (the
-training run's `loss.teacher_*` classifier, `train.loop.build_teacher`) is
-lowest: rejection sampling towards the request, with no gradient through
-the teacher, so the generator cannot be pushed to fool it.
+keep, per request, the candidate whose frozen condition classifier loss
+(the selector, `config.selector`) is lowest: rejection sampling towards the
+request, with no gradient through the classifier, so the generator cannot
+be pushed to fool it.
 
     z_k = make_noise(candidate_seed(seed, k), n)   k = 0 .. K-1
-    keep, per example i, argmin_k teacher_loss(G(z_k)_i, conditions_i)
+    keep, per example i, argmin_k selector_loss(G(z_k)_i, conditions_i)
 
-Candidate 0 uses `seed` itself, so K = 1 is plain sampling. The teacher is
-a different seed of the evaluation extractor's recipe (`validate_config`
-refuses the same seed), so the judge of `experiments.evaluate` never
-selects; their shared recipe is a stated limitation (docs/results.md).
-Set with `config.model.select_candidates` (1 = off).
+Candidate 0 uses `seed` itself, so K = 1 is plain sampling. Set with
+`config.selector.candidates` (1 = off); the selector's recipe is the rest of
+that section (`medgen_jax.classifier.Recipe`).
 """
 from __future__ import annotations
 
@@ -24,29 +22,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medgen_jax.models import classifier
+from medgen_jax import classifier
 
 DrawFn = Callable[[int], np.ndarray]                                 # seed -> [n, ...]
 ScoreFn = Callable[[np.ndarray, Mapping[str, np.ndarray]], np.ndarray]  # -> [n]
 
 
 def num_candidates(config: Any) -> int:
-  """`config.model.select_candidates` (absent = 1), checked before any work.
+  """`config.selector.candidates` (no selector section = 1), checked before any work.
 
   Raises:
-    ValueError: not an integer >= 1, or > 1 without a condition teacher
-      (`loss.teacher_weight` = 0: nothing to select with).
+    ValueError: not an integer >= 1.
   """
-  value = config.model.get("select_candidates", 1)
-  if value is None:
-    value = 1
+  section = config.get("selector")
+  value = 1 if section is None or section.get("candidates") is None else section.candidates
   if int(value) != value or int(value) < 1:
-    raise ValueError(f"model.select_candidates must be an integer >= 1 (1 = off), "
+    raise ValueError(f"selector.candidates must be an integer >= 1 (1 = off), "
                      f"got {value!r}")
-  if int(value) > 1 and config.get("loss") is not None and \
-      config.loss.get("teacher_weight", 0.0) == 0.0:
-    raise ValueError(f"model.select_candidates={int(value)} selects with the run's "
-                     f"condition teacher, but loss.teacher_weight is 0 (no teacher)")
   return int(value)
 
 
@@ -88,16 +80,16 @@ def best_of(draw: DrawFn, score: ScoreFn, conditions: Mapping[str, np.ndarray],
   return best, chosen
 
 
-def teacher_scorer(teacher: tuple[Any, Any], *, batch_size: int = 64) -> ScoreFn:
-  """(images, conditions) -> `[n]` summed per-example teacher loss.
+def condition_scorer(selector: tuple[Any, Any], *, batch_size: int = 64) -> ScoreFn:
+  """(images, conditions) -> `[n]` summed per-example loss of a condition classifier.
 
   The same per-field losses the training run's teacher term uses
   (`classifier.per_example_condition_loss`: cross-entropy for categorical
   fields, squared error in [0, 1] units for continuous ones), summed over the
-  fields the teacher knows; an unknown requested value (-1 / NaN) adds 0.
+  fields `selector` (`(FeatureNet, params)`) reads; an unknown requested value (-1 / NaN) adds 0.
   Batches of `batch_size` under one jit (the last one padded).
   """
-  model, params = teacher
+  model, params = selector
   fields = tuple(model.fields)
 
   @jax.jit
@@ -114,7 +106,7 @@ def teacher_scorer(teacher: tuple[Any, Any], *, batch_size: int = 64) -> ScoreFn
   def score(images: np.ndarray, conditions: Mapping[str, np.ndarray]) -> np.ndarray:
     missing = [f.name for f in fields if f.name not in conditions]
     if missing:
-      raise ValueError(f"teacher_scorer: conditions {missing} missing; got "
+      raise ValueError(f"condition_scorer: conditions {missing} missing; got "
                        f"{sorted(conditions)}")
     n = len(images)
     pad = (-n) % batch_size

@@ -1,11 +1,15 @@
-"""Builds `ConditionEmbedding` from a dataset's condition fields.
+"""Modules built from a dataset's condition fields: the embedding and the heads.
 
 `medgen_jax.conditioning` does not import the data layer; this is the one
-place that turns `DatasetInfo.conditions` into its constructor arguments.
+place that turns `DatasetInfo.conditions` into `ConditionEmbedding`'s
+constructor arguments, and into one prediction head per field.
 """
 from __future__ import annotations
 
 from typing import Sequence
+
+import flax.linen as nn
+import jax
 
 from medgen_jax.conditioning import ConditionEmbedding
 from medgen_jax.data.info import CATEGORICAL, ConditionField
@@ -34,3 +38,21 @@ def condition_embedding(fields: Sequence[ConditionField], dim: int, *,
                      for f in fields if f.kind != CATEGORICAL)
   return ConditionEmbedding(categorical=categorical, continuous=continuous,
                             dim=dim, dropout_rate=dropout_rate, name=name)
+
+
+def condition_heads(h: jax.Array, fields: Sequence[ConditionField], *,
+                    prefix: str) -> dict[str, jax.Array]:
+  """One linear head per field on features `h` [B, F]: class logits [B, K]
+  (categorical) or one value [B] (continuous), named `<prefix>_<field>`.
+
+  Call from inside a compact module method; the Dense layers become its
+  submodules (`medgen_jax.classifier.network.FeatureNet`, the
+  discriminator's AC-GAN heads).
+  """
+  heads = {}
+  for f in fields:
+    if f.kind == CATEGORICAL:
+      heads[f.name] = nn.Dense(f.num_classes, name=f"{prefix}_{f.name}")(h)
+    else:
+      heads[f.name] = nn.Dense(1, name=f"{prefix}_{f.name}")(h)[:, 0]
+  return heads

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from medgen_jax.conditioning import rescale_continuous
 from medgen_jax.data.info import CATEGORICAL, ConditionField
-from medgen_jax.models import classifier
+from medgen_jax.models.condition import condition_heads as make_condition_heads
 from medgen_jax.models.layers import conv, space_to_depth
 from medgen_jax.models.variants import parse_dtype
 
@@ -191,7 +191,7 @@ def conditional_logits(features: jnp.ndarray,
   # be no larger than the features. (Normalised heads stayed at chance
   # cross-entropy over a 1,200-step run; unnormalised ones were tried for 150
   # steps only, also at chance: commit 5f2b8c2.)
-  predictions = (classifier.condition_heads(features, fields, prefix="predict")
+  predictions = (make_condition_heads(features, fields, prefix="predict")
                  if condition_heads else None)
   return logits + total, predictions
 

@@ -1,6 +1,7 @@
-"""GAN training: losses, augmentation, EMA, state, step, parallel modes, checkpoints, loop,
-and the condition classifier (`extractor`, cached by `extractor_cache`) that is both
-the GAN's condition teacher and the evaluation's domain feature extractor.
+"""GAN training: losses, augmentation, EMA, state, step, parallel modes, checkpoints, loop.
+
+The frozen condition teacher is a `medgen_jax.classifier` network built from
+`config.teacher` (`loop.build_teacher`).
 
 Public entry point: `train_and_evaluate(config, workdir) -> summary dict`.
 """

@@ -8,7 +8,6 @@ summary.json.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax import models as models_lib
 from medgen_jax import viz
@@ -25,7 +25,6 @@ from medgen_jax.attention import check_window, get_attention
 from medgen_jax.data import builders
 from medgen_jax.train import augment as augment_lib
 from medgen_jax.train import checkpoint as ckpt_lib
-from medgen_jax.train import extractor, extractor_cache
 from medgen_jax.train import flow
 from medgen_jax.train import logging as log_lib
 from medgen_jax.train import losses
@@ -40,9 +39,9 @@ LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_
              "g_teacher", "g_teacher_real", "g_diversity", "flow_loss")
 
 
-def _teacher_names(config: Any) -> tuple[str, ...]:
-  return tuple(n.strip() for n in str(config.loss.get("teacher_fields", "") or "").split(",")
-               if n.strip())
+def teacher_recipe(config: Any) -> classifier.Recipe:
+  """The condition teacher's recipe, `config.teacher` (validated)."""
+  return classifier.from_section(config.teacher)
 
 
 def teacher_weight(config: Any, condition_names: tuple[str, ...] | None) -> float:
@@ -77,10 +76,10 @@ def check_condition_settings(config: Any, names: tuple[str, ...] | None) -> None
     raise ValueError(
         f"loss.teacher_weight {weight} needs conditions to teach, but "
         f"{_no_conditions_hint(config.data)}; set --config.loss.teacher_weight=0")
-  unknown = sorted(set(_teacher_names(config)) - set(names))
-  if weight and unknown:
-    raise ValueError(f"loss.teacher_fields names {unknown}, which are not conditions of "
-                     f"the dataset (it has {list(names)}); fix --config.loss.teacher_fields "
+  unknown = sorted(set(teacher_recipe(config).fields) - set(names)) if weight else []
+  if unknown:
+    raise ValueError(f"teacher.fields names {unknown}, which are not conditions of "
+                     f"the dataset (it has {list(names)}); fix --config.teacher.fields "
                      f"('' = all)")
   if float(config.loss.get("condition_weight", 0.0)) > 0 and not names:
     raise ValueError(
@@ -148,12 +147,7 @@ def validate_config(config: Any, num_devices: int) -> None:
     raise ValueError(f"loss.teacher_margin must be one of {losses.TEACHER_MARGINS}, got "
                      f"{margin!r}")
   if weight:
-    eval_seed = int(extractor_cache.extractor_settings(config)["extractor_seed"])
-    if int(config.loss.teacher_seed) == eval_seed or int(config.loss.teacher_steps) < 1:
-      raise ValueError(
-          f"loss.teacher_seed {config.loss.teacher_seed} must differ from "
-          f"eval.extractor_seed {eval_seed} (the teacher would be the evaluator) and "
-          f"loss.teacher_steps {config.loss.teacher_steps} must be >= 1")
+    teacher_recipe(config)
   group = int(m.d_minibatch_std)
   per_device = t.batch_size // mesh[parallel.DATA_AXIS]
   if group < 0 or (group and per_device % group):
@@ -221,16 +215,10 @@ def build_teacher(config: Any, info, *, trained: bool = True
   """The frozen condition teacher `(FeatureNet, params)`, or None when
   `loss.teacher_weight` is 0.
 
-  It is the evaluation's domain-extractor recipe (`config.eval` settings,
-  `extractor_cache.extractor_settings`) with its own seed (`loss.teacher_seed`)
-  and step count (`loss.teacher_steps`), trained on the real train split on
-  first use and cached beside the dataset under a key of those settings.
-  With `loss.teacher_fields` set it is trained on those conditions only (and
-  its loss covers them only). The seed must differ from the extractor's
-  (`validate_config`), so evaluation never scores with the network the
-  generator was trained against. An explicit `eval.extractor_path` names the
-  evaluation's extractor only: the teacher keeps its keyed cache, so the two
-  never share a directory.
+  Trained from `config.teacher` (`teacher_recipe`) on the real train split on
+  first use and cached beside the dataset under a key of the dataset and the
+  recipe (`classifier.get_classifier`). With `teacher.fields` set it is
+  trained on those conditions only, and its loss covers them only.
 
   With `trained=False` the teacher has the same architecture and fresh
   weights and no data is read: what the step costs does not depend on the
@@ -239,24 +227,10 @@ def build_teacher(config: Any, info, *, trained: bool = True
   if not teacher_weight(config, tuple(f.name for f in info.conditions)):
     return None
   check_condition_settings(config, tuple(f.name for f in info.conditions))
-  names = _teacher_names(config)
-  if names:
-    # Trained on the fields it teaches only: at 300 steps a classifier of all
-    # three conditions was at chance on lesion (0.34 on the real test split),
-    # one of lesion alone reached 0.51 (docs/results.md, teacher options). The
-    # subset is part of the cache key (the dataset identity's conditions).
-    info = dataclasses.replace(
-        info, conditions=tuple(f for f in info.conditions if f.name in names))
-  settings = dict(extractor_cache.extractor_settings(config), extractor_path=None,
-                  extractor_seed=int(config.loss.teacher_seed),
-                  extractor_steps=int(config.loss.teacher_steps))
+  recipe = teacher_recipe(config)
   if not trained:
-    return extractor.init_extractor(
-        info.conditions, info.image_shape, seed=settings["extractor_seed"],
-        **extractor.architecture_from(settings, prefix="extractor_"))
-  train = data_lib.load_arrays(config.data, split="train",
-                               max_examples=settings["max_train"])
-  model, params, meta = extractor_cache.get_extractor(config.data, info, train, settings)
+    return classifier.init_classifier(recipe, info)
+  model, params, meta = classifier.get_classifier(recipe, config.data, info)
   logging.info("condition teacher %s (%s)", meta["path"],
                "reused" if meta["reused"] else "trained")
   return model, params

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from medgen_jax import classifier
 from medgen_jax.conditioning import rescale_continuous
 from medgen_jax.data.info import CATEGORICAL, ConditionField
-from medgen_jax.models import classifier
 
 
 def d_loss_nonsaturating(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:

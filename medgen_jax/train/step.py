@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from medgen_jax.models import classifier
+from medgen_jax import classifier
 from medgen_jax.train import augment as augment_lib
 from medgen_jax.train import ema as ema_lib
 from medgen_jax.train import losses

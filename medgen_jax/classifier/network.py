@@ -2,13 +2,8 @@
 
 A ResNet-ish CNN with one head per condition field (`DatasetInfo.conditions`):
 softmax logits for categorical fields, a value normalised to [0, 1] over the
-field's `value_range` for continuous ones. Two users:
-
-- `medgen_jax.train.extractor` trains it on the real train split as the domain
-  feature extractor (its penultimate features define FD/KID/PRDC, its heads
-  judge condition fidelity);
-- the GAN step scores generated images with a separately trained, frozen copy
-  (the condition teacher, `loss.teacher_weight`).
+field's `value_range` for continuous ones. Trained by
+`medgen_jax.classifier.training`, one network per `Recipe`.
 
 Inputs are model-range images in [-1, 1], `[B, H, W, C]` or `[B, D, H, W, C]`
 (the dimensionality is taken from the input rank). GroupNorm (no batch
@@ -24,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from medgen_jax.data.info import CATEGORICAL, ConditionField
+from medgen_jax.models.condition import condition_heads
 from medgen_jax.models.layers import space_to_depth
 
 
@@ -88,23 +84,6 @@ class FeatureNet(nn.Module):
     return features, condition_heads(nn.gelu(features), self.fields, prefix="head")
 
 
-def condition_heads(h: jax.Array, fields: Sequence[ConditionField], *,
-                    prefix: str) -> dict[str, jax.Array]:
-  """One linear head per field on features `h` [B, F]: class logits [B, K]
-  (categorical) or one value [B] (continuous), named `<prefix>_<field>`.
-
-  Call from inside a compact module method; the Dense layers become its
-  submodules (the classifier here, the discriminator's AC-GAN heads).
-  """
-  heads = {}
-  for f in fields:
-    if f.kind == CATEGORICAL:
-      heads[f.name] = nn.Dense(f.num_classes, name=f"{prefix}_{f.name}")(h)
-    else:
-      heads[f.name] = nn.Dense(1, name=f"{prefix}_{f.name}")(h)[:, 0]
-  return heads
-
-
 def condition_targets(conditions: Mapping[str, Any],
                       fields: Sequence[ConditionField]) -> dict[str, Any]:
   """What the heads are trained to output: class indices (int32, -1 unknown)
@@ -147,8 +126,8 @@ def condition_loss(model: FeatureNet, params, images, targets):
   """(sum of the heads' losses, per-field metrics) on `condition_targets`.
 
   Cross-entropy for categorical fields and squared error for continuous ones,
-  each averaged over the known examples, summed over every head. The
-  extractor is trained on it, and the GAN's frozen condition teacher
+  each averaged over the known examples, summed over every head. Every
+  classifier is trained on it, and the GAN's frozen condition teacher
   (`loss.teacher_weight`; its heads are exactly the fields it teaches)
   scores generated images with it.
   """

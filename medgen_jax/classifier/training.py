@@ -1,4 +1,4 @@
-"""The domain feature extractor: a small CNN trained to predict the conditions.
+"""Training the condition classifier: a small CNN that predicts the conditions.
 
 ImageNet-Inception features are poorly calibrated for medical images (and its
 weights cannot be loaded here), so the project trains its own extractor on the
@@ -21,10 +21,10 @@ taken of unrotated images.
 
 Its penultimate activations `[N, feature_dim]` define the domain Fréchet
 distance, KID and the k-NN manifold metrics; its heads judge condition
-fidelity of generated images; the GAN's condition teacher is the same network
-with its own seed (`medgen_jax.train.loop.build_teacher`). It is trained once
-per dataset, saved with orbax (`save_extractor`) and reused (`load_extractor`);
-`medgen_jax.train.extractor_cache` keys that cache by dataset and settings.
+fidelity, teach the GAN and pick best-of-K samples. Each use trains its own
+network from its own `medgen_jax.classifier.recipe.Recipe`, saved with orbax
+(`save_extractor`) and reused (`load_extractor`);
+`medgen_jax.classifier.cache` keys that cache by dataset and recipe.
 
 Inputs are model-range images in [-1, 1], `[B, H, W, C]` (2D convolutions) or
 `[B, D, H, W, C]` (3D: the same architecture with 3D convolutions; the
@@ -46,12 +46,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from medgen_jax.classifier.network import (POOLINGS, FeatureNet, condition_loss,
+                                           condition_targets)
 from medgen_jax.data.info import CATEGORICAL, ConditionField
-# The network and its loss live with the models (the GAN step scores generated
-# images with the condition teacher through them); training, saving and
-# feature extraction live here.
-from medgen_jax.models.classifier import (POOLINGS, FeatureNet,  # noqa: F401
-                                          condition_loss, condition_targets)
 
 
 def _check_images(images) -> np.ndarray:
@@ -65,16 +62,6 @@ def _check_images(images) -> np.ndarray:
 
 
 ARCHITECTURE_KEYS = ("widths", "feature_dim", "stem_patch", "pooling")
-
-
-def architecture_from(settings: Mapping, prefix: str = "") -> dict:
-  """The `make_extractor` keywords found in `settings` under `prefix + key`.
-
-  One reader for every config that names an extractor architecture
-  (`config.eval.extractor_*`, the downstream `config.classifier`); a key it
-  lacks keeps `make_extractor`'s default.
-  """
-  return {k: settings[prefix + k] for k in ARCHITECTURE_KEYS if prefix + k in settings}
 
 
 def make_extractor(fields: Sequence[ConditionField], *,
