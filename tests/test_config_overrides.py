@@ -45,6 +45,25 @@ def test_eval_overrides_reach_the_evaluation():
   assert len(test["image"]) == 5
 
 
+def test_classifier_sections_carry_every_recipe_field_and_take_overrides():
+  from medgen_jax import classifier
+  from medgen_jax.classifier import recipe as recipe_lib
+  from medgen_jax.train import loop
+  for config in (phantom_gan.get_config(), phantom_3d.get_config("quick"),
+                 phantom_ct2pet.get_config("quick")):
+    assert set(config.teacher) == set(recipe_lib.FIELDS)
+    assert set(config.selector) == set(recipe_lib.FIELDS) | {"candidates"}
+  config = parse("configs/phantom_gan.py:quick", "--config.teacher.steps=9",
+                 "--config.teacher.fields=lesion,site", "--config.teacher.max_train=10",
+                 "--config.selector.candidates=4", "--config.selector.widths=(8,)")
+  assert loop.teacher_recipe(config) == classifier.Recipe(
+      steps=9, seed=1, fields=("lesion", "site"), max_train=10)
+  assert config.selector.candidates == 4
+  assert classifier.from_section(config.selector).widths == (8,)
+  with pytest.raises(Exception, match="stpes"):
+    parse("configs/phantom_gan.py:quick", "--config.teacher.stpes=9")
+
+
 def test_a_typo_is_still_an_error():
   with pytest.raises(Exception, match="max_tset"):
     parse("configs/phantom_gan.py:quick", "--config.eval.max_tset=5")

@@ -38,6 +38,9 @@ def _config(**changes):
      "loss.condition_weight 1.0 and model.d_condition_heads False disagree"),
     (dict(model__d_condition_heads=True), 1,
      "loss.condition_weight 0.0 and model.d_condition_heads True disagree"),
+    (dict(teacher__steps=0), 1,
+     "teacher: classifier steps and batch_size must be >= 1, got 0, 64"),
+    (dict(teacher__pooling="attention"), 1, "teacher: classifier pooling must be one of"),
 ])
 def test_bad_config_is_one_clear_error(changes, devices, message):
   with pytest.raises(ValueError, match=re.escape(message)):

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
+from medgen_jax import classifier
+from medgen_jax.classifier import training as features
 from medgen_jax.data.info import ConditionField
-from medgen_jax.train import extractor as features
 from medgen_jax.models.layers import space_to_depth
 
 FIELDS = (ConditionField("lesion", "categorical", num_classes=2),
@@ -130,6 +131,27 @@ def test_patch_stem_and_max_pooling_learn_and_roundtrip(tmp_path):
 def test_bad_architecture_is_one_clear_error(arch, message):
   with pytest.raises(ValueError, match=message):
     features.make_extractor(FIELDS, **arch)
+  with pytest.raises(ValueError, match=message):  # a recipe fails when it is read
+    classifier.Recipe(**arch)
+
+
+def test_recipe_reads_its_section_and_back():
+  recipe = classifier.Recipe(steps=7, widths=[8, 16], fields=" lesion, site ", seed=3)
+  assert recipe.widths == (8, 16) and recipe.fields == ("lesion", "site")
+  values = classifier.section_values(recipe)
+  assert values["fields"] == "lesion,site"
+  assert classifier.from_section(values) == recipe
+  # A prefixed section (config.eval) with an unprefixed max_train; other keys ignored.
+  section = {f"extractor_{k}": v for k, v in values.items()}
+  section.update(max_train=12, extractor_max_train=99, kid_subsets=3)
+  got = classifier.from_section(section, prefix="extractor_", unprefixed=("max_train",))
+  assert got == classifier.Recipe(steps=7, widths=(8, 16), fields="lesion,site", seed=3,
+                                  max_train=12)
+  assert classifier.from_section({}) == classifier.Recipe()
+  with pytest.raises(ValueError, match="unknown classifier recipe fields"):
+    classifier.section_values(candidates=4)
+  with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
+    classifier.Recipe(steps=0)
 
 
 def test_extractor_saved_on_another_device_topology_restores_here(tmp_path):
@@ -145,7 +167,7 @@ def test_extractor_saved_on_another_device_topology_restores_here(tmp_path):
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp
     from medgen_jax.data.info import ConditionField
-    from medgen_jax.train import extractor as features
+    from medgen_jax.classifier import training as features
     model = features.make_extractor((ConditionField("lesion", "categorical", 2),),
                                     widths=(4,), feature_dim=4)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from configs import phantom_gan
+from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.eval import baseline as baseline_lib
 from medgen_jax.eval import reference, scoring
 from medgen_jax.eval import evaluate as ev
 from medgen_jax.eval import settings as eval_settings_lib
 from medgen_jax.train import checkpoint as ckpt_lib
-from medgen_jax.train import extractor, extractor_cache
 
 REQUIRED = ("fd_domain", "kid_domain", "precision", "recall", "density",
             "coverage", "lesion_accuracy", "site_accuracy", "age_mae",
@@ -30,6 +30,12 @@ def _config(extractor_path, **overrides):
   return config
 
 
+def _get_extractor(config, info, train, s):
+  """The evaluation's extractor as `reference.load_reference` gets it."""
+  return classifier.get_classifier(eval_settings_lib.extractor_recipe(s), config.data, info,
+                                   train=train, path=s["extractor_path"])
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   ext = tmp_path_factory.mktemp("extractor") / "phantom"
@@ -37,7 +43,7 @@ def setup(tmp_path_factory):
   s = eval_settings_lib.eval_settings(config)
   info = data_lib.load_info(config.data)
   train, test = reference.load_real(config.data, s)
-  model, params, meta = extractor_cache.get_extractor(config.data, info, train, s)
+  model, params, meta = _get_extractor(config, info, train, s)
   return dict(config=config, s=s, info=info, train=train, test=test,
               model=model, params=params, meta=meta, ext=ext)
 
@@ -118,18 +124,18 @@ def test_extractor_cache_is_reused(setup):
   assert setup["meta"]["reused"] is False
   params_dir = os.path.join(setup["ext"], "params")
   before = os.path.getmtime(params_dir)
-  model, params, meta = extractor_cache.get_extractor(setup["config"].data, setup["info"],
-                                         setup["train"], setup["s"])
+  model, params, meta = _get_extractor(setup["config"], setup["info"], setup["train"],
+                                       setup["s"])
   assert meta["reused"] is True
   assert os.path.getmtime(params_dir) == before
   x = setup["test"]["image"][:3]
   np.testing.assert_allclose(
-      extractor.extract_features(model, params, x),
-      extractor.extract_features(setup["model"], setup["params"], x), rtol=1e-6)
+      classifier.extract_features(model, params, x),
+      classifier.extract_features(setup["model"], setup["params"], x), rtol=1e-6)
   # Other training settings at the same path: refused, not silently reused.
   other = eval_settings_lib.eval_settings(_config(setup["ext"], extractor_steps=7))
   with pytest.raises(ValueError, match="was trained for"):
-    extractor_cache.get_extractor(setup["config"].data, setup["info"], setup["train"], other)
+    _get_extractor(setup["config"], setup["info"], setup["train"], other)
 
 
 def test_default_extractor_path_is_keyed_by_settings(setup):
@@ -137,10 +143,19 @@ def test_default_extractor_path_is_keyed_by_settings(setup):
   s1 = eval_settings_lib.eval_settings(config)
   config.eval = {"extractor_steps": 7}
   s2 = eval_settings_lib.eval_settings(config)
-  p1 = extractor_cache.extractor_path(config.data, setup["info"], s1)
-  p2 = extractor_cache.extractor_path(config.data, setup["info"], s2)
+  r1, r2 = eval_settings_lib.extractor_recipe(s1), eval_settings_lib.extractor_recipe(s2)
+  p1 = classifier.cache_path(config.data, setup["info"], r1)
+  p2 = classifier.cache_path(config.data, setup["info"], r2)
   assert p1 != p2 and os.path.basename(p1).startswith("ct_phantom-")
-  assert p1 == extractor_cache.extractor_path(config.data, setup["info"], s1)
+  assert p1 == classifier.cache_path(config.data, setup["info"], r1)
+  # An explicit path wins over the key.
+  assert classifier.cache_path(config.data, setup["info"], r1, "/x/y") == "/x/y"
+  # The key's training block keeps the names of existing caches on disk.
+  assert classifier.cache_key(config.data, setup["info"], r1)["training"] == {
+      "extractor_steps": 6, "extractor_batch_size": 64, "extractor_lr": 1e-3,
+      "extractor_widths": [16, 32, 64], "extractor_feature_dim": 64,
+      "extractor_stem_patch": 2, "extractor_pooling": "mean_max", "extractor_seed": 0,
+      "max_train": None}
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -161,6 +176,18 @@ def test_bad_settings():
   config.eval = {"num_samples": 1}
   with pytest.raises(ValueError, match="num_samples"):
     eval_settings_lib.eval_settings(config)
+
+
+def test_the_judge_is_never_the_teacher():
+  config = phantom_gan.get_config("quick")
+  config.eval.extractor_seed = int(config.teacher.seed)
+  config.selector.candidates = 1  # (the selector is seeded like the teacher)
+  with pytest.raises(ValueError, match=r"teacher.seed 1 must differ from "
+                                       r"eval.extractor_seed 1"):
+    eval_settings_lib.eval_settings(config)
+  config.loss.teacher_weight = 0.0  # no teacher: nothing to be independent of
+  assert eval_settings_lib.eval_settings(config)["extractor_seed"] == 1
+  assert eval_settings_lib.extractor_recipe(config.eval).seed == 1
 
 
 def test_draw_conditions_keeps_rows_and_balance(setup):

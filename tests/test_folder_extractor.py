@@ -9,7 +9,8 @@ from configs import data_folder
 from conftest import ct_volume, write_nifti
 from medgen_jax import data
 from medgen_jax.eval import distances
-from medgen_jax.train import extractor, extractor_cache
+from medgen_jax import classifier
+from medgen_jax.classifier import training
 
 SMALL = dict(widths=(8, 16), feature_dim=16, stem_patch=1, pooling="mean_max")
 
@@ -18,7 +19,7 @@ def test_rotate_in_plane_matches_index_formula():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(4, 5, 5, 2))
   turns = np.array([0, 1, 2, 3])
-  out = extractor.rotate_in_plane(images, turns)
+  out = training.rotate_in_plane(images, turns)
   n = 5
   for i in range(n):
     for j in range(n):
@@ -28,11 +29,11 @@ def test_rotate_in_plane_matches_index_formula():
       np.testing.assert_array_equal(out[3, i, j], images[3, n - 1 - j, i])
   np.testing.assert_array_equal(out[0], images[0])
   volumes = rng.normal(size=(2, 3, 5, 5, 1))
-  turned = extractor.rotate_in_plane(volumes, np.array([1, 1]))
+  turned = training.rotate_in_plane(volumes, np.array([1, 1]))
   for d in range(3):  # volumes turn about their depth axis, slice by slice
-    np.testing.assert_array_equal(turned[:, d], extractor.rotate_in_plane(volumes[:, d], [1, 1]))
+    np.testing.assert_array_equal(turned[:, d], training.rotate_in_plane(volumes[:, d], [1, 1]))
   with pytest.raises(ValueError, match="square"):
-    extractor.rotate_in_plane(np.zeros((1, 4, 6, 1)), [1])
+    training.rotate_in_plane(np.zeros((1, 4, 6, 1)), [1])
 
 
 def _scans(n, seed):
@@ -51,17 +52,17 @@ def _scans(n, seed):
 @pytest.mark.slow  # 60 training steps: ~30 s on the shared CPU
 def test_pretext_extractor_learns_orientation_without_labels():
   train, test = _scans(64, 0), _scans(32, 1)
-  model, params, history = extractor.train_pretext_extractor(
+  model, params, history = training.train_pretext_extractor(
       train, steps=60, batch_size=16, seed=0, lr=3e-3, **SMALL)
-  assert extractor.is_pretext(model) and len(history) == 60
-  acc = extractor.pretext_accuracy(model, params, test)
+  assert classifier.is_pretext(model) and len(history) == 60
+  acc = classifier.pretext_accuracy(model, params, test)
   assert acc > 0.8, acc  # chance is 0.25
   # Features: held-out scans sit with the train scans; scans turned upside
   # down (an anatomy the data never has) do not.
-  f_train = extractor.extract_features(model, params, train)
-  real = distances.frechet_distance(f_train, extractor.extract_features(model, params, test))
+  f_train = classifier.extract_features(model, params, train)
+  real = distances.frechet_distance(f_train, classifier.extract_features(model, params, test))
   flipped = distances.frechet_distance(
-      f_train, extractor.extract_features(model, params, test[:, ::-1]))
+      f_train, classifier.extract_features(model, params, test[:, ::-1]))
   assert flipped > 5 * real, (real, flipped)
 
 
@@ -75,16 +76,15 @@ def test_unlabelled_dataset_gets_a_cached_pretext_extractor(tmp_path):
   config.split_fractions, config.foreground_only = (1.0, 0.0, 0.0), False
   info = data.load_info(config)
   train = data.load_arrays(config, split="train")
-  settings = dict(extractor_cache.SETTINGS, extractor_steps=3, extractor_batch_size=4,
-                  extractor_widths=(8,), extractor_feature_dim=8)
-  path = extractor_cache.extractor_path(config, info, settings)
+  recipe = classifier.Recipe(steps=3, batch_size=4, widths=(8,), feature_dim=8)
+  path = classifier.cache_path(config, info, recipe)
   # What a process killed while saving leaves: a directory without extractor.json.
   os.makedirs(os.path.join(path, "params"))
-  model, _, meta = extractor_cache.get_extractor(config, info, train, settings)
-  assert extractor.is_pretext(model) and not meta["reused"]
+  model, _, meta = classifier.get_classifier(recipe, config, info, train=train)
+  assert classifier.is_pretext(model) and not meta["reused"]
   assert meta["key"]["objective"] == "rotation_pretext"
   assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)]  # no partials
   with open(os.path.join(path, "extractor.json")) as f:
     assert json.load(f)["fields"][0]["name"] == "pretext_rotation"
-  again, _, meta = extractor_cache.get_extractor(config, info, train, settings)
-  assert meta["reused"] and extractor.is_pretext(again)
+  again, _, meta = classifier.get_classifier(recipe, config, info, train=train)
+  assert meta["reused"] and classifier.is_pretext(again)

@@ -7,11 +7,11 @@ import pytest
 
 from configs import folder_gan
 from conftest import ct_volume, write_checkpoint, write_nifti
-from medgen_jax import data
+from medgen_jax import classifier, data
 from medgen_jax.data import builders
 from medgen_jax.data.info import IntensityTransform
 from medgen_jax.eval import evaluate, physical
-from medgen_jax.train import extractor, loop, validate_config
+from medgen_jax.train import loop, validate_config
 
 
 def _folder(tmp_path, n=6, labels=None):
@@ -84,12 +84,13 @@ def test_settings_needing_conditions_fail_before_any_build(tmp_path, no_build, l
 
 def test_teacher_fields_must_name_csv_columns(tmp_path, no_build):
   src = _folder(tmp_path, labels="subject,Age,dx\np0,40,a\np1,50,b\n")
-  config = _config(tmp_path, src, teacher_fields="lesion")
+  config = _config(tmp_path, src)
+  config.teacher.fields = "lesion"
   config.data.labels_csv = str(tmp_path / "labels.csv")
-  with pytest.raises(ValueError, match=r"loss.teacher_fields names \['lesion'\], which are not "
+  with pytest.raises(ValueError, match=r"teacher.fields names \['lesion'\], which are not "
                                        r"conditions of the dataset \(it has \['age', 'dx'\]\)"):
     validate_config(config, 1)
-  config.loss.teacher_fields = "dx"
+  config.teacher.fields = "dx"
   validate_config(config, 1)
   # A CSV with the subject column only: no conditions, said as such.
   (tmp_path / "labels.csv").write_text("subject\np0\n")
@@ -148,5 +149,5 @@ def test_evaluation_without_labels_reports_every_label_free_metric(tmp_path):
   assert metrics["num_samples"] == 12
   with open(os.path.join(tmp_path, "run", "eval", "metrics.json")) as f:
     assert json.load(f)["fd_domain"] == metrics["fd_domain"]
-  model, _, meta = extractor.load_extractor(metrics["extractor_path"])
-  assert extractor.is_pretext(model) and meta["key"]["objective"] == "rotation_pretext"
+  model, _, meta = classifier.training.load_extractor(metrics["extractor_path"])
+  assert classifier.is_pretext(model) and meta["key"]["objective"] == "rotation_pretext"

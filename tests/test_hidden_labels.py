@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from configs import data_phantom
+from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.data import hidden_labels
-from medgen_jax.train import extractor_cache
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,6 @@ def test_bad_rule_fails_at_load_info_and_changes_the_teacher_cache_key(quick_dat
     data_lib.load_info(bad)
   hidden = data_phantom.get_config("quick")
   hidden.hide_labels = "lesion:site=2"
-  s = extractor_cache.SETTINGS
-  assert (extractor_cache.extractor_path(config, info, s)
-          != extractor_cache.extractor_path(hidden, info, s))
+  recipe = classifier.Recipe()
+  assert (classifier.cache_path(config, info, recipe)
+          != classifier.cache_path(hidden, info, recipe))

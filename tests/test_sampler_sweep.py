@@ -15,12 +15,11 @@ import pytest
 
 from configs import phantom_flow, phantom_gan
 from conftest import INFO, write_checkpoint
-from medgen_jax import models
+from medgen_jax import classifier, models
 from medgen_jax.eval import evaluate as ev
 from medgen_jax.eval import reference, sampler_sweep
 from medgen_jax.inference import sample
 from medgen_jax.models import velocity
-from medgen_jax.train import extractor_cache
 
 # A tiny extractor and scoring; 9 samples in batches of 4 (the last one padded).
 EVAL = dict(extractor_steps=6, extractor_batch_size=8, extractor_widths=(8,),
@@ -124,7 +123,8 @@ def test_network_evals_are_the_networks_rows_per_image(monkeypatch, steps, solve
 def _refuse_loading(monkeypatch):
   def loaded(*args, **kwargs):
     raise AssertionError("loaded before the settings were checked")
-  for module, name in ((reference, "load_real"), (extractor_cache, "get_extractor"),
+  for module, name in ((reference, "load_real"), (classifier, "get_classifier"),
+                       (classifier.cache, "get_classifier"),
                        (sample, "restore_ema_generator"), (models, "build_generator")):
     monkeypatch.setattr(module, name, loaded)
 

@@ -1,13 +1,13 @@
-"""Best-of-K sampling by the condition teacher (medgen_jax/inference/selection.py)."""
+"""Best-of-K sampling by the condition selector (medgen_jax/inference/selection.py)."""
 import ml_collections
 import numpy as np
 import pytest
 
+from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.data.info import ConditionField
+from medgen_jax.eval import settings as eval_settings
 from medgen_jax.inference import sample, selection
-from medgen_jax.models import classifier
-from medgen_jax.train import extractor
 from medgen_jax.train import loop as train_loop
 
 FIELDS = (ConditionField("lesion", "categorical", num_classes=3),
@@ -42,15 +42,15 @@ def test_one_candidate_is_plain_sampling():
   assert len({selection.candidate_seed(3, k) for k in range(50)}) == 50
 
 
-def test_teacher_score_is_the_teachers_per_example_loss():
-  model, params = extractor.init_extractor(FIELDS, (16, 16, 1), seed=0, widths=(4,),
-                                           feature_dim=8)
+def test_condition_score_is_the_classifiers_per_example_loss():
+  model, params = classifier.training.init_extractor(FIELDS, (16, 16, 1), seed=0,
+                                                     widths=(4,), feature_dim=8)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (5, 16, 16, 1)).astype(np.float32)
   cond = {"lesion": np.array([0, 2, -1, 1, 2], np.int32),
           "age": np.array([30.0, np.nan, 50.0, 85.0, 20.0], np.float32),
-          "site": np.zeros(5, np.int32)}  # a field the teacher does not know
-  got = selection.teacher_scorer((model, params), batch_size=2)(images, cond)
+          "site": np.zeros(5, np.int32)}  # a field the classifier does not know
+  got = selection.condition_scorer((model, params), batch_size=2)(images, cond)
   # Independent: the training loss of each example alone, unknown fields dropped.
   for i in range(5):
     known = [f for f in FIELDS
@@ -60,34 +60,44 @@ def test_teacher_score_is_the_teachers_per_example_loss():
     want = sum(float(metrics[f"{f.name}_loss"]) for f in known)
     np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"\['age'\] missing"):
-    selection.teacher_scorer((model, params))(images, {"lesion": cond["lesion"]})
-
-
-def _with_teacher_fields(config, fields):
-  config = config.copy_and_resolve_references()
-  config.loss.teacher_fields = fields
-  return config
+    selection.condition_scorer((model, params))(images, {"lesion": cond["lesion"]})
 
 
 def _config(value, teacher_weight=1.0):
-  return ml_collections.ConfigDict(dict(model=dict(select_candidates=value),
+  return ml_collections.ConfigDict(dict(selector=dict(candidates=value),
                                         loss=dict(teacher_weight=teacher_weight)))
 
 
 @pytest.mark.parametrize("value, words", [
-    (0, "select_candidates must be an integer >= 1"),
-    (2.5, "select_candidates must be an integer >= 1"),
+    (0, "selector.candidates must be an integer >= 1"),
+    (2.5, "selector.candidates must be an integer >= 1"),
 ])
 def test_bad_candidate_counts_are_one_clear_error(value, words):
   with pytest.raises(ValueError, match=words):
     selection.num_candidates(_config(value))
 
 
-def test_selection_needs_a_teacher():
+def test_selection_has_its_own_classifier_not_the_teacher():
   assert selection.num_candidates(_config(4)) == 4
+  # The selector is its own network (config.selector): no teacher is needed.
+  assert selection.num_candidates(_config(4, teacher_weight=0.0)) == 4
   assert selection.num_candidates(_config(1, teacher_weight=0.0)) == 1
-  with pytest.raises(ValueError, match="loss.teacher_weight is 0"):
-    selection.num_candidates(_config(4, teacher_weight=0.0))
+  # No selector section (or no count) is plain sampling.
+  assert selection.num_candidates(ml_collections.ConfigDict(dict(loss={}))) == 1
+  assert selection.num_candidates(ml_collections.ConfigDict(
+      dict(selector=dict(candidates=None)))) == 1
+
+
+def test_the_evaluation_never_judges_with_the_selector():
+  from configs import phantom_gan
+  config = phantom_gan.get_config("quick")
+  eval_settings.eval_settings(config)  # shipped: selector seed 1, extractor seed 0
+  config.selector.seed = int(config.eval.extractor_seed)
+  with pytest.raises(ValueError, match=r"selector.seed 0 must differ from "
+                                       r"eval.extractor_seed 0"):
+    eval_settings.eval_settings(config)
+  config.selector.candidates = 1  # plain sampling: no selector is used
+  eval_settings.eval_settings(config)
 
 
 def test_generator_fn_picks_each_image_from_one_of_the_candidates(quick_checkpoint):
@@ -98,28 +108,35 @@ def test_generator_fn_picks_each_image_from_one_of_the_candidates(quick_checkpoi
   info = data_lib.load_info(config.data)
   conditions = {f.name: info_conditions[f.name] for f in info.conditions}
   plain_config = config.copy_and_resolve_references()
-  plain_config.model.select_candidates = 1
+  plain_config.selector.candidates = 1
   plain, _ = sample.generator_fn(plain_config, workdir, info, batch_size=4)
   picked_config = config.copy_and_resolve_references()
-  picked_config.model.select_candidates = 3
+  picked_config.selector.candidates = 3
   picked, _ = sample.generator_fn(picked_config, workdir, info, batch_size=4)
   out = picked(conditions, 11)
   every = [plain(conditions, selection.candidate_seed(11, k)) for k in range(3)]
   matches = [[np.array_equal(out[i], c[i]) for c in every] for i in range(6)]
   assert all(any(m) for m in matches), matches
-  # The choice is the lowest loss among the three of the teacher of
-  # model.select_fields ('lesion': trained on that field alone).
+  # The choice is the lowest loss among the three of the classifier of
+  # config.selector ('lesion': trained on that field alone), cached by the
+  # scorer under its own recipe: not the training run's teacher.
   candidates, score = sample.selection_scorer(picked_config, info)
-  assert candidates == 3 and picked_config.model.select_fields == "lesion"
+  assert candidates == 3 and picked_config.selector.fields == "lesion"
   losses = np.stack([score(c, conditions) for c in every])
-  lesion_teacher, _ = train_loop.build_teacher(_with_teacher_fields(config, "lesion"), info)
-  assert [f.name for f in lesion_teacher.fields] == ["lesion"]
+  recipe = classifier.from_section(picked_config.selector)
+  selector, params, meta = classifier.get_classifier(recipe, config.data, info)
+  assert meta["reused"] and [f.name for f in selector.fields] == ["lesion"]
+  assert meta["path"] != classifier.cache_path(config.data, info,
+                                               train_loop.teacher_recipe(config))
+  own = selection.condition_scorer((selector, params))
+  np.testing.assert_allclose(losses, np.stack([own(c, conditions) for c in every]),
+                             rtol=1e-6)
   np.testing.assert_array_equal([m.index(True) for m in matches], losses.argmin(0))
 
 
-def test_select_fields_must_be_conditions_of_the_dataset(quick_checkpoint):
+def test_selector_fields_must_be_conditions_of_the_dataset(quick_checkpoint):
   config, _, _ = quick_checkpoint
   config = config.copy_and_resolve_references()
-  config.model.select_fields = "lesion,tumour"
-  with pytest.raises(ValueError, match=r"select_fields names \['tumour'\]"):
+  config.selector.fields = "lesion,tumour"
+  with pytest.raises(ValueError, match=r"selector.fields names \['tumour'\]"):
     sample.selection_scorer(config, data_lib.load_info(config.data))

@@ -43,23 +43,29 @@ def test_quick_config_end_to_end(tmp_path):
 def test_teacher_never_shares_the_evaluation_extractors_directory(tmp_path):
   import jax
   from configs import phantom_gan
+  from medgen_jax import classifier
   from medgen_jax import data as data_lib
   from medgen_jax.eval import reference, settings
-  from medgen_jax.train import extractor_cache
   from medgen_jax.train.loop import build_teacher
   config = phantom_gan.get_config("quick")
   config.eval.update(extractor_path=str(tmp_path / "extractor"), extractor_steps=2)
   with config.unlocked():
     config.eval.update(extractor_widths=(4,), extractor_feature_dim=4,
                        extractor_batch_size=4)
+  config.teacher.update(widths=(4,), feature_dim=4, batch_size=4)
   info = data_lib.load_info(config.data)
   teacher, params = build_teacher(config, info)
   assert not (tmp_path / "extractor").exists()
+  # The teacher is config.teacher's recipe, whatever config.eval says.
+  assert (teacher.widths, teacher.feature_dim) == ((4,), 4)
+  config.eval.update(extractor_widths=(8,), extractor_feature_dim=8)
+  assert build_teacher(config, info, trained=False)[0] == teacher
   # The evaluation then trains and caches its own extractor at its path
   # (the teacher there would be refused as trained for other settings).
   s = settings.eval_settings(config)
   train, _ = reference.load_real(config.data, s)
-  _, _, meta = extractor_cache.get_extractor(config.data, info, train, s)
+  _, _, meta = classifier.get_classifier(settings.extractor_recipe(s), config.data, info,
+                                         train=train, path=s["extractor_path"])
   assert meta["reused"] is False and meta["path"] == str(tmp_path / "extractor")
   # The untrained teacher (for cost measurement) has the trained one's shapes.
   fresh, fresh_params = build_teacher(config, info, trained=False)
@@ -75,21 +81,19 @@ def test_teacher_is_trained_on_the_fields_it_teaches_only():
   from medgen_jax import data as data_lib
   from medgen_jax.train.loop import build_teacher
   config = phantom_gan.get_config("quick")
-  with config.unlocked():
-    config.eval.update(extractor_widths=(4,), extractor_feature_dim=4,
-                       extractor_batch_size=4)
+  config.teacher.update(widths=(4,), feature_dim=4, batch_size=4)
   info = data_lib.load_info(config.data)
   full, full_params = build_teacher(config, info)
-  config.loss.teacher_fields = "lesion"
+  config.teacher.fields = "lesion"
   teacher, params = build_teacher(config, info)
   assert [f.name for f in full.fields] == [f.name for f in info.conditions]
   assert [f.name for f in teacher.fields] == ["lesion"]
   assert sorted(k for k in params if k.startswith("head_")) == ["head_lesion"]
   # A separate cache entry: the all-conditions teacher is still there intact.
-  config.loss.teacher_fields = ""
+  config.teacher.fields = ""
   restored, restored_params = build_teacher(config, info)
   assert restored == full
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, restored_params, full_params)))
   fresh, _ = build_teacher(config, info, trained=False)
-  config.loss.teacher_fields = "lesion"
+  config.teacher.fields = "lesion"
   assert build_teacher(config, info, trained=False)[0] == teacher != fresh

@@ -15,7 +15,7 @@ import pytest
 from conftest import INFO, TinyD, TinyG, step_noise, tiny_batch, tiny_config
 # Re-exported: some test modules import the tiny GAN helpers from here.
 from conftest import tiny_examples, tiny_iterator, tiny_loop_config  # noqa: F401
-from medgen_jax.models.classifier import FeatureNet
+from medgen_jax.classifier import FeatureNet
 from medgen_jax.train import ema, losses, state as state_lib, step as step_lib
 
 

@@ -105,7 +105,7 @@ def parse_fields(fields: str | tuple[str, ...] | list[str] | None) -> tuple[str,
 
 
 def from_section(section: Mapping[str, Any], *, prefix: str = "",
-                 unprefixed: tuple[str, ...] = ()) -> Recipe:
+                 unprefixed: tuple[str, ...] = (), name: str = "") -> Recipe:
   """The `Recipe` of the keys `prefix + name` of a config section.
 
   Args:
@@ -115,13 +115,23 @@ def from_section(section: Mapping[str, Any], *, prefix: str = "",
       `config.eval`).
     unprefixed: recipe fields the section names without the prefix
       (`config.eval.max_train`).
+    name: the section's config name (`'teacher'`), which starts the message
+      of a bad value.
+
+  Raises:
+    ValueError: a bad recipe value (`Recipe`), prefixed by `name`.
   """
   given = {}
-  for name in FIELDS:
-    key = name if name in unprefixed else prefix + name
+  for field in FIELDS:
+    key = field if field in unprefixed else prefix + field
     if key in section:
-      given[name] = section[key]
-  return Recipe(**given)
+      given[field] = section[key]
+  try:
+    return Recipe(**given)
+  except (TypeError, ValueError) as e:
+    if not name:
+      raise
+    raise ValueError(f"{name}: {e}") from e
 
 
 def section_values(recipe: Recipe = Recipe(), **overrides) -> dict[str, Any]:

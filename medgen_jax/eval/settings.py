@@ -74,7 +74,8 @@ def eval_settings(config: Any) -> dict[str, Any]:
 
 def extractor_recipe(settings: Any) -> classifier.Recipe:
   """The domain extractor's `classifier.Recipe` from eval settings (or `config.eval`)."""
-  return classifier.from_section(settings, prefix="extractor_", unprefixed=("max_train",))
+  return classifier.from_section(settings, prefix="extractor_", unprefixed=("max_train",),
+                                 name="eval.extractor_*")
 
 
 def _check_judge_is_independent(config: Any, judge: classifier.Recipe) -> None:
@@ -88,7 +89,7 @@ def _check_judge_is_independent(config: Any, judge: classifier.Recipe) -> None:
           "selector": config.get("selector") is not None
                       and selection.num_candidates(config) > 1}
   for use, on in used.items():
-    if on and classifier.from_section(config[use]).seed == judge.seed:
+    if on and classifier.from_section(config[use], name=use).seed == judge.seed:
       raise ValueError(f"{use}.seed {config[use].seed} must differ from "
                        f"eval.extractor_seed {judge.seed}: the evaluation would judge "
                        f"with the network the samples were made with")

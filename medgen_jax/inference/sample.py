@@ -219,7 +219,7 @@ def selection_scorer(config: Any, info: DatasetInfo, *, batch_size: int = 64
   candidates = selection.num_candidates(config)
   if candidates == 1 or not info.conditions:
     return 1, None
-  recipe = classifier.from_section(config.selector)
+  recipe = classifier.from_section(config.selector, name="selector")
   known = [f.name for f in info.conditions]
   unknown = [n for n in recipe.fields if n not in known]
   if unknown:

@@ -41,7 +41,7 @@ LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_
 
 def teacher_recipe(config: Any) -> classifier.Recipe:
   """The condition teacher's recipe, `config.teacher` (validated)."""
-  return classifier.from_section(config.teacher)
+  return classifier.from_section(config.teacher, name="teacher")
 
 
 def teacher_weight(config: Any, condition_names: tuple[str, ...] | None) -> float:
