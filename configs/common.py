@@ -86,3 +86,18 @@ def classifier_section(**overrides) -> ml_collections.ConfigDict:
   if section["max_train"] is None:
     section["max_train"] = ml_collections.config_dict.placeholder(int)
   return ml_collections.ConfigDict(section)
+
+
+def judge_section(**overrides) -> ml_collections.ConfigDict:
+  """The evaluation judge's section (`config.judge`, `classifier.judge`).
+
+  A recipe apart from the teacher's and the selector's (wider, full
+  resolution stem, its own seed), trained on `subjects` fresh phantom
+  subjects outside every split (0, or a dataset other than ct_phantom: the
+  real train split).
+  """
+  values = dict(steps=600, batch_size=64, lr=1e-3, widths=(32, 64, 128), feature_dim=128,
+                stem_patch=1, seed=11, subjects=300)
+  values.update(overrides)
+  return classifier_section(**values)
+

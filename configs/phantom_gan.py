@@ -101,35 +101,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # 'real': the teacher's loss on fakes is hinged at its loss on the
       # paired real batch (losses.teacher_hinge), so fakes are pushed only
       # until they are as recognisable as real slices; 'none': minimised.
-      # Minimising it draws every sample towards one prototype per lesion
-      # class: at 2,000 steps (seed 0) recall 0.257 hinged, 0.000 minimised,
-      # 0.007 with only the lesion field minimised. The hinge costs lesion
-      # following: a requested large lesion in 0.24-0.31 of samples over
-      # seeds 0-2, against 0.38-0.62 for the 1,000-step unhinged recipe.
       teacher_margin="real"))
   # The condition teacher's recipe (medgen_jax.classifier.Recipe; trained once
   # on the real train split, cached): the evaluation extractor's defaults
-  # with its own seed (it must differ from eval.extractor_seed) and steps.
-  # fields: the conditions it is trained on and teaches, comma separated
-  # ('' = all). 'lesion': a requested large lesion is drawn in 91-100 % of
-  # samples (two seeds; 49-93 % with all), but FD 67-75 against 37-45 and
-  # site stops following (docs/results.md, teacher options).
+  # with its own seed (it must differ from eval.extractor_seed) and steps;
+  # fields: the conditions it is trained on and teaches ('' = all).
   config.teacher = common.classifier_section(seed=1, steps=300, fields="")
   # Best-of-K sampling (experiments.evaluate / sample / downstream): each image
-  # is the best of `candidates` noise draws (1 = plain sampling) by a frozen
-  # condition classifier of this recipe (medgen_jax/inference/selection.py;
-  # its seed must differ from eval.extractor_seed). Over seeds 0-2 of the
-  # hinged-teacher generator without the mode-seeking term, 16 draws by a
-  # lesion classifier raised the requested large lesion from 0.24-0.31 to
-  # 0.75-0.78 of samples and lowered FD from 20.0-29.5 to 17.8-24.0, at
-  # recall 0.094-0.186 against 0.132-0.257 (docs/results.md, "2D generation").
-  config.selector = common.classifier_section(candidates=16, seed=1, steps=300,
+  # is the best of `candidates` noise draws by a frozen condition classifier
+  # of this recipe (medgen_jax/inference/selection.py); 1 = plain sampling,
+  # what evaluation reports unless asked (--config.selector.candidates=16).
+  config.selector = common.classifier_section(candidates=1, seed=1, steps=300,
                                               fields="lesion")
   # Evaluation (experiments.evaluate): every setting of medgen_jax/eval/settings.py
   # with its default there. None sample count = size of the real test split;
   # None extractor path = a cache keyed by the dataset's identity; None
   # max_train / max_test = the whole split.
   config.eval = common.eval_section()
+  # The evaluation's condition judge (medgen_jax/classifier/judge.py): its own
+  # recipe and seed, trained on fresh phantom subjects outside every split.
+  config.judge = common.judge_section()
   # experiments.evaluate also scores the run in this workdir (e.g. a `:cnn`
   # run on the same data and budget) with the same extractor and draws.
   config.baseline_workdir = ""
@@ -149,7 +140,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.loss.ema_decay = 0.9
       config.loss.r1_every = 2
       config.teacher.steps = 3
-      config.selector.update(candidates=2, steps=3)
+      config.selector.steps = 3
+      config.judge.update(steps=4, subjects=3, widths=(8, 16), feature_dim=16)
       config.eval.update(extractor_steps=6, kid_subsets=3, bootstrap_resamples=3)
     elif v == "cnn":
       config.model.generator = "cnn"

@@ -91,6 +91,7 @@ def test_selection_has_its_own_classifier_not_the_teacher():
 def test_the_evaluation_never_judges_with_the_selector():
   from configs import phantom_gan
   config = phantom_gan.get_config("quick")
+  config.selector.candidates = 2  # best-of-2 (the default is plain sampling)
   eval_settings.eval_settings(config)  # shipped: selector seed 1, extractor seed 0
   config.selector.seed = int(config.eval.extractor_seed)
   with pytest.raises(ValueError, match=r"selector.seed 0 must differ from "

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -57,19 +57,24 @@ def select_fields(info: DatasetInfo, recipe: Recipe) -> DatasetInfo:
       info, conditions=tuple(f for f in info.conditions if f.name in recipe.fields))
 
 
-def cache_key(data_config: Any, info: DatasetInfo, recipe: Recipe) -> dict[str, Any]:
+def cache_key(data_config: Any, info: DatasetInfo, recipe: Recipe,
+              source: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """What identifies a classifier: the dataset (built dir, channels, window,
-  the conditions it reads) and its recipe. Stored beside it and compared on
+  the conditions it reads), its recipe and, when it is not the real train
+  split, what it was trained on (`source`). Stored beside it and compared on
   reuse."""
   info = select_fields(info, recipe)
   key = {"dataset": _dataset_identity(data_config, info), "training": recipe.cache_key()}
+  if source:
+    key["source"] = dict(source)
   if not info.conditions:  # (conditioned keys stay as they were: their caches still match)
     key["objective"] = "rotation_pretext"
   return key
 
 
 def cache_path(data_config: Any, info: DatasetInfo, recipe: Recipe,
-               path: str | os.PathLike | None = None) -> str:
+               path: str | os.PathLike | None = None,
+               source: Mapping[str, Any] | None = None) -> str:
   """`path`, or `<data_dir>/medgen_extractors/<name>-<hash of cache_key>`.
 
   The default sits beside the datasets, so every run on the same dataset
@@ -77,7 +82,7 @@ def cache_path(data_config: Any, info: DatasetInfo, recipe: Recipe,
   """
   if path:
     return os.path.abspath(os.fspath(path))
-  key = cache_key(data_config, info, recipe)
+  key = cache_key(data_config, info, recipe, source)
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
   return os.path.join(builders.data_dir(data_config), "medgen_extractors",
                       f"{info.name}-{digest[:12]}")
@@ -91,8 +96,10 @@ def init_classifier(recipe: Recipe, info: DatasetInfo) -> tuple[FeatureNet, dict
 
 
 def get_classifier(recipe: Recipe, data_config: Any, info: DatasetInfo, *,
-                   train: Mapping[str, np.ndarray] | None = None,
-                   path: str | os.PathLike | None = None
+                   train: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]
+                   | None = None,
+                   path: str | os.PathLike | None = None,
+                   source: Mapping[str, Any] | None = None
                    ) -> tuple[FeatureNet, dict, dict[str, Any]]:
   """Restores the cached classifier of `recipe`, or trains it and caches it.
 
@@ -102,8 +109,11 @@ def get_classifier(recipe: Recipe, data_config: Any, info: DatasetInfo, *,
     data_config: the dataset config (identity of the cache).
     info: its DatasetInfo.
     train: real train split arrays (`image` `[N, *spatial, C]` + conditions),
-      at most `recipe.max_train` of them; None: loaded here when needed.
+      at most `recipe.max_train` of them, or a function returning them
+      (called only when it must be trained); None: loaded here when needed.
     path: an explicit directory (None: the keyed cache, `cache_path`).
+    source: what `train` is when it is not the real train split (e.g.
+      fresh renders); part of the cache key. `train` must then be given.
 
   Returns:
     (model, params, metadata); metadata['reused'] is True when it was restored.
@@ -113,8 +123,10 @@ def get_classifier(recipe: Recipe, data_config: Any, info: DatasetInfo, *,
       dataset or with a different recipe, or `recipe.fields` names a
       condition the dataset lacks.
   """
-  path = cache_path(data_config, info, recipe, path)
-  key = cache_key(data_config, info, recipe)
+  if source and train is None:
+    raise ValueError(f"a classifier trained on {dict(source)} needs `train`")
+  path = cache_path(data_config, info, recipe, path, source)
+  key = cache_key(data_config, info, recipe, source)
   info = select_fields(info, recipe)
   if os.path.exists(os.path.join(path, "extractor.json")):
     model, params, meta = training.load_extractor(path)
@@ -125,6 +137,8 @@ def get_classifier(recipe: Recipe, data_config: Any, info: DatasetInfo, *,
     return model, params, {**meta, "reused": True, "path": path}
   if train is None:
     train = data_lib.load_arrays(data_config, split="train", max_examples=recipe.max_train)
+  elif callable(train):
+    train = train()
   if info.conditions:
     model, params, history = training.train_feature_extractor(
         train["image"], {f.name: train[f.name] for f in info.conditions},

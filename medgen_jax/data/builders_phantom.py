@@ -7,6 +7,7 @@ subjects from its own seed stream, so no anatomy is shared between splits.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -17,6 +18,9 @@ from medgen_jax.data.intensity import transform_for
 
 # Bump when phantom.py changes what it renders: stale caches then rebuild.
 PHANTOM_REVISION = 2
+# Render stream of subjects outside the splits (streams 0-2): the evaluation
+# judge's training data.
+FRESH_STREAM = 7
 MODALITIES = ("ct", "pet")
 POLICY = {"ct": "ct_window", "pet": "suv"}
 CONDITIONS = (
@@ -76,6 +80,32 @@ def stored_info(data_config) -> DatasetInfo:
              "field_of_view_mm": phantom.FOV_MM})
 
 
+def subject_records(data_config, stream: int, subject: int) -> list[dict[str, Any]]:
+  """The stored records of subject `subject` of render stream `stream`.
+
+  Streams 0-2 are the train / validation / test splits (`builders.SPLITS`
+  order); `FRESH_STREAM` renders subjects outside every split.
+  """
+  seed = (int(data_config.seed), int(stream), int(subject))
+  subject_id = builders.int64_id(hashlib.sha256(repr(seed).encode()).hexdigest())
+  return [{"ct": ex["ct"], "pet": ex["pet"], "lesion_mask": ex["lesion_mask"],
+           "lesion_diameter_mm": np.float32(ex["lesion_diameter_mm"]),
+           "lesion": ex["lesion"], "age": np.float32(ex["age"]),
+           "site": ex["site"], "subject": subject_id}
+          for ex in phantom.subject_examples(
+              seed, image_size=data_config.image_size, mode=data_config.mode,
+              depth=data_config.depth, slices_per_subject=data_config.slices_per_subject)]
+
+
+def fresh_records(data_config, num_subjects: int) -> list[dict[str, Any]]:
+  """Stored records of `num_subjects` subjects rendered outside every split
+  (stream `FRESH_STREAM`): labelled data no split shares a subject with."""
+  validate(data_config)
+  if num_subjects < 1:
+    raise ValueError(f"fresh phantom renders need num_subjects >= 1, got {num_subjects}")
+  return [r for s in range(num_subjects) for r in subject_records(data_config, FRESH_STREAM, s)]
+
+
 def plan(data_config) -> builders.Plan:
   validate(data_config)
   spatial = builders.spatial_shape(data_config)
@@ -90,22 +120,13 @@ def plan(data_config) -> builders.Plan:
       "subject": tfds.features.Scalar(dtype=np.int64),
   })
   counts = _num_subjects(data_config)
-  mode, size = data_config.mode, data_config.image_size
-  depth, slices = data_config.depth, data_config.slices_per_subject
+  mode, slices = data_config.mode, data_config.slices_per_subject
 
   def split_examples(split_index: int, num: int):
     def generate():
       for s in range(num):
-        seed = (int(data_config.seed), split_index, s)
-        subject = builders.int64_id(hashlib.sha256(repr(seed).encode()).hexdigest())
-        for i, ex in enumerate(phantom.subject_examples(
-            seed, image_size=size, mode=mode, depth=depth,
-            slices_per_subject=slices)):
-          yield f"{s}_{i}", {
-              "ct": ex["ct"], "pet": ex["pet"], "lesion_mask": ex["lesion_mask"],
-              "lesion_diameter_mm": np.float32(ex["lesion_diameter_mm"]),
-              "lesion": ex["lesion"], "age": np.float32(ex["age"]),
-              "site": ex["site"], "subject": subject}
+        for i, record in enumerate(subject_records(data_config, split_index, s)):
+          yield f"{s}_{i}", record
     return generate
 
   per_subject = 1 if mode == "3d" else slices

@@ -145,3 +145,22 @@ def load_arrays(data_config, *, split: str, max_examples: int | None = None
   if not examples:
     raise ValueError(f"split {split!r} is empty")
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def render_fresh_arrays(data_config, *, num_subjects: int) -> dict[str, np.ndarray]:
+  """Labelled examples of `num_subjects` new subjects, as `load_arrays` returns
+  them (images in [-1, 1], every condition known), rendered outside every
+  split. Only a renderer can do this: ct_phantom only.
+
+  Raises:
+    ValueError: `data.name` is not 'ct_phantom'.
+  """
+  if data_config.name != "ct_phantom":
+    raise ValueError(f"fresh renders need the ct_phantom renderer; data.name is "
+                     f"{data_config.name!r}")
+  from medgen_jax.data import builders_phantom  # (the only renderer)
+  info = _select(builders_phantom.stored_info(data_config), data_config)
+  to_model = _to_model_fn(info)
+  examples = [to_model(r) for r in builders_phantom.fresh_records(data_config, num_subjects)]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+

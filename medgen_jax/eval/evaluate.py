@@ -11,6 +11,8 @@ One evaluation run:
    (`medgen_jax.classifier.get_classifier`; without conditions it
    learns the label-free rotation pretext, and its rotation accuracy on the
    real test and train splits is reported as `extractor_pretext_accuracy_*`);
+   The condition judge (`config.judge`, `medgen_jax.classifier.judge`) is
+   restored or trained the same way, on fresh phantom renders where it can;
 4. draws `num_samples` condition tuples from the real test split's rows (so
    class balance and covariate mix match the reference; none for an
    unconditional model) and generates images for them with the latest EMA
@@ -33,6 +35,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from medgen_jax import classifier
+from medgen_jax.classifier import judge as judge_lib
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.eval import baseline as baseline_lib
 from medgen_jax.eval import output, reference, scoring, translation
@@ -71,6 +74,9 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
         config, workdir, baseline_workdir=config.baseline_workdir or None)
   s = settings_lib.eval_settings(config)
   selection.num_candidates(config)  # a bad value fails before the extractor is built
+  judge_section = config.get("judge")
+  if judge_section is not None:
+    settings_lib.check_independent(config, judge_lib.judge_recipe(judge_section)[0], "judge.seed")
   step = ckpt_lib.require_checkpoint(workdir)
   baseline_dir = config.baseline_workdir or None
   baseline_config = (baseline_lib.baseline_generator_config(config, baseline_dir)
@@ -78,6 +84,8 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   ref = reference.load_reference(config, s)
   info, train, test, model, params = ref.info, ref.train, ref.test, ref.model, ref.params
   meta, num, requested = ref.extractor_meta, ref.num_samples, ref.requested
+  judge = (judge_lib.get_judge(judge_section, config.data, info)
+           if judge_section is not None and info.conditions else None)
   generate, gen_step = checkpoint_generator(
       config, workdir, info, batch_size=int(s["generate_batch_size"]))
   generated = generate(requested, int(s["seed"]), num)
@@ -91,9 +99,13 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                     real_test=test, info=info, model=model,
                                     params=params, settings=s,
                                     figures_dir=os.path.join(out_dir, "figures"),
-                                    baseline=baseline)
+                                    baseline=baseline, judge=judge)
   metrics.update(checkpoint_step=int(gen_step if gen_step is not None else step),
-                 extractor_path=meta["path"], extractor_reused=meta["reused"])
+                 extractor_path=meta["path"], extractor_reused=meta["reused"],
+                 selector_candidates=selection.num_candidates(config))
+  if judge is not None:
+    metrics.update(judge_kind=judge.kind, judge_path=judge.meta["path"],
+                   judge_reused=judge.meta["reused"])
   if classifier.is_pretext(model):
     # Does the label-free extractor know anatomy beyond its train subjects?
     metrics.update(

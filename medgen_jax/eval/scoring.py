@@ -82,7 +82,7 @@ class _Real:
 
 def _score_set(images: np.ndarray, requested: Mapping[str, np.ndarray],
                feats: np.ndarray, real: _Real, real_test_feats: np.ndarray,
-               info: DatasetInfo, model, params, s: Mapping[str, Any]
+               info: DatasetInfo, model, params, s: Mapping[str, Any], judge=None
                ) -> tuple[dict[str, float], dict[str, Any]]:
   """All metrics of one image set against the real train split."""
   out: dict[str, float] = {}
@@ -103,6 +103,10 @@ def _score_set(images: np.ndarray, requested: Mapping[str, np.ndarray],
 
   predicted = classifier.predict_conditions(model, params, images)
   out.update(fidelity.condition_fidelity(predicted, requested, info.conditions))
+  if judge is not None and info.conditions:
+    read = classifier.predict_conditions(judge.model, judge.params, images)
+    out.update({f"judge_{k}": v for k, v in fidelity.condition_fidelity(
+        read, requested, info.conditions).items()})
 
   artifacts: dict[str, Any] = {}
   ch = _ct_channel(info)
@@ -150,7 +154,7 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
                     model: classifier.FeatureNet, params,
                     settings: Mapping[str, Any] | None = None,
                     figures_dir: str | None = None,
-                    baseline=None) -> dict[str, Any]:
+                    baseline=None, judge=None) -> dict[str, Any]:
   """Every metric of `generated` and its real reference (test vs train).
 
   Args:
@@ -166,6 +170,9 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
     baseline: optional `[n, *spatial, C]` images of another generator for the
       same `requested` conditions; scored against the same real side (the
       real features, HU and reference are computed once for both).
+    judge: a `classifier.judge.Judge`; its reading of each set's conditions
+      is reported as `judge_<condition metric>` (on the real test split: its
+      `_real_reference`, how well the judge reads real images).
 
   Returns:
     flat dict: each metric name, `<name>_real_reference`, `baseline_<name>`
@@ -208,14 +215,14 @@ def evaluate_images(generated, requested: Mapping[str, np.ndarray], *,
                _body_masks(train_hu) if ch is not None else None)
   test_cond = {f.name: np.asarray(real_test[f.name]) for f in info.conditions}
   ref, ref_art = _score_set(test_images, test_cond, test_feats, real,
-                            test_feats, info, model, params, s)
+                            test_feats, info, model, params, s, judge)
 
   metrics: dict[str, Any] = {}
   figures: dict[str, str] = {}
   for prefix, images in sets.items():
     feats = classifier.extract_features(model, params, images)
     scored, artifacts = _score_set(images, requested, feats, real, test_feats,
-                                   info, model, params, s)
+                                   info, model, params, s, judge)
     for key, value in scored.items():
       metrics[prefix + key] = value
       if not prefix:

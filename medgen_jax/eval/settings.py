@@ -67,8 +67,7 @@ def eval_settings(config: Any) -> dict[str, Any]:
     raise ValueError(f"eval.memorization_min_fraction must be in (0, 1), got "
                      f"{s['memorization_min_fraction']}")
   s["extractor_widths"] = tuple(int(w) for w in s["extractor_widths"])
-  judge = extractor_recipe(s)
-  _check_judge_is_independent(config, judge)
+  check_independent(config, extractor_recipe(s), "eval.extractor_seed")
   return s
 
 
@@ -78,9 +77,10 @@ def extractor_recipe(settings: Any) -> classifier.Recipe:
                                  name="eval.extractor_*")
 
 
-def _check_judge_is_independent(config: Any, judge: classifier.Recipe) -> None:
-  """The extractor must not share its seed with the network the samples were
-  trained against (`config.teacher`) or selected by (`config.selector`)."""
+def check_independent(config: Any, recipe: classifier.Recipe, name: str) -> None:
+  """An evaluation classifier (`name`: 'eval.extractor', 'judge') must not
+  share its seed with the network the samples were trained against
+  (`config.teacher`) or selected by (`config.selector`)."""
   if not hasattr(config, "get"):
     return
   loss = config.get("loss") or {}
@@ -89,7 +89,7 @@ def _check_judge_is_independent(config: Any, judge: classifier.Recipe) -> None:
           "selector": config.get("selector") is not None
                       and selection.num_candidates(config) > 1}
   for use, on in used.items():
-    if on and classifier.from_section(config[use], name=use).seed == judge.seed:
+    if on and classifier.from_section(config[use], name=use).seed == recipe.seed:
       raise ValueError(f"{use}.seed {config[use].seed} must differ from "
-                       f"eval.extractor_seed {judge.seed}: the evaluation would judge "
+                       f"{name} {recipe.seed}: the evaluation would judge "
                        f"with the network the samples were made with")
