@@ -138,6 +138,6 @@ def test_generator_fn_picks_each_image_from_one_of_the_candidates(quick_checkpoi
 def test_selector_fields_must_be_conditions_of_the_dataset(quick_checkpoint):
   config, _, _ = quick_checkpoint
   config = config.copy_and_resolve_references()
-  config.selector.fields = "lesion,tumour"
+  config.selector.update(fields="lesion,tumour", candidates=2)
   with pytest.raises(ValueError, match=r"selector.fields names \['tumour'\]"):
     sample.selection_scorer(config, data_lib.load_info(config.data))

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from medgen_jax.data import builders
+from medgen_jax.data import builders_phantom
 from medgen_jax.data import hidden_labels
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
 from medgen_jax.data.intensity import transform_for
@@ -158,7 +159,6 @@ def render_fresh_arrays(data_config, *, num_subjects: int) -> dict[str, np.ndarr
   if data_config.name != "ct_phantom":
     raise ValueError(f"fresh renders need the ct_phantom renderer; data.name is "
                      f"{data_config.name!r}")
-  from medgen_jax.data import builders_phantom  # (the only renderer)
   info = _select(builders_phantom.stored_info(data_config), data_config)
   to_model = _to_model_fn(info)
   examples = [to_model(r) for r in builders_phantom.fresh_records(data_config, num_subjects)]
