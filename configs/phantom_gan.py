@@ -41,25 +41,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       discriminator="resnet", d_width=32, spectral_norm=True,
       # r3gan only: residual blocks per resolution, inner width of a block
       # as a multiple of its input, and channels per group of its 3x3 conv
-      # (must divide d_width * d_expansion). Expansion 1, not R3GAN's 2: on
-      # the 2-core CPU the batch-16 step took ~1.2x the resnet D's at 1 and
-      # ~2x at 2.
+      # (must divide d_width * d_expansion). Expansion 1, not R3GAN's 2,
+      # for the CPU budget.
       d_blocks_per_stage=1, d_expansion=1, d_group_size=16,
-      # Minibatch-std channel in D (group size; 0 = off). Off by default: at
-      # 1,200 steps groups of 4 did not raise sample variety and worsened FD
-      # (81 vs 55) in the one pair of runs made (commit e482c20).
+      # Minibatch-std channel in D (group size; 0 = off).
       d_minibatch_std=0,
       # AC-GAN heads on D predicting every condition (used by
       # loss.condition_weight; the two must be set together).
       d_condition_heads=False, dtype="float32"))
-  # Sized for the 15-minute CPU budget: a batch-16 step with the condition
-  # teacher takes ~0.25-0.3 s on the idle 2-core machine, so 2,000 steps plus
-  # dataset build, the teacher's one-off 300 steps and compilation fit. Over
-  # seeds 0-2 the hinged teacher at 2,000 steps gave FD 20.0-29.5 and recall
-  # 0.132-0.257, where 1,000 steps with the unhinged teacher gave FD
-  # 28.9-40.4 and recall 0.017-0.037; the unhinged teacher at 2,000 steps
-  # (seed 0) collapsed to recall 0.000 (docs/results.md, "2D generation").
-  # On an accelerator raise num_steps (e.g.
+  # Sized for the 15-minute CPU budget (dataset build, the teacher's one-off
+  # training and compilation included). On an accelerator raise num_steps (e.g.
   # --config.train.num_steps=20000 --config.train.batch_size=64).
   config.train = ml_collections.ConfigDict(dict(
       num_steps=2000, batch_size=16, seed=0, log_every=50, sample_every=200,
@@ -69,34 +60,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       grad_clip=10.0))
   config.loss = ml_collections.ConfigDict(dict(
       # gan: nonsaturating | hinge | rpgan. rpgan is the relativistic pairing
-      # loss with zero-centred R1 (reals) and R2 (fakes), R3GAN's objective:
-      # over seeds 0-2 its domain FD was 28.9-40.4 against 43.1-70.7 for
-      # nonsaturating + R1 0.2 at equal recall; gamma 0.2 instead of 2 gave FD
-      # 68.6 (docs/results.md, "2D generation"). R1 and R2 share r1_every;
+      # loss with zero-centred R1 (reals) and R2 (fakes), R3GAN's objective
+      # (docs/results.md, "2D generation"). R1 and R2 share r1_every;
       # 1 on XLA:CPU, where a second compiled step for lazy penalties costs
       # more than the penalties. On accelerators use 4-16.
       gan="rpgan", r1_gamma=2.0, r2_gamma=2.0, r1_every=1,
       # No 'intensity' op: its +-0.5 brightness (+-500 HU) and x0.5-1.5
       # contrast hide the physical units D needs to judge (tissue HU, the
-      # sites' offsets). Without it the default run's FD went 95 -> 45 and
-      # HU W1 127 -> 98 (commit 41b82df).
+      # sites' offsets).
       augment="translation,cutout",
-      # 0.995: half-life ~140 steps, short enough for a 1200-step run (the
-      # init's weight is 0.995**1200 = 0.2 %) and smoother than 0.99.
+      # 0.995: half-life ~140 steps.
       ema_decay=0.995,
       # Weight of D's condition-prediction loss (AC-GAN; 0 = projection only).
       condition_weight=0.0,
       # Mode-seeking reward for samples that differ when only the noise
       # differs (step.diversity_ratio; 0 = off), clipped at diversity_cap.
-      # With the hinged teacher, over seeds 0-2 (best of 16): recall
-      # 0.221 / 0.183 / 0.272 against 0.186 / 0.094 / 0.123 without it, FD
-      # 17.0 / 24.6 / 11.7 against 17.8 / 24.0 / 20.3, requested large lesion
-      # 0.86-0.94 against 0.75-0.78 (docs/results.md, "2D generation").
       diversity_weight=1.0, diversity_cap=0.3,
       # Weight of the frozen condition teacher's loss on generated images
-      # (0 = off; the teacher is config.teacher). On: without it a requested
-      # large lesion was drawn in 2-12 % of samples, with it in 76 % (real
-      # 73 %), at an FD cost (1,200-step runs, commit 5f2b8c2).
+      # (0 = off; the teacher is config.teacher).
       teacher_weight=1.0,
       # 'real': the teacher's loss on fakes is hinged at its loss on the
       # paired real batch (losses.teacher_hinge), so fakes are pushed only
