@@ -66,3 +66,21 @@ def test_validation():
     manifold.prdc(x, np.ones((10, 3)), k=5)
   with pytest.raises(ValueError, match="feature dims differ"):
     manifold.prdc(np.ones((10, 3)), np.ones((10, 4)), k=2)
+
+
+def test_prdc_is_unchanged_by_a_large_common_offset():
+  # ||a||^2 + ||b||^2 - 2 a.b in float32 cancels catastrophically at +1e4;
+  # centred on the real mean, PRDC equals the float64 brute force.
+  rng = np.random.default_rng(4)
+  real = rng.normal(size=(60, 16))
+  fake = rng.normal(size=(50, 16)) * 1.2 + 0.3
+  ref = _prdc_brute(real, fake, 3)
+  for offset in (0.0, 1e4):
+    for dtype in (np.float64, np.float32):
+      got = manifold.prdc((real + offset).astype(dtype),
+                          (fake + offset).astype(dtype), k=3, chunk_size=16)
+      for key in ref:
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), (offset, dtype, key)
+  assert 0 < ref["precision"] < 1 and 0 < ref["coverage"] < 1
+  np.testing.assert_allclose(manifold.knn_radii(real + 1e4, 3),
+                             manifold.knn_radii(real, 3), rtol=1e-5)

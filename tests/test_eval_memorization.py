@@ -107,3 +107,17 @@ def test_validation():
     memorization.memorization_audit(x, x, x, mad_k=-1.0)
   with pytest.raises(ValueError, match="min_fraction"):
     memorization.memorization_audit(x, x, x, min_fraction=0.0)
+
+
+def test_audit_is_unchanged_by_a_large_common_offset():
+  rng = np.random.default_rng(5)
+  gen, train, test = (rng.normal(size=(n, 32)) for n in (40, 120, 50))
+  gen[:2] = train[[5, 6]]
+  base = memorization.memorization_audit(gen, train, test)
+  moved = memorization.memorization_audit(gen + 1e4, train + 1e4, test + 1e4)
+  np.testing.assert_array_equal(moved["gen_nearest_train"],
+                                base["gen_nearest_train"])
+  full = np.sqrt(((gen[:, None] - train[None]) ** 2).sum(-1)).min(1)
+  np.testing.assert_allclose(moved["gen_to_train"], full, rtol=1e-5, atol=1e-5)
+  assert moved["threshold"] == pytest.approx(base["threshold"], rel=1e-5)
+  assert moved["memorized_fraction"] == base["memorized_fraction"] == 2 / 40

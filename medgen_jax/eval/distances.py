@@ -153,6 +153,15 @@ def kernel_inception_distance(features1, features2, *, num_subsets: int = 100,
   return float(values.mean()), float(values.std())
 
 
+def centred(x, centre) -> np.ndarray:
+  """`x - centre` as float32 (subtracted in float64 unless `x` is float32;
+  rounding the centre to float32 shifts every row alike)."""
+  x = np.asarray(x)
+  if x.dtype == np.float32:
+    return x - np.asarray(centre, np.float32)
+  return (x.astype(np.float64) - np.asarray(centre, np.float64)).astype(np.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def _chunk_knn(q, ref, ref_sq, k):
   sq = (jnp.sum(q * q, axis=1, keepdims=True) + ref_sq[None, :]
@@ -166,6 +175,8 @@ def nearest_neighbors(queries, reference, *, k: int = 1,
   """The k nearest reference rows (Euclidean) of every query row, chunked.
 
   Memory is `O(chunk_size * num_reference)`, so 10k x 10k sets are fine.
+  Both sets are centred on the reference mean first, so a large common
+  offset does not cancel in the float32 `|q|^2 + |r|^2 - 2 q.r`.
 
   Args:
     queries: `[num_queries, dim]`.
@@ -178,9 +189,11 @@ def nearest_neighbors(queries, reference, *, k: int = 1,
     distances `[num_queries, k]` ascending (float32) and indices
     `[num_queries, k]` (int) into `reference`.
   """
-  q = check_features("queries", queries).astype(np.float32)
-  ref = check_features("reference", reference).astype(np.float32)
+  q = check_features("queries", queries)
+  ref = check_features("reference", reference)
   check_same_dim(q, ref)
+  mean = ref.mean(axis=0, dtype=np.float64)
+  q, ref = centred(q, mean), centred(ref, mean)
   if not 1 <= k <= ref.shape[0]:
     raise ValueError(f"k must be in [1, {ref.shape[0]}] (reference size), got {k}")
   if chunk_size < 1:
@@ -201,10 +214,13 @@ def nearest_neighbors(queries, reference, *, k: int = 1,
 
 
 def pairwise_distances(x, y) -> np.ndarray:
-  """Euclidean distances `[n, m]` between `[n, dim]` and `[m, dim]` (small sets)."""
-  x = check_features("x", x).astype(np.float32)
-  y = check_features("y", y).astype(np.float32)
+  """Euclidean distances `[n, m]` between `[n, dim]` and `[m, dim]` (small
+  sets), computed after centring both on the mean of `y`."""
+  x = check_features("x", x)
+  y = check_features("y", y)
   check_same_dim(x, y)
+  mean = y.mean(axis=0, dtype=np.float64)
+  x, y = centred(x, mean), centred(y, mean)
   sq = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :]
         - 2.0 * np.asarray(jnp.matmul(x, y.T, precision=jax.lax.Precision.HIGHEST)))
   return np.sqrt(np.clip(sq, 0.0, None))

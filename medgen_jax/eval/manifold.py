@@ -13,7 +13,9 @@ Models", with the semantics of their reference code (`prdc`):
 - density: (1/k) * mean over fakes of the number of real balls containing it;
 - coverage: fraction of real samples whose nearest fake is inside their ball.
 
-Distances are computed in chunks, so memory is O(chunk_size * n).
+Distances are computed in chunks, so memory is O(chunk_size * n), on
+features centred on the real mean (the metrics are translation invariant, and
+centring keeps a large common offset from cancelling in float32).
 """
 from __future__ import annotations
 
@@ -83,6 +85,8 @@ def prdc(real_features, fake_features, *, k: int = 5,
     if x.shape[0] <= k:
       raise ValueError(f"{name}: k-NN with k={k} needs more than {k} samples, "
                        f"got {x.shape[0]}")
+  mean = real.mean(axis=0, dtype=np.float64)
+  real, fake = distances.centred(real, mean), distances.centred(fake, mean)
   real_r = knn_radii(real, k, chunk_size=chunk_size)
   fake_r = knn_radii(fake, k, chunk_size=chunk_size)
   fake_in_real = _count_balls(fake, real, real_r, chunk_size)

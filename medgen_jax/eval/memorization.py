@@ -22,7 +22,8 @@ from medgen_jax.eval import distances
 
 
 def _flatten(name: str, x) -> np.ndarray:
-  x = np.asarray(x, np.float32)
+  x = np.asarray(x)
+  x = x if x.dtype == np.float64 else x.astype(np.float32)
   if x.ndim < 2:
     raise ValueError(f"{name} must be [num_samples, ...], got shape {x.shape}")
   return x.reshape(x.shape[0], -1)
@@ -44,6 +45,8 @@ def memorization_audit(generated, train, test, *, mad_k: float = 4.0,
                        min_fraction: float = 0.1,
                        chunk_size: int = 512) -> dict[str, np.ndarray | float | str]:
   """Nearest-training-neighbour audit in one space (features or pixels).
+
+  Distances are taken after centring every set on the train mean.
 
   Args:
     generated: `[n_gen, ...]` generated samples (features `[n, F]` or images
