@@ -137,6 +137,10 @@ def test_nearest_neighbors_vs_brute_force():
   np.testing.assert_allclose(d, np.sort(full, axis=1)[:, :3], rtol=1e-4)
   np.testing.assert_allclose(distances.pairwise_distances(q, ref), full,
                              rtol=1e-4)
+  # Copies are at distance exactly 0, also far from the origin.
+  d0, i0 = distances.nearest_neighbors(ref[[4, 9]] + 50.0, ref + 50.0, k=2)
+  np.testing.assert_array_equal(d0[:, 0], 0.0)
+  np.testing.assert_array_equal(i0[:, 0], [4, 9])
 
 
 def test_validation_errors():

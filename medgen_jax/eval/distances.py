@@ -166,8 +166,12 @@ def centred(x, centre) -> np.ndarray:
 def _chunk_knn(q, ref, ref_sq, k):
   sq = (jnp.sum(q * q, axis=1, keepdims=True) + ref_sq[None, :]
         - 2.0 * jnp.matmul(q, ref.T, precision=jax.lax.Precision.HIGHEST))
-  neg, idx = jax.lax.top_k(-sq, k)
-  return jnp.sqrt(jnp.clip(-neg, 0.0)), idx
+  _, idx = jax.lax.top_k(-sq, k)
+  # The found neighbours' distances from differences: exact 0 for copies.
+  d = jnp.sqrt(jnp.sum((q[:, None, :] - ref[idx]) ** 2, axis=-1))
+  order = jnp.argsort(d, axis=1)
+  return (jnp.take_along_axis(d, order, axis=1),
+          jnp.take_along_axis(idx, order, axis=1))
 
 
 def nearest_neighbors(queries, reference, *, k: int = 1,
