@@ -11,7 +11,7 @@ slices for the source sites (the "more images" control); and, as the
 reference that uses target labels, + 500 real labelled site-3 slices (site 3
 has 521 none/large train slices).
 Tests: held-out subjects of site 3 and of sites 0-2. Five seeds. Protocol:
-`medgen_jax/eval/cross_site.py`.
+`medgen_jax/studies/cross_site.py`.
 
 The generator is the GAN default trained with site 3's lesion labels hidden
 (`data.hide_labels='lesion:site=3'`; its images are still used), in

@@ -9,7 +9,7 @@ small nodules stays near chance below a few thousand real slices). Curve:
 100 / 300 / 1,000 real labelled slices; synthetic arms add 1x and 3x as many
 generated slices (balanced classes). Test: every none/large slice of the
 validation and test subjects (held out; nothing is selected on them). Five
-seeds. Protocol: `medgen_jax/eval/downstream.py`.
+seeds. Protocol: `medgen_jax/studies/downstream.py`.
 
 Generators: `generators` maps an arm name to a training workdir (the README's
 main command writes `runs/phantom`); a workdir without a checkpoint is trained

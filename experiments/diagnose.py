@@ -9,7 +9,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from medgen_jax.eval import diagnostics
+from medgen_jax.studies import diagnostics
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file of the run.", lock_config=True)

@@ -1,6 +1,6 @@
 r"""The clinical downstream experiments: the thin entry point around
-`medgen_jax.eval.downstream.run_downstream` (augmentation learning curve) and
-`medgen_jax.eval.cross_site.run_cross_site` (unlabelled target site), chosen
+`medgen_jax.studies.downstream.run_downstream` (augmentation learning curve) and
+`medgen_jax.studies.cross_site.run_cross_site` (unlabelled target site), chosen
 by the config's `experiment`.
 
   python -m experiments.downstream --config configs/downstream_lesion.py \
@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from medgen_jax import data as data_lib
-from medgen_jax.eval import cross_site, downstream
+from medgen_jax.studies import cross_site, downstream
 from medgen_jax.train import checkpoint as ckpt_lib
 from medgen_jax.train import train_and_evaluate
 

@@ -4,14 +4,14 @@ r"""Trains the domain extractor on real train images, scores it on real test ima
       --fields lesion --steps 300 --stem_patch 2 --pooling mean_max
 
 Prints one JSON line: per-condition accuracy (and per class) or MAE on the
-held-out real subjects, and the training time. See medgen_jax/eval/probe.py.
+held-out real subjects, and the training time. See medgen_jax/studies/probe.py.
 """
 import json
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from medgen_jax.eval import probe
+from medgen_jax.studies import probe
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _FIELDS = flags.DEFINE_list("fields", None, "Conditions to train and score (default: all).")

@@ -16,7 +16,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from medgen_jax.eval import precision
+from medgen_jax.studies import precision
 from medgen_jax.inference import quantize, sample
 
 _CONFIG = config_flags.DEFINE_config_file(

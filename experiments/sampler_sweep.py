@@ -1,5 +1,5 @@
 r"""Scores a trained generator at several sampler settings: the thin entry point
-around `medgen_jax.eval.sampler_sweep.sweep`.
+around `medgen_jax.studies.sampler_sweep.sweep`.
 
   python -m experiments.sampler_sweep --config configs/phantom_flow.py --workdir runs/flow \
       --steps 8,16,32,64 --guidance 1 --solver euler
@@ -21,7 +21,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from medgen_jax.eval import sampler_sweep
+from medgen_jax.studies import sampler_sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config of the run (configs/phantom_flow.py[:variant]).",

@@ -9,8 +9,8 @@ import pytest
 from configs import downstream_cross_site
 from conftest import ct_volume, write_nifti
 from medgen_jax import data as data_lib
-from medgen_jax.eval import classification as cls_lib
-from medgen_jax.eval import cross_site
+from medgen_jax.studies import classification as cls_lib
+from medgen_jax.studies import cross_site
 
 
 def _recording_generator(log, train, field="lesion"):

@@ -8,8 +8,8 @@ import pytest
 
 from configs import downstream_lesion
 from medgen_jax import data as data_lib
-from medgen_jax.eval import classification as cls_lib
-from medgen_jax.eval import downstream
+from medgen_jax.studies import classification as cls_lib
+from medgen_jax.studies import downstream
 
 
 def test_metrics_hand_computed():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medgen_jax.eval import bootstrap, distances
+from medgen_jax.metrics import bootstrap, distances
 from medgen_jax.eval import settings
 
 RESAMPLES = settings.DEFAULTS["bootstrap_resamples"]  # as in the evaluation

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medgen_jax.eval import diagnostics
+from medgen_jax.studies import diagnostics
 
 
 def test_relative_spread_hand_computed():

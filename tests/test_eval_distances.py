@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from medgen_jax.eval import bootstrap, distances
+from medgen_jax.metrics import bootstrap, distances
 
 
 def _scipy_fd(x, y):

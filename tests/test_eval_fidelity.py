@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from medgen_jax.data.info import ConditionField
-from medgen_jax.eval import fidelity
+from medgen_jax.metrics import fidelity
 
 FIELDS = (ConditionField("lesion", "categorical", num_classes=3),
           ConditionField("site", "categorical", num_classes=4),

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medgen_jax.eval import manifold
+from medgen_jax.metrics import manifold
 
 
 def _prdc_brute(real, fake, k):

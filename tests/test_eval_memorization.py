@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medgen_jax.eval import memorization
+from medgen_jax.metrics import memorization
 
 
 def _images(rng, n):

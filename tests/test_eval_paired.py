@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medgen_jax.eval import paired
+from medgen_jax.metrics import paired
 
 RANGE = (-1000.0, 1000.0)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from medgen_jax.eval import physical
+from medgen_jax.metrics import physical
 
 
 def _sorted_w1(a, b):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from configs import data_phantom
-from medgen_jax.eval import probe
+from medgen_jax.studies import probe
 
 
 def test_probe_reports_per_class_accuracy_on_the_test_split(tmp_path):

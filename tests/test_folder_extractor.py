@@ -8,7 +8,7 @@ import pytest
 from configs import data_folder
 from conftest import ct_volume, write_nifti
 from medgen_jax import data
-from medgen_jax.eval import distances
+from medgen_jax.metrics import distances
 from medgen_jax import classifier
 from medgen_jax.classifier import training
 

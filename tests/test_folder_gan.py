@@ -10,7 +10,8 @@ from conftest import ct_volume, write_checkpoint, write_nifti
 from medgen_jax import classifier, data
 from medgen_jax.data import builders
 from medgen_jax.data.info import IntensityTransform
-from medgen_jax.eval import evaluate, physical
+from medgen_jax.eval import evaluate
+from medgen_jax.metrics import physical
 from medgen_jax.train import loop, validate_config
 
 

@@ -4,8 +4,8 @@ Every module under medgen_jax/ is parsed with `ast` (nothing is imported, so
 this runs in well under a second) and each `import` of a medgen_jax module is
 checked against the layer order:
 
-  data < viz < conditioning < attention < models < classifier < train < inference < eval
-  < bench
+  data < metrics < viz < conditioning < attention < models < classifier < train < inference
+  < eval < studies < bench
 
 A module may import its own package and any package to its left. The library
 never imports the top-level `configs` or `experiments` packages (they sit on
@@ -19,8 +19,8 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 PACKAGE = "medgen_jax"
-LAYERS = ("data", "viz", "conditioning", "attention", "models", "classifier", "train",
-          "inference", "eval", "bench")
+LAYERS = ("data", "metrics", "viz", "conditioning", "attention", "models", "classifier",
+          "train", "inference", "eval", "studies", "bench")
 # viz_volume is the 3D half of viz: one layer.
 LAYER_OF = {**{name: i for i, name in enumerate(LAYERS)}, "viz_volume": LAYERS.index("viz")}
 ABOVE_THE_LIBRARY = ("configs", "experiments")

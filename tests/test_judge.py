@@ -14,7 +14,8 @@ from medgen_jax.classifier import judge as judge_lib
 from medgen_jax.data import builders_phantom
 from medgen_jax.data.info import CATEGORICAL
 from medgen_jax.eval import evaluate as ev
-from medgen_jax.eval import fidelity, reference, scoring
+from medgen_jax.eval import reference, scoring
+from medgen_jax.metrics import fidelity
 from medgen_jax.eval import settings as settings_lib
 
 

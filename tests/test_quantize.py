@@ -17,7 +17,7 @@ from configs import phantom_gan
 from conftest import random_generator_params, write_checkpoint
 from medgen_jax import data as data_lib
 from medgen_jax import models
-from medgen_jax.eval import precision
+from medgen_jax.studies import precision
 from medgen_jax.inference import quantize, sample
 
 B = 4

@@ -17,7 +17,8 @@ from configs import phantom_flow, phantom_gan
 from conftest import INFO, write_checkpoint
 from medgen_jax import classifier, models
 from medgen_jax.eval import evaluate as ev
-from medgen_jax.eval import reference, sampler_sweep
+from medgen_jax.eval import reference
+from medgen_jax.studies import sampler_sweep
 from medgen_jax.inference import sample
 from medgen_jax.models import velocity
 

@@ -170,7 +170,7 @@ def test_translate_arrays_batches_in_order():
 
 @pytest.mark.slow
 def test_ct2pet_quick_trains_and_evaluates_against_the_unet(tmp_path):
-  from medgen_jax.eval import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from medgen_jax.eval import evaluate as evaluate_lib
   from medgen_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
   runs = {}
   for variant in ("quick", "quick,unet"):

@@ -9,7 +9,7 @@ recipe (`cache`). Its uses, each with its own recipe and config section:
     evaluation extractor/judge   config.eval.extractor_*  medgen_jax.eval.settings
     training condition teacher   config.teacher         medgen_jax.train.loop
     best-of-K sample selector    config.selector        medgen_jax.inference.sample
-    downstream classifier        config.classifier      medgen_jax.eval.classification
+    downstream classifier        config.classifier      medgen_jax.studies.classification
 
     recipe = classifier.from_section(config.teacher)
     model, params, meta = classifier.get_classifier(recipe, config.data, info)

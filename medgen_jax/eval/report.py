@@ -20,7 +20,7 @@ from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
 from medgen_jax import viz, viz_volume
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
-from medgen_jax.eval import memorization, physical
+from medgen_jax.metrics import memorization, physical
 
 
 def save_condition_grid(path: str, images, requested: Mapping[str, np.ndarray],

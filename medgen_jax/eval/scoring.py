@@ -18,8 +18,8 @@ import numpy as np
 from medgen_jax import classifier
 from medgen_jax.data import phantom
 from medgen_jax.data.info import DatasetInfo
-from medgen_jax.eval import (bootstrap, distances, fidelity, manifold, memorization,
-                             physical, report)
+from medgen_jax.eval import report
+from medgen_jax.metrics import bootstrap, distances, fidelity, manifold, memorization, physical
 from medgen_jax.eval import settings as settings_lib
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from medgen_jax import data as data_lib
 from medgen_jax import models as models_lib
 from medgen_jax.data.info import DatasetInfo
-from medgen_jax.eval import paired, physical
+from medgen_jax.metrics import paired, physical
 from medgen_jax.models.translator import source_target_names
 from medgen_jax.train import checkpoint as ckpt_lib
 from medgen_jax.train import state as state_lib

@@ -18,7 +18,7 @@
 plus the params as stored, so `param_bytes` counts what actually sits in
 memory (int8 values and their scales). The precision table (end to end, from
 a checkpoint, with the domain extractor's scores) is
-`medgen_jax.eval.precision.compare_precisions`.
+`medgen_jax.studies.precision.compare_precisions`.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ import numpy as np
 from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.data.info import uniform_conditions
-from medgen_jax.eval import distances, fidelity, reference
+from medgen_jax.eval import reference
+from medgen_jax.metrics import distances, fidelity
 from medgen_jax.eval import settings as settings_lib
 from medgen_jax.inference import quantize
 from medgen_jax.inference import sample as sample_lib

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.ndimage
 
 from medgen_jax.data.info import CATEGORICAL, ConditionField
-from medgen_jax.eval import physical
+from medgen_jax.metrics import physical
 
 
 def condition_fidelity(predicted: Mapping[str, np.ndarray],

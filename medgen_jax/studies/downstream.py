@@ -17,7 +17,7 @@ in results.json:
     split; arm '<generator> x<r>' trains on the n real images plus the first
     round(r * n) synthetic ones, labelled with the requested class, batches
     drawn uniformly from the union;
-  * the classifier (`eval.classification`) has one fixed recipe for every
+  * the classifier (`studies.classification`) has one fixed recipe for every
     arm and size; its initialisation and batch order follow the seed; its
     last step is scored;
   * reported per arm and size: macro-F1, balanced accuracy and accuracy,
@@ -47,7 +47,7 @@ from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.data.info import DatasetInfo
-from medgen_jax.eval import classification as cls_lib
+from medgen_jax.studies import classification as cls_lib
 from medgen_jax.eval import reference
 from medgen_jax.inference import sample
 

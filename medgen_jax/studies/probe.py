@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from medgen_jax import data as data_lib
 from medgen_jax.classifier import training
-from medgen_jax.eval import fidelity
+from medgen_jax.metrics import fidelity
 
 
 def probe_extractor(data_config: Any, *, fields: Sequence[str] | None = None,

@@ -1,7 +1,7 @@
 """The downstream classifier's pieces: class subsets, training, scores, intervals.
 
-Shared by the augmentation learning curve (`eval.downstream`) and the
-cross-site experiment (`eval.cross_site`), so both train, score and summarise
+Shared by the augmentation learning curve (`studies.downstream`) and the
+cross-site experiment (`studies.cross_site`), so both train, score and summarise
 in exactly the same way:
 
 - the classifier is `medgen_jax.classifier`'s network with one head, for

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medgen_jax.eval import distances
+from medgen_jax.metrics import distances
 
 
 def knn_radii(features, k: int, *, chunk_size: int = 1024) -> np.ndarray:

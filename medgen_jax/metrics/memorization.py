@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
-from medgen_jax.eval import distances
+from medgen_jax.metrics import distances
 
 
 def _flatten(name: str, x) -> np.ndarray:

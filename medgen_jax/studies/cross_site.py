@@ -9,7 +9,7 @@ Protocol (`run_cross_site`), fixed before any test result is seen and stored
 in results.json, per seed:
 
   * `num_real` labelled examples drawn from the source sites' train subjects
-    (the task's classes only, see `eval.classification`);
+    (the task's classes only, see `studies.classification`);
   * arms, all with the same real examples, init seed and classifier recipe:
       - 'source': the source examples alone;
       - '<generator>@target': + `num_synthetic` generated examples requested
@@ -40,8 +40,8 @@ from medgen_jax import classifier
 from medgen_jax import data as data_lib
 from medgen_jax.data import hidden_labels
 from medgen_jax.data.info import CATEGORICAL, DatasetInfo
-from medgen_jax.eval import classification as cls_lib
-from medgen_jax.eval import downstream
+from medgen_jax.studies import classification as cls_lib
+from medgen_jax.studies import downstream
 
 TESTS = ("target", "source")
 
