@@ -91,13 +91,13 @@ def classifier_section(**overrides) -> ml_collections.ConfigDict:
 def judge_section(**overrides) -> ml_collections.ConfigDict:
   """The evaluation judge's section (`config.judge`, `classifier.judge`).
 
-  A recipe apart from the teacher's and the selector's (wider, full
-  resolution stem, its own seed), trained on `subjects` fresh phantom
-  subjects outside every split (0, or a dataset other than ct_phantom: the
-  real train split).
+  A recipe apart from the teacher's and the selector's (four stages, a
+  2x2 space-to-depth stem, mean and max pooling, many more steps, its own
+  seed), trained on `subjects` fresh phantom subjects outside every split
+  (0, or a dataset other than ct_phantom: the real train split).
   """
-  values = dict(steps=600, batch_size=64, lr=1e-3, widths=(32, 64, 128), feature_dim=128,
-                stem_patch=1, seed=11, subjects=300)
+  values = dict(steps=6000, batch_size=32, lr=1e-3, widths=(16, 32, 64, 128),
+                feature_dim=128, stem_patch=2, pooling="mean_max", seed=11, subjects=2000)
   values.update(overrides)
   return classifier_section(**values)
 
