@@ -101,3 +101,19 @@ def judge_section(**overrides) -> ml_collections.ConfigDict:
   values.update(overrides)
   return classifier_section(**values)
 
+
+
+def flow_loss_section(**overrides) -> ml_collections.ConfigDict:
+  """`config.loss` of a flow-matching run (`medgen_jax.train.flow.LOSS_KEYS`).
+
+  time_mean, time_std: the logit-normal training-time distribution,
+  t = sigmoid(time_mean + time_std * N(0, 1)); cfg_dropout: probability that
+  an example's conditions are all dropped (classifier-free guidance);
+  ema_decay: the sampled generator's EMA.
+  """
+  values = dict(time_mean=0.0, time_std=1.0, cfg_dropout=0.1, ema_decay=0.995)
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:
+    raise ValueError(f"flow_loss_section: unknown flow loss settings {unknown}")
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)

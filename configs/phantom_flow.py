@@ -24,6 +24,11 @@ import ml_collections
 from configs import common, phantom_3d, phantom_gan
 
 
+# model.* settings of the discriminator, which a flow run does not have.
+GAN_MODEL_KEYS = ("discriminator", "d_width", "spectral_norm", "d_blocks_per_stage",
+                  "d_expansion", "d_group_size", "d_minibatch_std", "d_condition_heads")
+
+
 def image_numel(config: ml_collections.ConfigDict):
   """Voxels x channels of one image, by reference: the flow generator's noise
   is the image at t = 1, so `model.latent_dim` follows `data.image_size`."""
@@ -57,23 +62,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.sample_steps = 32
   m.solver = "euler"
   m.guidance_scale = 1.0
-  config.optim.update(g_lr=3e-4, b1=0.9, b2=0.999, warmup_steps=100)
+  # The objective has no discriminator and no teacher: only the generator's
+  # settings, its optimiser and the flow loss are kept from the GAN config.
+  for key in GAN_MODEL_KEYS:
+    del m[key]
+  del config.teacher
+  config.optim = ml_collections.ConfigDict(dict(
+      g_lr=3e-4, b1=0.9, b2=0.999, schedule=config.optim.schedule, warmup_steps=100,
+      grad_clip=config.optim.grad_clip))
   if not {"quick", "3d"} & set(variants):
     # Sized for the 15-minute CPU budget; each 24-image sample grid runs the
     # 32-step sampler.
     config.train.update(num_steps=1500, sample_every=500, checkpoint_every=500)
-  lcfg = config.loss
-  # No discriminator, no teacher: the GAN's penalties and pushes are off.
-  lcfg.update(r1_gamma=0.0, r2_gamma=0.0, teacher_weight=0.0, condition_weight=0.0,
-              augment="")
-  config.selector.candidates = 1  # each draw is a full ODE solve
-  # Logit-normal time sampling, t = sigmoid(N(time_mean, time_std)) (SD3),
-  # and the probability of dropping an example's conditions to unknown.
-  lcfg.time_mean = 0.0
-  lcfg.time_std = 1.0
-  lcfg.cfg_dropout = 0.1
-  # As the GAN's: half-life ~140 steps.
-  lcfg.ema_decay = 0.995
+  config.loss = common.flow_loss_section()
   if "3d" in variants:
     m.token_grid = 4   # 16x32x32 volumes: 4x8x8 tokens of 4x4x4 voxels
     m.depth = 4
@@ -83,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.window_size = 2
     m.sample_steps = 3
     config.optim.warmup_steps = 0
-    lcfg.ema_decay = 0.9
+    config.loss.ema_decay = 0.9
   if "attention" in values:
     m.attention = values["attention"]
   return config

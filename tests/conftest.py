@@ -33,7 +33,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from configs import phantom_gan  # noqa: E402
 from medgen_jax import data as data_lib, models  # noqa: E402
 from medgen_jax.data.info import ConditionField, DatasetInfo, IntensityTransform  # noqa: E402
-from medgen_jax.train import checkpoint as ckpt_lib, state as state_lib, step as step_lib  # noqa: E402
+from medgen_jax.train import checkpoint as ckpt_lib, flow as flow_lib, state as state_lib, step as step_lib  # noqa: E402
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
@@ -160,12 +160,16 @@ def random_generator_params(generator, info, latent_dim, batch_size, *, scale=0.
 
 
 def write_checkpoint(config, workdir, *, step=3, seed=0):
-  """A TrainState with random (non-zero, gates included) params, saved like the loop does."""
+  """The task's state (TrainState, or FlowState for flow configs) with random
+  (non-zero, gates included) params, saved like the loop does."""
   info = data_lib.load_info(config.data)
   g = models.build_generator(config.model, info)
-  d = models.build_discriminator(config.model, info)
-  init = state_lib.make_init_fn(state_lib.make_models(g, d, config), info,
-                                latent_dim=config.model.latent_dim, seed=seed)
+  if config.get("task") == "flow":
+    init = flow_lib.make_init_fn(state_lib.make_models(g, None, config), info, config)
+  else:
+    d = models.build_discriminator(config.model, info)
+    init = state_lib.make_init_fn(state_lib.make_models(g, d, config), info,
+                                  latent_dim=config.model.latent_dim, seed=seed)
   abstract = jax.eval_shape(init)
   rng = np.random.default_rng(seed)
   state = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.1, a.shape).astype(a.dtype)),

@@ -62,8 +62,15 @@ def test_drop_conditions_to_unknown():
 def test_config_rejects_discriminator_settings():
   config = phantom_flow.get_config("quick")
   flow.validate_flow_config(config)
+  assert sorted(config.loss) == sorted(flow.LOSS_KEYS)
+  assert "teacher" not in config and "d_lr" not in config.optim
+  assert not set(phantom_flow.GAN_MODEL_KEYS) & set(config.model)
   config.loss.r1_gamma = 1.0
   with pytest.raises(ValueError, match="no discriminator"):
+    flow.validate_flow_config(config)
+  config = phantom_flow.get_config("quick")
+  del config.loss.time_std
+  with pytest.raises(ValueError, match="time_std"):
     flow.validate_flow_config(config)
   config = phantom_flow.get_config("quick")
   config.loss.cfg_dropout = 1.0

@@ -153,7 +153,7 @@ def test_flow_training_resumes_after_a_crash_to_the_same_parameters(tmp_path):
   got, got_data, got_step, initial = _final_state(config, crashed)
   want, want_data, want_step, _ = _final_state(config, ref)
   assert got_step == want_step == 4 and got_data == want_data
-  assert got.d_params == {} and got.d_state == {}
+  assert isinstance(got, flow.FlowState) and not hasattr(got, "d_params")
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), got.g_params,
                        initial.g_params)
   assert max(jax.tree.leaves(moved)) > 0  # training changed the parameters

@@ -16,12 +16,12 @@ are all replaced by unknown (-1 / NaN: the condition embedding's null
 vectors) with probability `loss.cfg_dropout`, so one network learns the
 conditional and the unconditional velocity.
 
-State: the TrainState of the GAN with the velocity network (`models.velocity.
-FlowGenerator`) as generator and its EMA in `ema_params`; there is no
-discriminator, so `d_params` and `d_state` are empty dicts and
-`d_opt_state` is the D optimiser's state of no parameters: checkpoints keep
-the GAN's layout and restore with the same code, and the EMA generator is
-read by `inference.sample` exactly as for a GAN run.
+Settings: `config.loss` is the flow loss section (`LOSS_KEYS`, built by
+`configs/common.py` `flow_loss_section`), with no discriminator or teacher
+term. State: `FlowState`, the velocity network (`models.velocity.
+FlowGenerator`), its EMA in `ema_params` and its optimiser; checkpoints
+restore with the GAN's code, and the EMA generator is read by
+`inference.sample` exactly as for a GAN run.
 
 Noise, times and dropout are drawn for the global batch and sliced per
 device (`step._local_slice`), so jit / pmap / shard_map give the same
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -43,6 +44,27 @@ from medgen_jax.train import state as state_lib
 from medgen_jax.train import step as step_lib
 
 TASKS = ("flow",)
+# Every key of a flow run's `config.loss` (configs/common.py flow_loss_section).
+LOSS_KEYS = ("time_mean", "time_std", "cfg_dropout", "ema_decay")
+
+
+@flax.struct.dataclass
+class FlowState:
+  """Everything that changes while a velocity network trains.
+
+  Attributes:
+    step: int32 scalar, number of completed train steps.
+    g_params / g_state: the velocity network's 'params' and other collections.
+    ema_params: EMA of `g_params`, used for sampling.
+    g_opt_state: its optax state.
+    rng: base PRNG key (uint32 [2]); step t uses fold_in(rng, t).
+  """
+  step: jax.Array
+  g_params: Any
+  g_state: Any
+  ema_params: Any
+  g_opt_state: Any
+  rng: jax.Array
 
 
 def sample_time(key: jax.Array, n: int, *, mean: float = 0.0, std: float = 1.0) -> jax.Array:
@@ -78,14 +100,14 @@ def drop_conditions(conditions: Mapping[str, jax.Array], drop: jax.Array
   return {k: jnp.where(drop, null[k], v) for k, v in conditions.items()}
 
 
-def flow_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
+def flow_step(state: FlowState, batch: dict[str, jax.Array],
               rng: jax.Array | None = None, *, models: state_lib.Models, config: Any,
               axis_name: str | None = None, with_r1: bool | None = None
-              ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+              ) -> tuple[FlowState, dict[str, jax.Array]]:
   """One velocity-network update and the EMA.
 
   Args:
-    state: TrainState (replicated); g_params are the FlowGenerator's.
+    state: FlowState (replicated).
     batch: 'image' `[batch, *spatial, C]` in [-1, 1] and condition arrays
       `[batch]`; the per-device part under pmap / shard_map.
     rng: step key; None uses fold_in(state.rng, state.step).
@@ -134,11 +156,11 @@ def flow_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
 
 
 def make_init_fn(models: state_lib.Models, info: DatasetInfo,
-                 config: Any) -> Callable[[], state_lib.TrainState]:
-  """Pure () -> TrainState: the velocity network's parameters, no discriminator."""
+                 config: Any) -> Callable[[], FlowState]:
+  """Pure () -> FlowState: the velocity network's parameters and optimiser."""
   G = models.generator
 
-  def init() -> state_lib.TrainState:
+  def init() -> FlowState:
     rng = jax.random.PRNGKey(config.train.seed)
     rng, k_params, k_dropout = jax.random.split(rng, 3)
     variables = G.init({"params": k_params, "dropout": k_dropout},
@@ -146,11 +168,10 @@ def make_init_fn(models: state_lib.Models, info: DatasetInfo,
                        jnp.ones((1,), jnp.float32), state_lib.dummy_conditions(info, 1),
                        train=False, method="velocity")
     g_params, g_state = state_lib._split_variables(variables)  # pylint: disable=protected-access
-    return state_lib.TrainState(
+    return FlowState(
         step=jnp.zeros((), jnp.int32), g_params=g_params, g_state=g_state,
-        d_params={}, d_state={}, ema_params=jax.tree.map(jnp.copy, g_params),
-        g_opt_state=models.g_tx.init(g_params), d_opt_state=models.d_tx.init({}),
-        rng=rng)
+        ema_params=jax.tree.map(jnp.copy, g_params),
+        g_opt_state=models.g_tx.init(g_params), rng=rng)
   return init
 
 
@@ -160,15 +181,21 @@ def validate_flow_config(config: Any) -> None:
   if m.generator != "flow":
     raise ValueError(f"config.task 'flow' trains model.generator 'flow', got "
                      f"{m.generator!r}")
-  if step_lib.penalties_on(lcfg) or float(lcfg.condition_weight) or float(
-      lcfg.teacher_weight):
-    raise ValueError("config.task 'flow' has no discriminator or teacher: set "
-                     "loss.r1_gamma, loss.r2_gamma, loss.condition_weight and "
-                     "loss.teacher_weight to 0")
+  extra = sorted(set(lcfg) - set(LOSS_KEYS))
+  if extra:
+    raise ValueError(f"config.task 'flow' has no discriminator or teacher: loss {extra} "
+                     f"are not flow settings (the flow loss section has {list(LOSS_KEYS)}; "
+                     f"configs/common.py flow_loss_section)")
+  missing = sorted(set(LOSS_KEYS) - set(lcfg))
+  if missing:
+    raise ValueError(f"config.loss lacks the flow settings {missing} "
+                     f"(configs/common.py flow_loss_section)")
   if not float(lcfg.time_std) > 0:
     raise ValueError(f"loss.time_std must be > 0, got {lcfg.time_std}")
   if not 0.0 <= float(lcfg.cfg_dropout) < 1.0:
     raise ValueError(f"loss.cfg_dropout must be in [0, 1), got {lcfg.cfg_dropout}")
+  if not 0.0 <= float(lcfg.ema_decay) < 1.0:
+    raise ValueError(f"loss.ema_decay must be in [0, 1), got {lcfg.ema_decay}")
 
 
 def trainer_hooks(config: Any, models: state_lib.Models,

@@ -35,6 +35,7 @@ from medgen_jax.train import translation
 from medgen_jax.train import variety as variety_lib
 
 SAMPLE_COLS = 8
+TASKS = translation.TASKS + flow.TASKS
 LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
              "g_teacher", "g_teacher_real", "g_diversity", "flow_loss")
 
@@ -88,6 +89,14 @@ def check_condition_settings(config: Any, names: tuple[str, ...] | None) -> None
         f"--config.loss.condition_weight=0 --config.model.d_condition_heads=False")
 
 
+def task_of(config: Any) -> str:
+  """`config.task`: 'generation', 'translation' or 'flow' (checked)."""
+  task = config.get("task", "generation")
+  if task not in TASKS:
+    raise ValueError(f"unknown config.task {task!r}; expected one of {TASKS}")
+  return task
+
+
 def validate_config(config: Any, num_devices: int) -> None:
   """Cheap checks with one clear ValueError, before data or compilation.
 
@@ -112,6 +121,21 @@ def validate_config(config: Any, num_devices: int) -> None:
     # The smallest axis of the first attention stage; build_generator checks every stage.
     check_window(m.attention, m.window_size,
                  (m.token_grid,) * len(builders.spatial_shape(config.data)))
+  state_lib.make_schedule(1.0, config.optim, t.num_steps)
+  # With the model and the configured volume shape, a mesh.seq > 1 layout is
+  # checked against the token grids here, before the dataset is touched.
+  mesh = parallel.validate(config.parallel, t.batch_size, num_devices, model_config=m,
+                           spatial_shape=builders.spatial_shape(config.data))
+  if task_of(config) == "flow":
+    flow.validate_flow_config(config)
+  else:
+    _validate_adversarial(config, mesh)
+
+
+def _validate_adversarial(config: Any, mesh: dict) -> None:
+  """The GAN and translation checks of `validate_config`: the loss section,
+  the discriminator's settings and the condition teacher."""
+  t, m = config.train, config.model
   losses.get_gan_loss(config.loss.gan)
   augment_lib.parse_policy(config.loss.augment)
   if config.loss.r1_gamma < 0 or config.loss.r2_gamma < 0 or config.loss.r1_every < 1:
@@ -120,11 +144,6 @@ def validate_config(config: Any, num_devices: int) -> None:
                      f"{config.loss.r1_every}")
   if not 0.0 <= config.loss.ema_decay < 1.0:
     raise ValueError(f"loss.ema_decay must be in [0, 1), got {config.loss.ema_decay}")
-  state_lib.make_schedule(1.0, config.optim, t.num_steps)
-  # With the model and the configured volume shape, a mesh.seq > 1 layout is
-  # checked against the token grids here, before the dataset is touched.
-  mesh = parallel.validate(config.parallel, t.batch_size, num_devices, model_config=m,
-                           spatial_shape=builders.spatial_shape(config.data))
   weight, heads = float(config.loss.condition_weight), bool(m.d_condition_heads)
   if weight < 0 or (weight > 0) != heads:
     raise ValueError(
@@ -199,7 +218,7 @@ def _build_and_train(config: Any, workdir: str) -> dict:
     config.loss.teacher_weight = teacher_weight(config, tuple(f.name for f in info.conditions))
   generator = models_lib.build_generator(config.model, info)
   # Flow matching trains the velocity network alone (train/flow.py).
-  discriminator = (None if config.get("task") == "flow" else
+  discriminator = (None if task_of(config) == "flow" else
                    models_lib.build_discriminator(config.model, info))
   t = config.train
   iterator, _ = data_lib.load_dataset(
@@ -254,10 +273,7 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
     The summary dict (also written to workdir/summary.json).
   """
   models = state_lib.make_models(generator, discriminator, config, teacher=teacher)
-  task = config.get("task", "generation")
-  if task not in translation.TASKS + flow.TASKS:
-    raise ValueError(f"unknown config.task {task!r}; expected one of "
-                     f"{translation.TASKS + flow.TASKS}")
+  task = task_of(config)
   hooks = {}
   if task == "translation":
     hooks = translation.trainer_hooks(config, models, info)
@@ -328,7 +344,7 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
         if meter is not None:
           meter.add_real(host_batch)
         batch = trainer.put_batch(host_batch)
-        with_r1 = step_lib.r1_due(config.loss, step)
+        with_r1 = task != "flow" and step_lib.r1_due(config.loss, step)
         state, metrics = trainer.step(state, batch, with_r1=with_r1)
         pending.append((step, metrics))
         if with_r1:

@@ -83,13 +83,18 @@ def make_optimizer(lr: float, optim_config: Any, num_steps: int) -> optax.Gradie
   return optax.chain(*parts)
 
 
-def make_models(generator: nn.Module, discriminator: nn.Module, config: Any, *,
+def make_models(generator: nn.Module, discriminator: nn.Module | None, config: Any, *,
                 teacher: Any = None) -> Models:
-  """Bundles the networks with TTUR optimisers (separate G and D learning rates)."""
+  """Bundles the networks with TTUR optimisers (separate G and D learning rates).
+
+  Without a discriminator (flow matching) there is no D optimiser and
+  `optim.d_lr` is not read.
+  """
   n = config.train.num_steps
+  d_tx = (None if discriminator is None
+          else make_optimizer(config.optim.d_lr, config.optim, n))
   return Models(generator, discriminator,
-                make_optimizer(config.optim.g_lr, config.optim, n),
-                make_optimizer(config.optim.d_lr, config.optim, n), teacher)
+                make_optimizer(config.optim.g_lr, config.optim, n), d_tx, teacher)
 
 
 def dummy_conditions(info: DatasetInfo, batch: int) -> dict[str, jax.Array]:
