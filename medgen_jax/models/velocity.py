@@ -35,6 +35,7 @@ from medgen_jax.attention.registry import get_attention
 from medgen_jax.models import ode, shapes
 from medgen_jax.models.condition import condition_embedding
 from medgen_jax.models.generator import POSITION_ENCODINGS, TransformerGenerator
+from medgen_jax.models.hourglass import Hourglass, HourglassSpec, check_spec, spec_from_config
 from medgen_jax.models.layers import (ModulatedNorm, StyleMapping, pixel_shuffle,
                                       space_to_depth)
 from medgen_jax.models.variants import Variant, decode_variant, parse_dtype
@@ -120,10 +121,13 @@ class FlowGenerator(TransformerGenerator):
     guidance_scale: classifier-free guidance weight (1 = conditional
       velocity only, one network call per evaluation; otherwise the batch is
       doubled with the null conditions).
+    backbone: None = the DiT stage above; an `HourglassSpec` = the hourglass
+      of token levels (`models.hourglass`) on the same style vector.
   """
   num_steps: int = 16
   solver: str = "euler"
   guidance_scale: float = 1.0
+  backbone: HourglassSpec | None = None
 
   @property
   def latent_dim(self) -> int:
@@ -159,6 +163,9 @@ class FlowGenerator(TransformerGenerator):
                    train=train).astype(self.dtype)
     t_emb = timestep_embedding(t, 2 * (self.cond_dim // 2)).astype(self.dtype)
     style = StyleMapping(self.cond_dim, dtype=self.dtype, name="mapping")(t_emb, cond)
+    if self.backbone is not None:
+      return Hourglass(self.backbone, self.num_channels, self.dtype,
+                       name="hourglass")(x, style, train=train)
     h = space_to_depth(x.astype(self.dtype), patch) if patch > 1 else x.astype(self.dtype)
     h = nn.Dense(width, dtype=self.dtype, name="patch_embed")(h)
     h = h + self._position(grid, width, 0)
@@ -215,7 +222,8 @@ def build_flow_generator(model_config, info) -> FlowGenerator:
   heads, `token_grid` = tokens along the smallest axis, `attention`,
   `window_size`, `mlp_ratio`, `cond_dim`, `cond_dropout`, `qk_norm`,
   `chunk_size`, `position_encoding`, `dtype`) and the flow keys `depth`
-  (blocks), `sample_steps`, `solver`, `guidance_scale`.
+  (blocks), `sample_steps`, `solver`, `guidance_scale`; `backbone='hourglass'`
+  reads `model.hourglass` (`models.hourglass.spec_from_config`).
   """
   variant = dataclasses.replace(decode_variant(model_config.variant),
                                 depth=(int(model_config.depth),))
@@ -226,6 +234,14 @@ def build_flow_generator(model_config, info) -> FlowGenerator:
   sampler = dict(num_steps=int(model_config.sample_steps), solver=str(model_config.solver),
                  guidance_scale=float(model_config.guidance_scale))
   check_config(tuple(info.spatial_shape), variant, **kwargs, **sampler)
+  backbone, name = None, str(model_config.get("backbone", "dit"))
+  if name not in ("dit", "hourglass"):
+    raise ValueError(f"unknown model.backbone {name!r}; valid: 'dit', 'hourglass'")
+  if name == "hourglass":
+    backbone = spec_from_config(
+        model_config.hourglass, attention=kwargs["attention"], window_size=kwargs["window_size"],
+        mlp_ratio=float(model_config.mlp_ratio), qk_norm=bool(model_config.qk_norm))
+    check_spec(tuple(info.spatial_shape), backbone)
   latent = math.prod(info.image_shape)
   if int(model_config.latent_dim) != latent:
     raise ValueError(f"model.latent_dim {model_config.latent_dim} must be the image size "
@@ -237,4 +253,4 @@ def build_flow_generator(model_config, info) -> FlowGenerator:
       mlp_ratio=float(model_config.mlp_ratio), cond_dim=int(model_config.cond_dim),
       cond_dropout=float(model_config.cond_dropout), qk_norm=bool(model_config.qk_norm),
       chunk_size=model_config.chunk_size, dtype=parse_dtype(model_config.dtype),
-      **kwargs, **sampler)
+      backbone=backbone, **kwargs, **sampler)
