@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Blocks at one token resolution (the variant gives width and heads);
   # token_grid tokens along the smallest axis, so the patch side is
   # image_size / token_grid (4 voxels at 64x64).
+  m.backbone = "dit"   # 'dit': blocks at one token grid; 'hourglass': model.hourglass levels
   m.depth = 6
   m.token_grid = 16
   m.window_size = 4

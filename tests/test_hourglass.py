@@ -51,10 +51,8 @@ def test_token_merge_and_split_are_inverse_and_match_a_brute_force_reference(sha
 
 def perturbed(params, scale=0.3, seed=0):
   """Every parameter plus noise, so zero-initialised heads and gates act."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + scale * rng.normal(size=p.shape).astype(p.dtype), params)
 
 
 def reference_forward(spec, out_channels, params, x, style, *, skip_scale=1.0):
@@ -91,23 +89,37 @@ def test_hourglass_is_the_composition_of_its_levels_and_uses_its_skips(spec, sha
   net = hg.Hourglass(spec, out_channels=shape[-1])
   x = jax.random.normal(jax.random.PRNGKey(1), shape)
   style = jax.random.normal(jax.random.PRNGKey(2), (shape[0], 6))
-  params = perturbed(net.init(jax.random.PRNGKey(0), x, style, train=False)["params"])
-  want = net.apply({"params": params}, x, style, train=False)
+  init = jax.jit(lambda: net.init(jax.random.PRNGKey(0), x, style, train=False))
+  params = perturbed(init()["params"])
+  forward = jax.jit(lambda p, s: net.apply({"params": p}, x, s, train=False))
+  reference = jax.jit(lambda p, scale: reference_forward(spec, shape[-1], p, x, style,
+                                                         skip_scale=scale))
+  want = forward(params, style)
   assert want.shape == shape and want.dtype == jnp.float32
-  got = reference_forward(spec, shape[-1], params, x, style)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  no_skips = reference_forward(spec, shape[-1], params, x, style, skip_scale=0.0)
+  np.testing.assert_allclose(reference(params, 1.0), want, rtol=1e-5, atol=1e-5)
+  no_skips = reference(params, 0.0)
   assert float(jnp.abs(no_skips - want).mean()) > 1e-3 * float(jnp.abs(want).mean())
   # The style (time and condition) reaches the output.
-  other = net.apply({"params": params}, x, style + 1.0, train=False)
+  other = forward(params, style + 1.0)
   assert float(jnp.abs(other - want).max()) > 1e-3
 
 
+def test_fresh_head_outputs_zero():
+  head = hg.Head(out_channels=2, patch=2)
+  h, style = jnp.ones((1, 4, 4, 8)), jnp.ones((1, 4))
+  out = head.apply(head.init(jax.random.PRNGKey(0), h, style), h, style)
+  assert out.shape == (1, 8, 8, 2)
+  np.testing.assert_array_equal(out, 0.0)
+
+
+@pytest.mark.slow
 def test_fresh_hourglass_predicts_zero():
   net = hg.Hourglass(SPEC_2D, out_channels=1)
   x = jnp.ones((1, 16, 16, 1))
-  variables = net.init(jax.random.PRNGKey(0), x, jnp.ones((1, 4)), train=False)
-  np.testing.assert_array_equal(net.apply(variables, x, jnp.ones((1, 4)), train=False), 0.0)
+  variables = jax.jit(lambda: net.init(jax.random.PRNGKey(0), x, jnp.ones((1, 4)),
+                                      train=False))()
+  out = jax.jit(lambda v: net.apply(v, x, jnp.ones((1, 4)), train=False))(variables)
+  np.testing.assert_array_equal(out, 0.0)
 
 
 def hdit_config(info):
@@ -137,9 +149,9 @@ def test_conditions_change_the_hourglass_velocity():
   x = jax.random.normal(jax.random.PRNGKey(0), (3,) + INFO.image_shape)
   t = jnp.full((3,), 0.5)
   cond = {"lesion": jnp.array([0, 1, 2])}
-  params = perturbed(g.init(jax.random.PRNGKey(0), x, t, cond, train=False,
-                            method="velocity")["params"])
-  v = lambda c: g.apply({"params": params}, x, t, c, train=False, method="velocity")
+  params = perturbed(jax.jit(lambda: g.init(jax.random.PRNGKey(0), x, t, cond, train=False,
+                                            method="velocity"))()["params"])
+  v = jax.jit(lambda c: g.apply({"params": params}, x, t, c, train=False, method="velocity"))
   base = v(cond)
   for changed in ({"lesion": jnp.array([2, 0, 1])}, {"lesion": jnp.array([-1, -1, -1])}):
     diff = jnp.abs(v(changed) - base).reshape(3, -1).max(axis=1)

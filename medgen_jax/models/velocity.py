@@ -234,7 +234,7 @@ def build_flow_generator(model_config, info) -> FlowGenerator:
   sampler = dict(num_steps=int(model_config.sample_steps), solver=str(model_config.solver),
                  guidance_scale=float(model_config.guidance_scale))
   check_config(tuple(info.spatial_shape), variant, **kwargs, **sampler)
-  backbone, name = None, str(model_config.get("backbone", "dit"))
+  backbone, name = None, str(model_config.backbone)
   if name not in ("dit", "hourglass"):
     raise ValueError(f"unknown model.backbone {name!r}; valid: 'dit', 'hourglass'")
   if name == "hourglass":
