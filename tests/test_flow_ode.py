@@ -63,7 +63,7 @@ def tiny_flow_model_config(**overrides):
       variant="Ti", depth=1, token_grid=4, attention="full", window_size=2, mlp_ratio=2,
       cond_dim=16, cond_dropout=0.0, qk_norm=True, chunk_size=None,
       position_encoding="learned", dtype="float32", sample_steps=3, solver="euler",
-      guidance_scale=1.0, latent_dim=64))
+      guidance_scale=1.0, latent_dim=64, backbone="dit"))
   config.update(overrides)
   return config
 

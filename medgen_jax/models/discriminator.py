@@ -306,6 +306,6 @@ def build_resnet_discriminator(model_config, info) -> ResNetDiscriminator:
   return ResNetDiscriminator(
       conditions=tuple(info.conditions), width=int(model_config.d_width),
       spectral_norm=bool(model_config.spectral_norm),
-      minibatch_std=int(model_config.get("d_minibatch_std", 0)),
-      condition_heads=bool(model_config.get("d_condition_heads", False)),
+      minibatch_std=int(model_config.d_minibatch_std),
+      condition_heads=bool(model_config.d_condition_heads),
       dtype=parse_dtype(model_config.dtype))

@@ -187,7 +187,7 @@ def build_transformer_generator(model_config, info) -> TransformerGenerator:
       attention=str(model_config.attention),
       window_size=int(model_config.window_size),
       attention_stages=int(model_config.attention_stages),
-      position_encoding=str(model_config.get("position_encoding", "learned")))
+      position_encoding=str(model_config.position_encoding))
   check_config(tuple(info.spatial_shape), variant, **kwargs)
   return TransformerGenerator(
       spatial_shape=tuple(info.spatial_shape), num_channels=info.num_channels,

@@ -245,15 +245,15 @@ def build_r3gan_discriminator(model_config, info) -> R3GANDiscriminator:
     ValueError: a group size that does not divide the branch width, a
       minibatch-std channel (not supported here), or an unknown dtype.
   """
-  if int(model_config.get("d_minibatch_std", 0)):
+  if int(model_config.d_minibatch_std):
     raise ValueError("model.d_minibatch_std must be 0 with "
                      "model.discriminator='r3gan' (no minibatch-std channel)")
   return R3GANDiscriminator(
       conditions=tuple(info.conditions), width=int(model_config.d_width),
-      blocks_per_stage=int(model_config.get("d_blocks_per_stage", 1)),
-      expansion=int(model_config.get("d_expansion", 1)),
-      group_size=int(model_config.get("d_group_size", 16)),
-      condition_heads=bool(model_config.get("d_condition_heads", False)),
+      blocks_per_stage=int(model_config.d_blocks_per_stage),
+      expansion=int(model_config.d_expansion),
+      group_size=int(model_config.d_group_size),
+      condition_heads=bool(model_config.d_condition_heads),
       # XLA:CPU's grouped convs are the slow path (GroupedConv); GPUs and
       # TPUs run them natively at 1 / groups of the dense FLOPs.
       dense_groups=jax.default_backend() == "cpu",

@@ -271,7 +271,7 @@ def build_translator(model_config, info) -> Translator:
   src, tgt = source_target_names(model_config, info)
   variant = decode_variant(model_config.variant)
   width, heads = variant.width, variant.num_heads[0]
-  patch = int(model_config.get("patch_size", 4))
+  patch = int(model_config.patch_size)
   check_translator_config(info.spatial_shape, patch_size=patch,
                           attention=str(model_config.attention),
                           window_size=int(model_config.window_size),
@@ -280,11 +280,11 @@ def build_translator(model_config, info) -> Translator:
       spatial_shape=tuple(info.spatial_shape), source_modalities=src,
       num_target_channels=len(tgt), conditions=tuple(info.conditions),
       width=width, depth=int(sum(variant.depth)), num_heads=heads,
-      encoder_depth=int(model_config.get("encoder_depth", 1)),
+      encoder_depth=int(model_config.encoder_depth),
       patch_size=patch, attention=str(model_config.attention),
       window_size=int(model_config.window_size),
       mlp_ratio=float(model_config.mlp_ratio), qk_norm=bool(model_config.qk_norm),
       chunk_size=model_config.chunk_size, cond_dim=int(model_config.cond_dim),
       cond_dropout=float(model_config.cond_dropout),
-      modality_dropout=float(model_config.get("modality_dropout", 0.0)),
+      modality_dropout=float(model_config.modality_dropout),
       refine_width=variant.min_width, dtype=parse_dtype(model_config.dtype))

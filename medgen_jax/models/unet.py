@@ -103,13 +103,13 @@ def build_unet(model_config, info) -> UNet:
   """UNet from config.model (modality names, d_width-like `unet_width`,
   `unet_levels`) and a DatasetInfo."""
   src, tgt = source_target_names(model_config, info)
-  levels = int(model_config.get("unet_levels", 4))
+  levels = int(model_config.unet_levels)
   if any(s % 2 ** levels for s in info.spatial_shape):
     raise ValueError(f"model.unet_levels={levels}: image size "
                      f"{tuple(info.spatial_shape)} not divisible by {2 ** levels}")
   return UNet(spatial_shape=tuple(info.spatial_shape), source_modalities=src,
               num_target_channels=len(tgt), conditions=tuple(info.conditions),
-              width=int(model_config.get("unet_width", 32)), levels=levels,
+              width=int(model_config.unet_width), levels=levels,
               cond_dim=int(model_config.cond_dim),
               cond_dropout=float(model_config.cond_dropout),
               dtype=parse_dtype(model_config.dtype))

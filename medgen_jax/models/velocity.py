@@ -230,7 +230,7 @@ def build_flow_generator(model_config, info) -> FlowGenerator:
   kwargs = dict(
       token_grid=int(model_config.token_grid), attention=str(model_config.attention),
       window_size=int(model_config.window_size),
-      position_encoding=str(model_config.get("position_encoding", "learned")))
+      position_encoding=str(model_config.position_encoding))
   sampler = dict(num_steps=int(model_config.sample_steps), solver=str(model_config.solver),
                  guidance_scale=float(model_config.guidance_scale))
   check_config(tuple(info.spatial_shape), variant, **kwargs, **sampler)

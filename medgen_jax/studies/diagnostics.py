@@ -130,7 +130,7 @@ def diagnose_run(config: Any, workdir: str, *, num_noise: int = 16, num_real: in
      'real_spread': {class: spread}, 'noise_spread_all_conditions':
      {'conditions', module: spread}, 'discriminator': discriminator_gap(...)}.
   """
-  if config.get("task", "generation") != "generation":
+  if config.task != "generation":
     raise ValueError(f"diagnostics read a GAN run's generator and discriminator; "
                      f"config.task is {config.task!r}")
   info = data_lib.load_info(config.data)

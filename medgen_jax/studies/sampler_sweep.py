@@ -82,7 +82,7 @@ def check_settings(config: Any, settings: Sequence[Mapping[str, Any]]
       range, a sampler setting for a generator without a sampler, or the
       same sampler twice; naming the setting.
   """
-  if config.get("task", "generation") == "translation":
+  if config.task == "translation":
     raise ValueError("the sampler sweep scores generation runs; a translation run is "
                      "evaluated by experiments.evaluate")
   if not settings:

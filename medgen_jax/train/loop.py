@@ -49,7 +49,9 @@ def teacher_weight(config: Any, condition_names: tuple[str, ...] | None) -> floa
   """`loss.teacher_weight`; None (configs/folder_gan.py's default) means
   "on when the dataset has conditions": 1.0 with condition fields (or when
   they are only known after the build), 0.0 without."""
-  weight = config.loss.get("teacher_weight", 0.0)
+  if task_of(config) == "flow":  # the flow objective has no teacher
+    return 0.0
+  weight = config.loss.teacher_weight
   if weight is None:
     return 0.0 if condition_names == () else 1.0
   return float(weight)
@@ -82,7 +84,7 @@ def check_condition_settings(config: Any, names: tuple[str, ...] | None) -> None
     raise ValueError(f"teacher.fields names {unknown}, which are not conditions of "
                      f"the dataset (it has {list(names)}); fix --config.teacher.fields "
                      f"('' = all)")
-  if float(config.loss.get("condition_weight", 0.0)) > 0 and not names:
+  if float(config.loss.condition_weight) > 0 and not names:
     raise ValueError(
         f"loss.condition_weight {config.loss.condition_weight} (the discriminator's "
         f"condition heads) needs conditions, but {_no_conditions_hint(config.data)}; set "
@@ -91,7 +93,7 @@ def check_condition_settings(config: Any, names: tuple[str, ...] | None) -> None
 
 def task_of(config: Any) -> str:
   """`config.task`: 'generation', 'translation' or 'flow' (checked)."""
-  task = config.get("task", "generation")
+  task = config.task
   if task not in TASKS:
     raise ValueError(f"unknown config.task {task!r}; expected one of {TASKS}")
   return task
@@ -161,7 +163,7 @@ def _validate_adversarial(config: Any, mesh: dict) -> None:
     raise ValueError(f"loss.teacher_weight {weight} applies to the generation "
                      f"task only; set it to 0 for task {config.task!r}")
   check_condition_settings(config, names)
-  margin = config.loss.get("teacher_margin", "none")
+  margin = config.loss.teacher_margin
   if margin not in losses.TEACHER_MARGINS:
     raise ValueError(f"loss.teacher_margin must be one of {losses.TEACHER_MARGINS}, got "
                      f"{margin!r}")
@@ -214,7 +216,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 def _build_and_train(config: Any, workdir: str) -> dict:
   """`train_and_evaluate` after validation, holding the workdir lock."""
   info = data_lib.load_info(config.data)
-  if config.loss.get("teacher_weight", 0.0) is None:  # auto: recorded in config.json
+  if task_of(config) != "flow" and config.loss.teacher_weight is None:  # auto: recorded in config.json
     config.loss.teacher_weight = teacher_weight(config, tuple(f.name for f in info.conditions))
   generator = models_lib.build_generator(config.model, info)
   # Flow matching trains the velocity network alone (train/flow.py).

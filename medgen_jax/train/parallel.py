@@ -46,7 +46,7 @@ SEQ_AXIS = "seq"
 
 def maybe_initialize_distributed(parallel_config: Any) -> None:
   """jax.distributed.initialize() when config.parallel.distributed (before any device use)."""
-  if not parallel_config.get("distributed", False):
+  if not parallel_config.distributed:
     return
   # CPU collectives across processes need gloo; ignored by GPU/TPU backends.
   # (Asking for the backend here would initialise it too early.)
@@ -128,7 +128,7 @@ def _validate_sequence_parallel(parallel_config: Any, seq: int, model_config: An
                      f"('{names[0]}', 'seq'); got {rules}")
   if model_config is None or spatial_shape is None:
     return
-  generator = model_config.get("generator", "transformer")
+  generator = model_config.generator
   if generator != "transformer":
     raise ValueError(f"parallel.mesh.seq={seq} shards the transformer generator's "
                      f"attention stages; model.generator={generator!r} has none")

@@ -60,8 +60,8 @@ class Models(NamedTuple):
 
 def make_schedule(lr: float, optim_config: Any, num_steps: int) -> optax.Schedule:
   """'constant' (with optional linear warmup) or 'cosine' (warmup then cosine decay to 0)."""
-  warmup = int(optim_config.get("warmup_steps", 0))
-  name = optim_config.get("schedule", "constant")
+  warmup = int(optim_config.warmup_steps)
+  name = optim_config.schedule
   if name == "constant":
     if warmup <= 0:
       return optax.constant_schedule(lr)
@@ -75,7 +75,7 @@ def make_schedule(lr: float, optim_config: Any, num_steps: int) -> optax.Schedul
 def make_optimizer(lr: float, optim_config: Any, num_steps: int) -> optax.GradientTransformation:
   """Global-norm clipping (if grad_clip > 0) then Adam(b1, b2) on the schedule."""
   parts = []
-  clip = float(optim_config.get("grad_clip", 0.0) or 0.0)
+  clip = float(optim_config.grad_clip or 0.0)
   if clip > 0:
     parts.append(optax.clip_by_global_norm(clip))
   parts.append(optax.adam(make_schedule(lr, optim_config, num_steps),

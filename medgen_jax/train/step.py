@@ -52,7 +52,7 @@ def _score(D, d_params, d_state, images, cond, *, rngs, condition_weight: float)
 
 def condition_weight(loss_config: Any) -> float:
   """Weight of the AC-GAN condition-prediction loss (0 = off)."""
-  return float(loss_config.get("condition_weight", 0.0))
+  return float(loss_config.condition_weight)
 
 
 def _local_slice(tree: Any, axis_name: str | None, local_batch: int) -> Any:
@@ -152,8 +152,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
 
   # Generator update against the updated discriminator.
   cond_weight = condition_weight(lcfg)
-  div_weight = float(lcfg.get("diversity_weight", 0.0))
-  teacher_weight = float(lcfg.get("teacher_weight", 0.0))
+  div_weight = float(lcfg.diversity_weight)
+  teacher_weight = float(lcfg.teacher_weight)
   if teacher_weight and models.teacher is None:
     raise ValueError("loss.teacher_weight > 0 needs Models.teacher (the loop "
                      "builds it with train.loop.build_teacher)")
@@ -161,7 +161,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
   real_logits, d_state = paired_real_logits(gan, D, d_params, d_state, real_aug, cond,
                                             dropout_key=drop_d)
   teacher_real = (teacher_field_losses(models.teacher, real, cond)
-                  if teacher_weight and lcfg.get("teacher_margin", "none") == "real" else None)
+                  if teacher_weight and lcfg.teacher_margin == "real" else None)
 
   def g_objective(g_params):
     fake, new_g_state = _apply(G, g_params, g_state, z_g, cond, train=True,
