@@ -55,13 +55,17 @@ def judge_recipe(section: Any) -> tuple[Recipe, int]:
 def judge_kind(section: Any, data_config: Any) -> str:
   """What the judge of `section` is trained on for `data_config`."""
   _, subjects = judge_recipe(section)
+  return _kind(subjects, data_config)
+
+
+def _kind(subjects: int, data_config: Any) -> str:
   return FRESH_RENDERS if subjects and data_config.name == "ct_phantom" else TRAIN_SPLIT
 
 
 def get_judge(section: Any, data_config: Any, info: DatasetInfo) -> Judge:
   """The cached judge of `section` for `data_config`, trained on first use."""
   recipe, subjects = judge_recipe(section)
-  kind = judge_kind(section, data_config)
+  kind = _kind(subjects, data_config)
   if kind == FRESH_RENDERS:
     source = {"kind": FRESH_RENDERS, "subjects": subjects}
     train = lambda: data_lib.render_fresh_arrays(data_config, num_subjects=subjects)

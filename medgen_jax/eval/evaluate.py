@@ -73,7 +73,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     return translation.evaluate_translation(
         config, workdir, baseline_workdir=config.baseline_workdir or None)
   s = settings_lib.eval_settings(config)
-  selection.num_candidates(config)  # a bad value fails before the extractor is built
+  candidates = selection.num_candidates(config)  # a bad value fails before any build
   judge_section = config.get("judge")
   if judge_section is not None:
     settings_lib.check_independent(config, judge_lib.judge_recipe(judge_section)[0], "judge.seed")
@@ -102,7 +102,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                     baseline=baseline, judge=judge)
   metrics.update(checkpoint_step=int(gen_step if gen_step is not None else step),
                  extractor_path=meta["path"], extractor_reused=meta["reused"],
-                 selector_candidates=selection.num_candidates(config))
+                 selector_candidates=candidates)
   if judge is not None:
     metrics.update(judge_kind=judge.kind, judge_path=judge.meta["path"],
                    judge_reused=judge.meta["reused"])
