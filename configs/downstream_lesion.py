@@ -11,11 +11,18 @@ generated slices (balanced classes). Test: every none/large slice of the
 validation and test subjects (held out; nothing is selected on them). Five
 seeds. Protocol: `medgen_jax/studies/downstream.py`.
 
-Generators: `generators` maps an arm name to a training workdir (the README's
-main command writes `runs/phantom`); a workdir without a checkpoint is trained
-first with `generator_configs[name]`. Variants: `quick` (tiny, for tests),
+Labels the generators see (`labels_seen`): 'per_size' trains each generator
+once per real-set size n, keeping only the lesion labels of that size's n
+real images (the first n of a permutation drawn with `label_seed`; the other
+train images are read without their lesion label), so a synthetic arm knows
+no label its real set lacks; 'all' uses one generator trained on every label
+(the real sets then vary with the seed).
+
+Generators: `generators` maps an arm name to a training workdir (with
+'_n<n>' appended per size under 'per_size'); a workdir without a checkpoint
+is trained first with `generator_configs[name]`. Variants: `quick` (tiny, for tests),
 `flow` (adds the flow-matching generator of `configs/phantom_flow.py`,
-`runs/flow`; it samples with 32 velocity evaluations per image, so its
+`runs/downstream_lesion_flow`; it samples with 32 velocity evaluations per image, so its
 synthetic sets take most of the run on a CPU).
 
 The classifier's recipe (the domain extractor's CNN, one head, 400 AdamW
@@ -47,11 +54,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seeds = (0, 1, 2, 3, 4)
   config.test_splits = ("validation", "test")
   config.classifier = classifier_recipe()
-  config.generators = ml_collections.ConfigDict({"gan": "runs/phantom"})
+  config.labels_seen = "per_size"   # 'per_size' (leak-free) | 'all'
+  config.label_seed = 0             # draws the labelled real sets under 'per_size'
+  config.generators = ml_collections.ConfigDict({"gan": "runs/downstream_lesion_gan"})
   config.generator_configs = ml_collections.ConfigDict(
       {"gan": phantom_gan.get_config("quick" if quick else None)})
   if "flow" in variants:
-    config.generators.flow = "runs/flow"
+    config.generators.flow = "runs/downstream_lesion_flow"
     config.generator_configs.flow = phantom_flow.get_config("quick" if quick else None)
   if quick:
     config.num_real = (4, 8)

@@ -8,9 +8,9 @@ by the config's `experiment`.
   python -m experiments.downstream --config configs/downstream_cross_site.py \
       --workdir runs/downstream_cross_site
 
-The config is checked first; then every generator of `config.generators`
-whose workdir has no checkpoint is trained with its
-`config.generator_configs[name]`; then the experiment runs and writes
+The config is checked first; then every generator the experiment uses
+(`downstream.generator_runs`) whose workdir has no checkpoint is trained;
+then the experiment runs and writes
 workdir/results.json and its figure.
 """
 import json
@@ -34,10 +34,11 @@ EXPERIMENTS = {"augmentation": (downstream.check_config, downstream.run_downstre
 
 
 def train_missing_generators(config) -> None:
-  """Trains every generator of `config.generators` whose workdir has no checkpoint."""
-  for name, workdir in config.generators.items():
+  """Trains every generator of the experiment (`downstream.generator_runs`:
+  per real-set size under the leak-free protocol) whose workdir has no checkpoint."""
+  for workdir, generator_config in downstream.generator_runs(config).values():
     if ckpt_lib.latest_step(workdir) is None:
-      train_and_evaluate(config.generator_configs[name], workdir)
+      train_and_evaluate(generator_config, workdir)
 
 
 def headline(results) -> dict:

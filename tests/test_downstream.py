@@ -122,11 +122,62 @@ def test_quick_learning_curve(tmp_path):
   assert os.path.getsize(res["figure"]) > 1000
 
 
+def test_per_size_generators_see_exactly_the_labels_of_their_real_set():
+  config = downstream_lesion.get_config("quick")
+  assert config.labels_seen == "per_size"
+  info = data_lib.load_info(config.data)
+  task = cls_lib.class_task(info, config.field, tuple(config.classes))
+  train = downstream.load_task_split(config.data, task, ("train",))
+  stored = data_lib.load_arrays(config.data, split="train")
+  # Stored index of every row of the task's train arrays (none / large slices).
+  rows = np.flatnonzero(np.isin(stored["lesion"], task.kept))
+  runs = downstream.generator_runs(config)
+  assert sorted(runs) == [("gan", n) for n in config.num_real]
+  orders = [downstream.real_order(config, task, train, seed) for seed in config.seeds]
+  for seed_order in orders[1:]:  # one labelled set per size, whatever the seed
+    np.testing.assert_array_equal(seed_order, orders[0])
+  for (_, n), (workdir, gc) in runs.items():
+    assert workdir == f"{config.generators.gan}_n{n}"
+    seen = data_lib.load_arrays(gc.data, split="train")["lesion"]
+    real = rows[orders[0][:n]]
+    np.testing.assert_array_equal(np.flatnonzero(seen >= 0), np.sort(real))
+    np.testing.assert_array_equal(seen[real], stored["lesion"][real])
+  all_labels = downstream_lesion.get_config("quick")
+  all_labels.labels_seen = "all"
+  assert list(downstream.generator_runs(all_labels)) == [("gan", None)]
+  assert not np.array_equal(downstream.real_order(all_labels, task, train, 0),
+                            downstream.real_order(all_labels, task, train, 1))
+
+
+def test_per_size_curve_uses_each_sizes_generator(tmp_path):
+  config = downstream_lesion.get_config("quick")
+  asked = {}
+
+  def make(n):
+    def generate(cond, seed):
+      asked.setdefault(n, []).append(len(cond["lesion"]))
+      shape = (len(cond["lesion"]), *INFO_SHAPE)
+      return np.random.default_rng(seed + n).uniform(-1, 1, shape).astype(np.float32)
+    return generate
+
+  INFO_SHAPE = data_lib.load_info(config.data).image_shape
+  res = downstream.run_downstream(
+      config, str(tmp_path), generators={"g": {n: make(n) for n in config.num_real}})
+  ratio = max(config.synthetic_ratios)
+  assert asked == {n: [int(round(ratio * n))] * len(config.seeds) for n in config.num_real}
+  curve = res["curves"]["g x1"]
+  assert all(curve[str(n)]["generator_labels_seen"] is None for n in config.num_real)
+  assert "generator_labels_seen" not in res["curves"]["real"][str(config.num_real[0])]
+  assert res["protocol"]["labels_seen"] == "per_size"
+  assert res["protocol"]["label_seed"] == config.label_seed
+
+
 def test_bad_config_fails_before_anything_runs(tmp_path, monkeypatch):
   monkeypatch.setattr(cls_lib, "train_and_test", lambda *a, **k: pytest.fail("trained"))
   cases = [(dict(field="age"), "categorical"), (dict(num_real=(8, 4)), "increasing"),
            (dict(synthetic_ratios=(0.0,)), "positive"), (dict(seeds=(0,)), ">= 2 seeds"),
-           (dict(classes=("none",)), ">= 2 distinct")]
+           (dict(classes=("none",)), ">= 2 distinct"),
+           (dict(labels_seen="some"), "labels_seen")]
   for change, match in cases:
     config = downstream_lesion.get_config("quick")
     config.update(change)
@@ -135,6 +186,10 @@ def test_bad_config_fails_before_anything_runs(tmp_path, monkeypatch):
   config = downstream_lesion.get_config("quick")
   config.generator_configs.gan.data.image_size = 64
   with pytest.raises(ValueError, match="other data"):
+    downstream.run_downstream(config, str(tmp_path))
+  config = downstream_lesion.get_config("quick")
+  config.generator_configs.gan.data.hide_labels = "lesion:site=1"
+  with pytest.raises(ValueError, match="per real-set size"):
     downstream.run_downstream(config, str(tmp_path))
   with pytest.raises(ValueError, match="reserved"):
     downstream.run_downstream(downstream_lesion.get_config("quick"), str(tmp_path),

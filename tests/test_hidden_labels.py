@@ -72,3 +72,60 @@ def test_bad_rule_fails_at_load_info_and_changes_the_teacher_cache_key(quick_dat
   recipe = classifier.Recipe()
   assert (classifier.cache_path(config, info, recipe)
           != classifier.cache_path(hidden, info, recipe))
+
+
+def test_keep_rule_parses_and_rejects_bad_forms(quick_data):
+  _, info = quick_data
+  rule = hidden_labels.parse_hidden_labels("lesion:keep=5,seed=2,of=none|large", info)
+  assert rule == (hidden_labels.KeepLabels("lesion", 5, 2, (0, 2)),)
+  assert hidden_labels.parse_hidden_labels("lesion:keep=3", info) == (
+      hidden_labels.KeepLabels("lesion", 3, 0, (0, 1, 2)),)
+  text = hidden_labels.keep_rule("lesion", 5, 2, ("none", "large"))
+  assert hidden_labels.parse_hidden_labels(text, info) == rule
+  for text, match in (("lesion:keep=0", "must look like"), ("lesion:keep=x", "must look like"),
+                      ("lesion:keep=4,sed=1", "must look like"),
+                      ("age:keep=4", "must be categorical"),
+                      ("lesion:keep=4,of=huge", "unknown class"),
+                      ("tumour:keep=4", "no condition 'tumour'")):
+    with pytest.raises(ValueError, match=match):
+      hidden_labels.parse_hidden_labels(text, info)
+
+
+def test_keep_indices_by_hand():
+  values = np.array([0, 1, 2, 2, 0, 1, 0])
+  rule = hidden_labels.KeepLabels("lesion", 3, 4, (0, 2))
+  candidates = np.array([0, 2, 3, 4, 6])  # the examples of classes 0 and 2, stored order
+  want = candidates[np.random.default_rng(4).permutation(5)[:3]]
+  np.testing.assert_array_equal(hidden_labels.keep_indices(values, rule), want)
+  # Nested in num for one seed.
+  two = hidden_labels.keep_indices(values, hidden_labels.KeepLabels("lesion", 2, 4, (0, 2)))
+  np.testing.assert_array_equal(two, want[:2])
+  with pytest.raises(ValueError, match="only 5 examples"):
+    hidden_labels.keep_indices(values, hidden_labels.KeepLabels("lesion", 6, 0, (0, 2)))
+
+
+def test_keep_rule_reads_exactly_n_labels_in_arrays_and_iterator(quick_data):
+  config, _ = quick_data
+  full = data_lib.load_arrays(config, split="train")
+  kept_config = data_phantom.get_config("quick")
+  kept_config.hide_labels = "lesion:keep=5,seed=1,of=none|large"
+  kept = data_lib.load_arrays(kept_config, split="train")
+  rule = hidden_labels.KeepLabels("lesion", 5, 1, (0, 2))
+  where = hidden_labels.keep_indices(full["lesion"], rule)
+  known = np.flatnonzero(kept["lesion"] >= 0)
+  np.testing.assert_array_equal(known, np.sort(where))
+  np.testing.assert_array_equal(kept["lesion"][known], full["lesion"][known])
+  assert set(full["lesion"][known]) <= {0, 2}
+  np.testing.assert_array_equal(kept["site"], full["site"])  # other fields kept
+  # The shuffled training iterator reads the same labels (mapped at stored indices).
+  iterator, _ = data_lib.load_dataset(kept_config, split="train", batch_size=len(full["lesion"]),
+                                      seed=3, shuffle=True)
+  batch = next(iterator)
+  assert int((batch["lesion"] >= 0).sum()) == 5
+  order = [int(np.flatnonzero((full["image"] == im).all(axis=(1, 2, 3)))[0])
+           for im in batch["image"]]
+  np.testing.assert_array_equal(batch["lesion"], kept["lesion"][order])
+  too_many = data_phantom.get_config("quick")
+  too_many.hide_labels = f"lesion:keep={len(full['lesion']) + 1}"
+  with pytest.raises(ValueError, match="keeps"):
+    data_lib.load_arrays(too_many, split="train")

@@ -59,11 +59,12 @@ def load_info(data_config) -> DatasetInfo:
   return info
 
 
-def _to_model_fn(info: DatasetInfo, hidden: tuple = ()):
-  """Per-example map: stored physical channels -> `image` in [-1, 1] + conditions
-  (with the `hidden` labels set to unknown)."""
+def _to_model_fn(info: DatasetInfo, hidden: tuple = (), kept: Mapping[str, Any] | None = None):
+  """Per-example map (stored index, example) -> `image` in [-1, 1] +
+  conditions, with the `hidden` labels set to unknown (`kept`: per
+  KeepLabels field, a bool per stored index, see `_kept`)."""
 
-  def to_model(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  def to_model(index: int | None, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
     image = np.stack([t.to_model(example[t.modality]) for t in info.intensity], -1)
     out = {"image": image.astype(np.float32)}
     for field in info.conditions:
@@ -72,7 +73,10 @@ def _to_model_fn(info: DatasetInfo, hidden: tuple = ()):
     if "lesion_mask" in example:
       out["lesion_mask"] = np.asarray(example["lesion_mask"], np.uint8)
       out["lesion_diameter_mm"] = np.asarray(example["lesion_diameter_mm"], np.float32)
-    return hidden_labels.hide(out, hidden, info) if hidden else out
+    if not hidden:
+      return out
+    return hidden_labels.hide(out, hidden, info,
+                              kept={f: m[index] for f, m in (kept or {}).items()})
 
   return to_model
 
@@ -81,6 +85,24 @@ def hidden_for(data_config, info: DatasetInfo, split: str) -> tuple:
   """The `data.hide_labels` rules that apply to `split` (the train split only)."""
   rules = hidden_labels.parse_hidden_labels(data_config.get("hide_labels"), info)
   return rules if split == "train" else ()
+
+
+def _kept(source, rules: tuple) -> dict[str, np.ndarray]:
+  """Per KeepLabels rule's field: bool `[len(source)]`, True where its label is
+  kept (`hidden_labels.keep_indices` over the stored labels)."""
+  out = {}
+  for rule in rules:
+    if isinstance(rule, hidden_labels.KeepLabels):
+      values = np.array([int(source[i][rule.field]) for i in range(len(source))])
+      mask = np.zeros(len(source), bool)
+      mask[hidden_labels.keep_indices(values, rule)] = True
+      out[rule.field] = mask
+  return out
+
+
+def _model_fn_for(data_config, info: DatasetInfo, split: str, source):
+  hidden = hidden_for(data_config, info, split)
+  return _to_model_fn(info, hidden, _kept(source, hidden))
 
 
 def _source(path: str, split: str):
@@ -122,14 +144,16 @@ def load_dataset(data_config, *, split: str, batch_size: int, seed: int,
   count = jax.process_count() if process_count is None else process_count
   if not 0 <= index < count:
     raise ValueError(f"process_index {index} outside [0, {count})")
-  ds = grain.MapDataset.source(_source(path, split))[index::count]
+  source = _source(path, split)
+  # Mapped before sharding and shuffling, so the map sees stored indices.
+  ds = grain.MapDataset.source(source).map_with_index(
+      _model_fn_for(data_config, info, split, source))[index::count]
   if len(ds) < batch_size:
     raise ValueError(f"split {split!r} has {len(ds)} examples for process {index} "
                      f"of {count}, fewer than batch_size {batch_size}")
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  to_model = _to_model_fn(info, hidden_for(data_config, info, split))
-  ds = ds.repeat(num_epochs).map(to_model).batch(batch_size, drop_remainder=True)
+  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
   return iter(ds), info
 
 
@@ -141,10 +165,15 @@ def load_arrays(data_config, *, split: str, max_examples: int | None = None
   info = _select(builders.read_info(path), data_config)
   source = _source(path, split)
   n = len(source) if max_examples is None else min(len(source), max_examples)
-  to_model = _to_model_fn(info, hidden_for(data_config, info, split))
-  examples = [to_model(source[i]) for i in range(n)]
+  to_model = _model_fn_for(data_config, info, split, source)
+  examples = [to_model(i, source[i]) for i in range(n)]
   if not examples:
     raise ValueError(f"split {split!r} is empty")
+  return _stack(examples)
+
+
+def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Model-ready examples -> one array per key, examples along axis 0."""
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
@@ -161,6 +190,6 @@ def render_fresh_arrays(data_config, *, num_subjects: int) -> dict[str, np.ndarr
                      f"{data_config.name!r}")
   info = _select(builders_phantom.stored_info(data_config), data_config)
   to_model = _to_model_fn(info)
-  examples = [to_model(r) for r in builders_phantom.fresh_records(data_config, num_subjects)]
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  return _stack([to_model(None, r)
+                 for r in builders_phantom.fresh_records(data_config, num_subjects)])
 

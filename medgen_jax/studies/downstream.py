@@ -8,15 +8,27 @@ in results.json:
   * test set: every example of the held-out splits `config.test_splits`
     (subjects never seen by the classifier nor by the generators, which are
     trained on the train split); no split is used to select anything;
-  * for every seed: a random order of the labelled train examples; the real
-    set of size n is its first n (nested sets, so the curve's points differ
-    only in n). Arm 'real' trains on it alone. For each generator, one
-    synthetic set per seed (noise seed = seed) of the largest size needed,
-    its requested classes cycling over the task's classes (every prefix is
-    balanced) and its other conditions copied from random rows of the train
-    split; arm '<generator> x<r>' trains on the n real images plus the first
-    round(r * n) synthetic ones, labelled with the requested class, batches
-    drawn uniformly from the union;
+  * which labels a generator sees (`config.labels_seen`):
+    - 'per_size' (leak-free): the real set of size n is fixed, the first n
+      of a permutation (`config.label_seed`) of the labelled train examples
+      (`data.hidden_labels.keep_indices`; nested in n), and each generator
+      is trained once per n with `data.hide_labels` keeping exactly those n
+      labels of `config.field` (`hidden_labels.keep_rule`): it, its teacher
+      and its selector see the other train images without that label (a
+      semi-supervised arm, stated in the protocol). The seeds vary the
+      classifier's initialisation and batch order and the noise;
+    - 'all': every seed draws its own real set (its own permutation) and the
+      generators were trained on the whole labelled train split, so an
+      augmented arm receives, through the generator, information from more
+      labels than its n real images;
+    results.json records `generator_labels_seen` for each synthetic arm and n;
+  * arm 'real' trains on the real set alone. For each generator (and n, when
+    per size), one synthetic set per seed (noise seed = seed) of the largest
+    size needed, its requested classes cycling over the task's classes
+    (every prefix is balanced) and its other conditions copied from random
+    rows of the train split; arm '<generator> x<r>' trains on the n real
+    images plus the first round(r * n) synthetic ones, labelled with the
+    requested class, batches drawn uniformly from the union;
   * the classifier (`studies.classification`) has one fixed recipe for every
     arm and size; its initialisation and batch order follow the seed; its
     last step is scored;
@@ -24,15 +36,12 @@ in results.json:
     mean and 95 % t-interval over seeds, and the per-seed paired difference
     to 'real' at the same n (same real images, same init seed).
 
-What the synthetic arms can and cannot show: the generators were trained on
-the whole labelled train split, so an augmented arm receives, through the
-generator, information from more labels than its n real images; the
-real-only arm at the largest n (or `all`) is the reference for what those
-labels are worth directly.
-
-Generators come from training workdirs (`config.generators`: name ->
-workdir, restored with `config.generator_configs[name]`), or are passed in
-memory.
+Generators come from training workdirs (`generator_runs`: per name the
+workdir `config.generators[name]`, with '_n<n>' per size under 'per_size',
+restored with `config.generator_configs[name]` and the size's label rule),
+or are passed in memory (one generate function per name, or per name a
+{n: generate function}; their labels seen are not known and recorded as
+null).
 """
 from __future__ import annotations
 
@@ -40,12 +49,14 @@ import json
 import os
 from typing import Any, Callable, Mapping
 
+import ml_collections
 import numpy as np
 
 from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
 from medgen_jax import classifier
 from medgen_jax import data as data_lib
+from medgen_jax.data import hidden_labels
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.studies import classification as cls_lib
 from medgen_jax.eval import reference
@@ -54,17 +65,51 @@ from medgen_jax.inference import sample
 GenerateFn = Callable[[Mapping[str, np.ndarray], int], np.ndarray]
 
 
-def checkpoint_generators(config: Any, info: DatasetInfo) -> dict[str, GenerateFn]:
-  """Generate functions of `config.generators` (name -> workdir): the latest
-  fp32 EMA generator of each, built with `config.generator_configs[name]`.
+LABELS_SEEN = ("per_size", "all")
+
+
+def per_size(config: Any) -> bool:
+  """Whether each generator is trained per real-set size (the leak-free protocol)."""
+  return config.experiment == "augmentation" and config.labels_seen == "per_size"
+
+
+def label_rule(config: Any, n: int) -> str:
+  """The `data.hide_labels` rule of the generator for real-set size `n`."""
+  return hidden_labels.keep_rule(config.field, n, config.label_seed, config.classes)
+
+
+def generator_runs(config: Any) -> dict[tuple[str, int | None], tuple[str, Any]]:
+  """(name, n or None) -> (workdir, training config) of every generator the
+  experiment uses: one per name, or one per name and real-set size under
+  `labels_seen='per_size'` (workdir '<generators[name]>_n<n>', its config
+  `generator_configs[name]` keeping the labels of that size's real set)."""
+  runs = {}
+  for name, workdir in config.generators.items():
+    if not per_size(config):
+      runs[(name, None)] = (workdir, config.generator_configs[name])
+      continue
+    for n in (int(n) for n in config.num_real):
+      gc = ml_collections.ConfigDict(config.generator_configs[name].to_dict())
+      gc.data.hide_labels = label_rule(config, n)
+      runs[(name, n)] = (f"{workdir}_n{n}", gc)
+  return runs
+
+
+def checkpoint_generators(config: Any, info: DatasetInfo
+                          ) -> dict[str, GenerateFn | dict[int, GenerateFn]]:
+  """Generate functions of `generator_runs`: the latest fp32 EMA generator of
+  each, per name (or per name a {n: function} under 'per_size').
 
   Raises:
     FileNotFoundError: a workdir holds no checkpoint.
   """
-  out = {}
-  for name, workdir in config.generators.items():
-    out[name], _ = sample.generator_fn(config.generator_configs[name], workdir, info,
-                                       precision="fp32")
+  out: dict[str, Any] = {}
+  for (name, n), (workdir, gc) in generator_runs(config).items():
+    fn, _ = sample.generator_fn(gc, workdir, info, precision="fp32")
+    if n is None:
+      out[name] = fn
+    else:
+      out.setdefault(name, {})[n] = fn
   return out
 
 
@@ -80,6 +125,10 @@ def check_generator_configs(config: Any, generators=None) -> None:
   if missing:
     raise ValueError(f"config.generator_configs lacks {missing}")
   for name, gc in config.generator_configs.items():
+    if per_size(config) and gc.data.hide_labels:
+      raise ValueError(f"generator {name!r} sets data.hide_labels "
+                       f"{gc.data.hide_labels!r}; under labels_seen='per_size' the "
+                       f"experiment sets it per real-set size")
     d, c = gc.data, config.data
     if (d.name != c.name or d.image_size != c.image_size or d.mode != c.mode
         or tuple(d.modalities) != tuple(c.modalities)):
@@ -109,6 +158,9 @@ def _checked(config: Any, info: DatasetInfo, generators
     raise ValueError(f"need >= 2 seeds for an interval, got {list(config.seeds)}")
   if not config.test_splits:
     raise ValueError("config.test_splits is empty")
+  if config.labels_seen not in LABELS_SEEN:
+    raise ValueError(f"config.labels_seen must be one of {LABELS_SEEN}, got "
+                     f"{config.labels_seen!r}")
   check_generator_configs(config, generators)
   train = load_task_split(config.data, task, ("train",))
   if len(train["label"]) < sizes[-1]:
@@ -175,28 +227,36 @@ def run_downstream(config: Any, workdir: str, *,
   task, train = _checked(config, info, generators)
   sizes = [int(n) for n in config.num_real]
   ratios = [float(r) for r in config.synthetic_ratios]
-  known = np.arange(len(train["label"]))
   test = load_task_split(config.data, task, tuple(config.test_splits))
   tests = {"test": {"image": test["image"], "label": test["label"]}}
+  labels_seen = {}
   if generators is None:
     generators = checkpoint_generators(config, info)
+    labels_seen = {g: {n: (n if per_size(config) else len(train["label"])) for n in sizes}
+                   for g in generators}
+  per_n = {g: (fns if isinstance(fns, Mapping) else {n: fns for n in sizes})
+           for g, fns in generators.items()}
   arms = ["real"] + [arm_name(g, r) for g in generators for r in ratios]
   runs: list[dict[str, Any]] = []
   recipe = classifier.from_section(config.classifier)
   for seed in (int(s) for s in config.seeds):
-    order = np.random.default_rng(seed).permutation(known)
-    synthetic = {g: synthetic_set(fn, task, info, train, int(round(ratios[-1] * sizes[-1])),
-                                  seed=seed)
-                 for g, fn in generators.items()} if generators else {}
+    order = real_order(config, task, train, seed)
+    synthetic = {}  # one set per distinct generate function, of the largest size it serves
+    for g, fns in per_n.items():
+      for n in sizes:
+        largest = max(m for m in sizes if fns[m] is fns[n])
+        if id(fns[n]) not in synthetic:
+          synthetic[id(fns[n])] = synthetic_set(
+              fns[n], task, info, train, int(round(ratios[-1] * largest)), seed=seed)
     for n in sizes:
       real = order[:n]
       sets = {"real": (train["image"][real], train["label"][real])}
-      for g in generators:
+      for g, fns in per_n.items():
+        fake = synthetic[id(fns[n])]
         for r in ratios:
           m = int(round(r * n))
-          sets[arm_name(g, r)] = (
-              np.concatenate([train["image"][real], synthetic[g]["image"][:m]]),
-              np.concatenate([train["label"][real], synthetic[g]["label"][:m]]))
+          sets[arm_name(g, r)] = (np.concatenate([train["image"][real], fake["image"][:m]]),
+                                  np.concatenate([train["label"][real], fake["label"][:m]]))
       for arm, (images, labels) in sets.items():
         result = cls_lib.train_and_test(images, labels, task, tests, recipe, seed)
         runs.append({"seed": seed, "num_real": n, "arm": arm, **result["test"]})
@@ -204,12 +264,18 @@ def run_downstream(config: Any, workdir: str, *,
   def select(arm, n):
     return [r for r in runs if r["arm"] == arm and r["num_real"] == n]
 
+  def curve(arm, g, n):
+    out = cls_lib.summarise(select(arm, n), None if g is None else select("real", n))
+    if g is not None:
+      out["generator_labels_seen"] = labels_seen.get(g, {}).get(n)
+    return out
+
   results: dict[str, Any] = {
       "protocol": protocol(config, task, len(test["label"]), np.bincount(
           test["label"], minlength=task.num_classes)),
-      "curves": {arm: {str(n): cls_lib.summarise(select(arm, n),
-                                                 None if arm == "real" else select("real", n))
-                       for n in sizes} for arm in arms},
+      "curves": {"real": {str(n): curve("real", None, n) for n in sizes},
+                 **{arm_name(g, r): {str(n): curve(arm_name(g, r), g, n) for n in sizes}
+                    for g in generators for r in ratios}},
       "runs": runs}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.json"), "w") as fh:
@@ -217,6 +283,19 @@ def run_downstream(config: Any, workdir: str, *,
   results["figure"] = save_learning_curves(os.path.join(workdir, "learning_curves.png"),
                                            results)
   return results
+
+
+def real_order(config: Any, task: cls_lib.ClassTask, train: Mapping[str, np.ndarray],
+               seed: int) -> np.ndarray:
+  """Positions in the task's train arrays, the real set of size n being the
+  first n: under 'per_size' the generators' kept labels (`label_seed`, the
+  same for every seed), else a permutation drawn with `seed`."""
+  n = len(train["label"])
+  if per_size(config):
+    rule = hidden_labels.KeepLabels(task.field.name, n, int(config.label_seed),
+                                    tuple(task.kept))
+    return hidden_labels.keep_indices(train[task.field.name], rule)
+  return np.random.default_rng(seed).permutation(n)
 
 
 def protocol(config: Any, task: cls_lib.ClassTask, num_test: int, test_counts
@@ -238,6 +317,13 @@ def protocol(config: Any, task: cls_lib.ClassTask, num_test: int, test_counts
       "synthetic_conditions": "task classes cycled (balanced prefixes); other fields "
                               "copied from random train rows; noise seed = seed",
       "generators": {k: str(v) for k, v in dict(c.generators).items()},
+      "labels_seen": c.labels_seen,
+      "generator_labels": (
+          f"per size n: the labels of {task.field.name} of the n real images only "
+          f"(data.hide_labels '{label_rule(c, 0).replace('keep=0', 'keep=n')}'); the "
+          f"other train images without them (semi-supervised)" if per_size(c) else
+          f"every labelled train image's {task.field.name} label"),
+      "label_seed": int(c.label_seed) if per_size(c) else None,
       "interval": "95% Student-t over seeds; paired difference = arm - real, same seed",
   }
 
