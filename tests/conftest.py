@@ -73,10 +73,11 @@ class TinyD(nn.Module):
 
 def tiny_config(**loss_overrides):
   loss = dict(gan="nonsaturating", r1_gamma=1.0, r2_gamma=0.0, r1_every=2,
-              augment="translation,cutout,intensity", ema_decay=0.9)
+              augment="translation,cutout,intensity", ema_decay=0.9, condition_weight=0.0,
+              diversity_weight=0.0, teacher_weight=0.0, teacher_margin="none")
   loss.update(loss_overrides)
   return ml_collections.ConfigDict(dict(
-      model=dict(latent_dim=4),
+      task="generation", model=dict(latent_dim=4),
       train=dict(num_steps=10, batch_size=8, seed=0),
       optim=dict(g_lr=1e-3, d_lr=2e-3, b1=0.0, b2=0.99, schedule="constant",
                  warmup_steps=0, grad_clip=1.0),
@@ -101,10 +102,8 @@ def step_noise(state, step=0, batch_size=8, latent_dim=4):
 def make_tiny_step(config, spectral_norm=True):
   """(models, initial state, jitted train step) of TinyG / TinyD under `config`."""
   models = state_lib.make_models(TinyG(), TinyD(spectral_norm=spectral_norm), config)
-  init = state_lib.make_init_fn(models, INFO, latent_dim=config.model.latent_dim,
-                                seed=config.train.seed)
-  step = jax.jit(functools.partial(step_lib.train_step, models=models, config=config))
-  return models, init(), step
+  hooks = step_lib.trainer_hooks(config, models, INFO)
+  return models, hooks["init_fn"](), jax.jit(functools.partial(hooks["step_fn"], models=models))
 
 
 def tiny_examples(n=24, nan_at=None):

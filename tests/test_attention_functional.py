@@ -1,5 +1,4 @@
 """Chunked == unchunked attention, attention weights, transforms and input errors."""
-import math
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import INFO, TinyD, TinyG, tiny_iterator, tiny_loop_config
-from medgen_jax.train import checkpoint as ckpt_lib, parallel, state as state_lib
+from medgen_jax.train import checkpoint as ckpt_lib, loop, state as state_lib
 from medgen_jax.train.loop import run_training
 
 NUM_STEPS = 6
@@ -70,7 +70,7 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
 def _final_state(workdir):
   config = tiny_loop_config()
   models = state_lib.make_models(TinyG(), TinyD(), config)
-  trainer = parallel.build_trainer(config, models, INFO, devices=jax.devices()[:1])
+  trainer = loop.make_trainer(config, models, INFO, devices=jax.devices()[:1])
   manager = ckpt_lib.make_manager(str(workdir / "checkpoints"), keep=10)
   state, data_state, step = ckpt_lib.restore_latest(
       manager, ckpt_lib.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding))

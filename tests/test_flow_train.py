@@ -18,7 +18,7 @@ from medgen_jax import models
 from medgen_jax.data.info import ConditionField, DatasetInfo, IntensityTransform
 from medgen_jax.models.layers import pixel_shuffle, space_to_depth
 from medgen_jax.train import checkpoint as ckpt_lib
-from medgen_jax.train import flow, parallel, state as state_lib
+from medgen_jax.train import flow, loop, state as state_lib
 from medgen_jax.train.loop import run_training
 
 INFO_3D = DatasetInfo(
@@ -113,8 +113,7 @@ class CrashingIterator:
 def _final_state(config, workdir):
   g = models.build_generator(config.model, INFO)
   m = state_lib.make_models(g, None, config)
-  trainer = parallel.build_trainer(config, m, INFO, devices=jax.devices()[:1],
-                                   **flow.trainer_hooks(config, m, INFO))
+  trainer = loop.make_trainer(config, m, INFO, devices=jax.devices()[:1])
   manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), keep=10)
   state, data_state, step = ckpt_lib.restore_latest(
       manager, ckpt_lib.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding))
@@ -169,7 +168,7 @@ PARALLEL_SCRIPT = textwrap.dedent("""
   from conftest import INFO, tiny_batch
   from test_flow_train import tiny_flow_config
   from medgen_jax import models
-  from medgen_jax.train import flow, parallel, state as state_lib
+  from medgen_jax.train import flow, loop, parallel, state as state_lib
 
   assert jax.device_count() == 8
   out = {}
@@ -179,8 +178,7 @@ PARALLEL_SCRIPT = textwrap.dedent("""
     config.parallel.mode = mode
     g = models.build_generator(config.model, INFO)
     m = state_lib.make_models(g, None, config)
-    trainer = parallel.build_trainer(config, m, INFO, devices=devices,
-                                     **flow.trainer_hooks(config, m, INFO))
+    trainer = loop.make_trainer(config, m, INFO, devices=devices)
     state = trainer.init_state()
     for i in range(3):
       state, metrics = trainer.step(state, trainer.put_batch(tiny_batch(i)), with_r1=False)

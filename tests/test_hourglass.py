@@ -15,7 +15,7 @@ from medgen_jax import models
 from medgen_jax.data.info import ConditionField, DatasetInfo, IntensityTransform
 from medgen_jax.models import hourglass as hg
 from medgen_jax.models.layers import pixel_shuffle, space_to_depth
-from medgen_jax.train import flow, parallel, state as state_lib
+from medgen_jax.train import loop, state as state_lib
 
 INFO_3D = DatasetInfo(
     name="synthetic3d", image_shape=(4, 8, 8, 1), modalities=("ct",),
@@ -177,8 +177,7 @@ def test_quick_hdit_flow_config_trains_a_few_steps():
   config.train.batch_size = 8
   g = models.build_generator(config.model, INFO)
   m = state_lib.make_models(g, None, config)
-  trainer = parallel.build_trainer(config, m, INFO, devices=jax.devices()[:1],
-                                   **flow.trainer_hooks(config, m, INFO))
+  trainer = loop.make_trainer(config, m, INFO, devices=jax.devices()[:1])
   state = trainer.init_state()
   initial = jax.device_get(trainer.get_state(state)).g_params
   losses = []

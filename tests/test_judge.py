@@ -2,7 +2,6 @@
 phantom's own renderer on subjects outside every split, the judge is cached
 under a key that names its data, its readings are reported, and it may not
 be the network the samples were made with."""
-import dataclasses
 
 import numpy as np
 import pytest

@@ -63,8 +63,8 @@ def run_steps(dtype, num_steps=2):
   init = state_lib.make_init_fn(models, info, latent_dim=config.model.latent_dim,
                                 seed=config.train.seed)
   state = jax.jit(init)()
-  steps = {r1: jax.jit(functools.partial(step_lib.train_step, models=models,
-                                         config=config, with_r1=r1))
+  step_fn = step_lib.trainer_hooks(config, models, info)["step_fn"]
+  steps = {r1: jax.jit(functools.partial(step_fn, models=models, with_r1=r1))
            for r1 in (True, False)}
   metrics = []
   for i in range(num_steps):

@@ -28,8 +28,9 @@ def _config(**overrides) -> ConfigDict:
       generator="transformer", variant="Ti", latent_dim=8, token_grid=4,
       attention="window_shifted", window_size=2, attention_stages=2,
       mlp_ratio=2, cond_dim=16, cond_dropout=0.1, qk_norm=True,
-      chunk_size=None, discriminator="resnet", d_width=8, spectral_norm=True,
-      dtype="float32"))
+      chunk_size=None, position_encoding="learned", discriminator="resnet", d_width=8,
+      spectral_norm=True, d_minibatch_std=0, d_condition_heads=False, d_blocks_per_stage=1,
+      d_expansion=1, d_group_size=16, dtype="float32"))
   config.update(overrides)
   return config
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
-from medgen_jax.train import parallel, state as state_lib, step as step_lib
+from medgen_jax.train import loop, state as state_lib, step as step_lib
 
 SCRIPT = textwrap.dedent("""
   import os, sys
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
   import json
   import jax, numpy as np
   from jax.sharding import PartitionSpec as P
-  from medgen_jax.train import parallel, state as state_lib, step as step_lib
+  from medgen_jax.train import loop, parallel, state as state_lib, step as step_lib
   from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
 
   assert jax.device_count() == 8
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
     config = tiny_config(**json.loads(os.environ["LOSS"]))
     config.parallel.mode = mode
     models = state_lib.make_models(TinyG(), TinyD(), config)
-    trainer = parallel.build_trainer(config, models, INFO, devices=devices)
+    trainer = loop.make_trainer(config, models, INFO, devices=devices)
     state = trainer.init_state()
     for i in range(3):  # r1_every=2: steps 0 and 2 take the R1 branch
       batch = trainer.put_batch(tiny_batch(i))
@@ -86,7 +86,7 @@ MULTI_SCRIPT = textwrap.dedent("""
                              + " --xla_force_host_platform_device_count=2")
   sys.path.insert(0, os.environ["TESTS_DIR"])
   import jax, numpy as np
-  from medgen_jax.train import parallel, state as state_lib, step as step_lib
+  from medgen_jax.train import loop, parallel, state as state_lib, step as step_lib
   from conftest import INFO, TinyD, TinyG, tiny_batch, tiny_config
 
   pid = int(os.environ["PID"])
@@ -96,7 +96,7 @@ MULTI_SCRIPT = textwrap.dedent("""
   parallel.maybe_initialize_distributed(config.parallel)
   assert jax.device_count() == 4 and jax.local_device_count() == 2
   models = state_lib.make_models(TinyG(), TinyD(), config)
-  trainer = parallel.build_trainer(config, models, INFO)
+  trainer = loop.make_trainer(config, models, INFO)
   state = trainer.init_state()
   for i in range(3):
     batch = tiny_batch(i)  # the global batch; this process feeds its half
@@ -124,8 +124,8 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path):
                                   stderr=subprocess.PIPE, text=True))
   # Reference: one process, one device, the same global batches.
   config = tiny_config()
-  trainer = parallel.build_trainer(config, state_lib.make_models(TinyG(), TinyD(), config),
-                                   INFO, devices=jax.devices()[:1])
+  trainer = loop.make_trainer(config, state_lib.make_models(TinyG(), TinyD(), config),
+                               INFO, devices=jax.devices()[:1])
   state = trainer.init_state()
   for i in range(3):
     state, metrics = trainer.step(state, trainer.put_batch(tiny_batch(i)),

@@ -58,8 +58,8 @@ def test_rpgan_step_with_r1_and_r2_matches_independent_computation():
                        r1_every=1)
   models = state_lib.make_models(TinyG(), TinyD(spectral_norm=False), config)
   state = state_lib.make_init_fn(models, INFO, latent_dim=4, seed=0)()
-  step = jax.jit(functools.partial(step_lib.train_step, models=models, config=config,
-                                   with_r1=True))
+  step = jax.jit(functools.partial(step_lib.train_step, models=models,
+                                   loss_config=config.loss, latent_dim=4, with_r1=True))
   batch = jax.tree.map(jnp.asarray, tiny_batch(0))
   new_state, m = step(state, batch, None)
 
@@ -102,7 +102,8 @@ def test_without_penalty_step_r2_is_zero():
   models = state_lib.make_models(TinyG(), TinyD(), config)
   state = state_lib.make_init_fn(models, INFO, latent_dim=4, seed=0)()
   assert step_lib.r1_due(config.loss, 0) and not step_lib.r1_due(config.loss, 1)
-  step = jax.jit(functools.partial(step_lib.train_step, models=models, config=config,
+  step = jax.jit(functools.partial(step_lib.train_step, models=models, loss_config=config.loss,
+                                         latent_dim=config.model.latent_dim,
                                    with_r1=False))
   _, m = step(state, jax.tree.map(jnp.asarray, tiny_batch(0)), None)
   assert float(m["r1"]) == 0.0 and float(m["r2"]) == 0.0 and bool(m["is_finite"])

@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent("""
   from configs import phantom_3d
   from medgen_jax import models as models_lib
   from medgen_jax.bench.train_step import phantom_info, synthetic_batch
-  from medgen_jax.train import parallel, state as state_lib
+  from medgen_jax.train import loop, parallel, state as state_lib
 
   assert jax.device_count() == 8
   what, attentions = sys.argv[1], sys.argv[2:]
@@ -115,7 +115,7 @@ SCRIPT = textwrap.dedent("""
     for name, mesh, devices in [("single", dict(data=1, seq=1), jax.devices()[:1]),
                                 ("sp", dict(data=2, seq=4), None)]:
       config, info, models = setup(mesh, attentions[0])
-      trainer = parallel.build_trainer(config, models, info, devices=devices)
+      trainer = loop.make_trainer(config, models, info, devices=devices)
       state = trainer.init_state()
       for i in range(3):
         batch = trainer.put_batch(synthetic_batch(info, config.train.batch_size, seed=i))

@@ -63,7 +63,9 @@ def test_static_r1_switch_equals_on_device_cond(tiny_step):
   """with_r1=True/False (the Trainer's two executables) == the lax.cond path."""
   models, state, cond_step = tiny_step
   config = tiny_config()
-  static = {w: jax.jit(functools.partial(step_lib.train_step, models=models, config=config,
+  static = {w: jax.jit(functools.partial(step_lib.train_step, models=models,
+                                         loss_config=config.loss,
+                                         latent_dim=config.model.latent_dim,
                                          with_r1=w)) for w in (True, False)}
   s = state
   for i in range(3):
@@ -106,7 +108,8 @@ def test_condition_and_diversity_terms_match_independent_computation():
   state = state_lib.make_init_fn(models, INFO, latent_dim=4, seed=0)()
   batch = jax.tree.map(jnp.asarray, tiny_batch(0))
   new_state, m = jax.jit(functools.partial(step_lib.train_step, models=models,
-                                           config=config))(state, batch, None)
+                                           loss_config=config.loss,
+                                   latent_dim=config.model.latent_dim))(state, batch, None)
   keys = jax.random.split(jax.random.fold_in(state.rng, 0), 8)
   z_d, z_g = (np.asarray(jax.random.normal(k, (8, 4))) for k in keys[:2])
   cond = {"lesion": batch["lesion"]}
@@ -130,7 +133,8 @@ def test_condition_and_diversity_terms_match_independent_computation():
   plain = tiny_config(augment="", r1_gamma=0.0)
   plain_models = state_lib.make_models(TinyG(), TinyHeadD(), plain)
   plain_state, _ = jax.jit(functools.partial(step_lib.train_step, models=plain_models,
-                                             config=plain))(state, batch, None)
+                                             loss_config=plain.loss,
+                                             latent_dim=4))(state, batch, None)
   assert not np.allclose(jax.tree.leaves(plain_state.g_params)[0],
                          jax.tree.leaves(new_state.g_params)[0])
 
@@ -143,7 +147,8 @@ def test_teacher_term_matches_independent_computation(plain_tiny_step):
                                  teacher=(teacher, teacher_params))
   state = state_lib.make_init_fn(models, INFO, latent_dim=4, seed=0)()
   batch = jax.tree.map(jnp.asarray, tiny_batch(0))
-  step = jax.jit(functools.partial(step_lib.train_step, models=models, config=config))
+  step = jax.jit(functools.partial(step_lib.train_step, models=models, loss_config=config.loss,
+                                   latent_dim=config.model.latent_dim))
   new_state, m = step(state, batch, None)
   keys = jax.random.split(jax.random.fold_in(state.rng, 0), 8)
   z_g = jax.random.normal(keys[1], (8, 4))
@@ -179,7 +184,8 @@ def test_teacher_margin_real_hinges_at_the_paired_real_batch(plain_tiny_step):
                                    teacher=(teacher, teacher_params))
     state = state_lib.make_init_fn(models, INFO, latent_dim=4, seed=0)()
     _, m = jax.jit(functools.partial(step_lib.train_step, models=models,
-                                     config=config))(state, batch, None)
+                                     loss_config=config.loss,
+                                   latent_dim=config.model.latent_dim))(state, batch, None)
     np.testing.assert_allclose(m["g_teacher_real"], real_ce, rtol=1e-5)
     _, plain_m = plain_step(state, batch, None)
     pushed = abs(float(plain_m["g_grad_norm"]) - float(m["g_grad_norm"])) > 1e-6

@@ -5,7 +5,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -46,7 +45,7 @@ def setup():
   models = state_lib.make_models(g, d, config)
   hooks = translation.trainer_hooks(config, models, INFO)
   state = jax.jit(hooks["init_fn"])()
-  step = jax.jit(functools.partial(hooks["step_fn"], models=models, config=config))
+  step = jax.jit(functools.partial(hooks["step_fn"], models=models))
   rng = np.random.default_rng(0)
   ct = rng.uniform(-1, 1, (2, *SHAPE, 1)).astype(np.float32)
   pet = np.tanh(2 * ct + 0.3).astype(np.float32)   # a learnable CT -> PET map
@@ -89,7 +88,7 @@ def test_translation_config_errors():
 
 def test_split_pair_orders_channels_by_config():
   images = jnp.arange(2 * 4 * 4 * 2, dtype=jnp.float32).reshape(2, 4, 4, 2)
-  sources, src, tgt = translation.split_pair(images, _config(), INFO)
+  sources, src, tgt = translation.split_pair(images, _config().model, INFO)
   np.testing.assert_array_equal(src[..., 0], images[..., 0])
   np.testing.assert_array_equal(tgt[..., 0], images[..., 1])
   assert list(sources) == ["ct"]

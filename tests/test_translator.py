@@ -98,7 +98,7 @@ def _model_config(**kw):
       generator="translator", variant="Ti", attention="window_shifted",
       window_size=2, patch_size=4, mlp_ratio=2, qk_norm=True, chunk_size=None,
       cond_dim=8, cond_dropout=0.0, dtype="float32", source_modalities=("ct",),
-      target_modalities=("pet",), modality_dropout=0.0, unet_width=4,
+      target_modalities=("pet",), modality_dropout=0.0, encoder_depth=1, unet_width=4,
       unet_levels=2))
   cfg.update(kw)
   return cfg

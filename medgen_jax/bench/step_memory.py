@@ -73,20 +73,16 @@ def step_memory(config: Any, info=None) -> dict[str, float]:
   models = state_lib.make_models(models_lib.build_generator(config.model, info),
                                  models_lib.build_discriminator(config.model, info),
                                  config, teacher=teacher)
-  if translating:
-    hooks = translation.trainer_hooks(config, models, info)
-    init, step_fn = hooks["init_fn"], hooks["step_fn"]
-  else:
-    init = state_lib.make_init_fn(models, info, latent_dim=config.model.latent_dim,
-                                  seed=config.train.seed)
-    step_fn = step_lib.train_step
+  hooks = (translation.trainer_hooks if translating else step_lib.trainer_hooks)(
+      config, models, info)
+  init, step_fn = hooks["init_fn"], hooks["step_fn"]
   state = jax.eval_shape(init)
   b = config.train.batch_size
   batch = {"image": jax.ShapeDtypeStruct((b, *info.image_shape), jnp.float32)}
   for f in info.conditions:
     batch[f.name] = jax.ShapeDtypeStruct(
         (b,), jnp.int32 if f.kind == "categorical" else jnp.float32)
-  step = functools.partial(step_fn, models=models, config=config)
+  step = functools.partial(step_fn, models=models)
   compiled = jax.jit(lambda s, x: step(s, x, None, axis_name=None),
                      donate_argnums=0).lower(state, batch).compile()
   m = compiled.memory_analysis()

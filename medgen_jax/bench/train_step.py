@@ -14,7 +14,6 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from medgen_jax import models as models_lib
@@ -43,7 +42,8 @@ def synthetic_batch(info: DatasetInfo, batch_size: int, seed: int = 0) -> dict[s
 
 
 def _step_parts(gan_config):
-  """(models, init function, info) of `gan_config`'s GAN."""
+  """(models, init function, step function with its settings bound, info) of
+  `gan_config`'s GAN (`step.trainer_hooks`)."""
   info = phantom_info(gan_config.data)
   generator = models_lib.build_generator(gan_config.model, info)
   discriminator = models_lib.build_discriminator(gan_config.model, info)
@@ -51,9 +51,8 @@ def _step_parts(gan_config):
   # weights are not (an untrained one costs the same).
   teacher = loop.build_teacher(gan_config, info, trained=False)
   models = state_lib.make_models(generator, discriminator, gan_config, teacher=teacher)
-  init = state_lib.make_init_fn(models, info, latent_dim=gan_config.model.latent_dim,
-                                seed=gan_config.train.seed)
-  return models, init, info
+  hooks = step_lib.trainer_hooks(gan_config, models, info)
+  return models, hooks["init_fn"], hooks["step_fn"], info
 
 
 def step_bytes_fn(gan_config) -> Callable[[int], int]:
@@ -63,10 +62,9 @@ def step_bytes_fn(gan_config) -> Callable[[int], int]:
   executables, so it decides what fits. The models are built once; each
   call compiles the step for abstract state and batch, allocating nothing.
   """
-  models, init, info = _step_parts(gan_config)
+  models, init, step_fn, info = _step_parts(gan_config)
   state = jax.eval_shape(init)
-  step = functools.partial(step_lib.train_step, models=models, config=gan_config,
-                           with_r1=gan_config.loss.r1_gamma > 0)
+  step = functools.partial(step_fn, models=models, with_r1=gan_config.loss.r1_gamma > 0)
 
   def step_bytes(batch_size: int) -> int:
     batch = jax.eval_shape(lambda: synthetic_batch(info, batch_size))
@@ -131,14 +129,13 @@ def measure_train_step(gan_config, *, warmup: int, repeats: int,
     (fraction of `matmul_gflops_per_s`), images_per_s, peak_bytes (the larger
     executable), batch_size and the model description.
   """
-  models, init, info = _step_parts(gan_config)
+  models, init, step_fn, info = _step_parts(gan_config)
   state = jax.jit(init)()
   batch = synthetic_batch(info, gan_config.train.batch_size)
   every = int(gan_config.loss.r1_every) if gan_config.loss.r1_gamma > 0 else 0
   measured = {}
   for with_r1 in ((True, False) if every > 1 else (every == 1,)):
-    step = functools.partial(step_lib.train_step, models=models, config=gan_config,
-                             with_r1=with_r1)
+    step = functools.partial(step_fn, models=models, with_r1=with_r1)
     compiled, compile_s = timing.compile_fn(step, (state, batch))
     times = timing.time_compiled(compiled, (state, batch), warmup=warmup, repeats=repeats)
     measured[with_r1] = (float(np.median(times)), timing.xla_flops(compiled), compile_s,

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds

@@ -30,7 +30,7 @@ A translation config (`config.task == 'translation'`) is dispatched to
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 

@@ -178,7 +178,7 @@ def restore_translator(config: Any, workdir: str, info: DatasetInfo
 
   @jax.jit
   def run(images, cond):
-    sources, _, _ = train_tr.split_pair(images, config, info)
+    sources, _, _ = train_tr.split_pair(images, config.model, info)
     return generator.apply(variables, sources, cond, train=False)
 
   def translate(images, cond):

@@ -32,7 +32,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from medgen_jax import classifier
 from medgen_jax import data as data_lib

@@ -32,7 +32,6 @@ from typing import Any, Mapping, Sequence
 
 import chex
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from medgen_jax.conditioning import rescale_continuous

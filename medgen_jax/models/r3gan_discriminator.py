@@ -130,7 +130,7 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """x: [B, *spatial, C] -> [B, *spatial, C]."""
-    ndim, channels = x.ndim - 2, x.shape[-1]
+    channels = x.shape[-1]
     wide = channels * self.expansion
     init = msr_init(fixup_gain(self.num_blocks))
     h = nn.Dense(wide, dtype=self.dtype, kernel_init=init, name="expand")(x)

@@ -236,7 +236,6 @@ def run_downstream(config: Any, workdir: str, *,
                    for g in generators}
   per_n = {g: (fns if isinstance(fns, Mapping) else {n: fns for n in sizes})
            for g, fns in generators.items()}
-  arms = ["real"] + [arm_name(g, r) for g in generators for r in ratios]
   runs: list[dict[str, Any]] = []
   recipe = classifier.from_section(config.classifier)
   for seed in (int(s) for s in config.seeds):

@@ -29,6 +29,7 @@ parameters, as for the GAN step.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax
@@ -101,7 +102,7 @@ def drop_conditions(conditions: Mapping[str, jax.Array], drop: jax.Array
 
 
 def flow_step(state: FlowState, batch: dict[str, jax.Array],
-              rng: jax.Array | None = None, *, models: state_lib.Models, config: Any,
+              rng: jax.Array | None = None, *, models: state_lib.Models, loss_config: Any,
               axis_name: str | None = None, with_r1: bool | None = None
               ) -> tuple[FlowState, dict[str, jax.Array]]:
   """One velocity-network update and the EMA.
@@ -112,7 +113,8 @@ def flow_step(state: FlowState, batch: dict[str, jax.Array],
       `[batch]`; the per-device part under pmap / shard_map.
     rng: step key; None uses fold_in(state.rng, state.step).
     models: `Models` with the FlowGenerator (static).
-    config: reads loss.time_mean, time_std, cfg_dropout, ema_decay.
+    loss_config: the flow loss section (time_mean, time_std, cfg_dropout,
+      ema_decay).
     axis_name: mesh axis the batch is split over, or None under jit.
     with_r1: ignored (no discriminator); the loop's static switch is part of
       the step signature all tasks share.
@@ -121,7 +123,7 @@ def flow_step(state: FlowState, batch: dict[str, jax.Array],
     (new state, metrics): flow_loss, g_grad_norm, is_finite.
   """
   del with_r1
-  lcfg = config.loss
+  lcfg = loss_config
   if rng is None:
     rng = jax.random.fold_in(state.rng, state.step)
   x0 = batch["image"]
@@ -200,6 +202,7 @@ def validate_flow_config(config: Any) -> None:
 
 def trainer_hooks(config: Any, models: state_lib.Models,
                   info: DatasetInfo) -> dict[str, Any]:
-  """kwargs for `parallel.build_trainer`: the flow step and its init."""
+  """kwargs for `parallel.build_trainer`: the flow step on its loss section and its init."""
   validate_flow_config(config)
-  return dict(step_fn=flow_step, init_fn=make_init_fn(models, info, config))
+  return dict(step_fn=functools.partial(flow_step, loss_config=config.loss),
+              init_fn=make_init_fn(models, info, config))

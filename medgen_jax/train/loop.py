@@ -36,6 +36,9 @@ from medgen_jax.train import variety as variety_lib
 
 SAMPLE_COLS = 8
 TASKS = translation.TASKS + flow.TASKS
+# Per task: (config, models, info) -> the step and init of `parallel.build_trainer`.
+TRAINER_HOOKS = {"generation": step_lib.trainer_hooks, "translation": translation.trainer_hooks,
+                 "flow": flow.trainer_hooks}
 LOSS_KEYS = ("d_loss", "g_loss", "r1", "r2", "d_real", "d_fake", "recon_l1", "d_cond", "g_cond",
              "g_teacher", "g_teacher_real", "g_diversity", "flow_loss")
 
@@ -89,6 +92,16 @@ def check_condition_settings(config: Any, names: tuple[str, ...] | None) -> None
         f"loss.condition_weight {config.loss.condition_weight} (the discriminator's "
         f"condition heads) needs conditions, but {_no_conditions_hint(config.data)}; set "
         f"--config.loss.condition_weight=0 --config.model.d_condition_heads=False")
+
+
+def make_trainer(config: Any, models: state_lib.Models, info: data_lib.DatasetInfo,
+                 devices=None) -> parallel.Trainer:
+  """`parallel.build_trainer` for `config.task`: the task's step on its
+  sections (`TRAINER_HOOKS`) and the parallel, train and model settings."""
+  hooks = TRAINER_HOOKS[task_of(config)](config, models, info)
+  return parallel.build_trainer(config.parallel, models, info, devices,
+                                global_batch=config.train.batch_size,
+                                model_config=config.model, **hooks)
 
 
 def task_of(config: Any) -> str:
@@ -276,12 +289,7 @@ def run_training(config: Any, workdir: str, *, info, generator, discriminator,
   """
   models = state_lib.make_models(generator, discriminator, config, teacher=teacher)
   task = task_of(config)
-  hooks = {}
-  if task == "translation":
-    hooks = translation.trainer_hooks(config, models, info)
-  elif task == "flow":
-    hooks = flow.trainer_hooks(config, models, info)
-  trainer = parallel.build_trainer(config, models, info, **hooks)
+  trainer = make_trainer(config, models, info)
   it = iterator
   t = config.train
   is_main = jax.process_index() == 0

@@ -1,8 +1,8 @@
 """Device layout: mesh, shardings and the jit / pmap / shard_map wrappers.
 
 This is the only module that knows about parallel modes. Every mode wraps the
-same pure `step.train_step`; the `Trainer` it returns hides the differences
-(state placement, batch layout, reading the state back) from the loop:
+same pure step function (the task's, its settings bound by
+`step.trainer_hooks`); the `Trainer` it returns hides the differences (state placement, batch layout, reading the state back) from the loop:
 
 - 'jit': state replicated as `NamedSharding(mesh, P())`, batch sharded on the
   'data' mesh axis via the logical axis rules; XLA inserts the all-reduces.
@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -36,7 +35,6 @@ from medgen_jax.attention import sequence_parallel as sp
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.models import shapes, variants
 from medgen_jax.train import state as state_lib
-from medgen_jax.train import step as step_lib
 
 PARALLEL_MODES = ("jit", "pmap", "shard_map")
 MESH_AXES = ("data", "seq")
@@ -223,28 +221,35 @@ class Trainer:
   abstract_state: Any
 
 
-def build_trainer(config: Any, models: state_lib.Models, info: DatasetInfo,
-                  devices=None, *, step_fn: Callable | None = None,
-                  init_fn: Callable | None = None) -> Trainer:
-  """Mesh + shardings + the wrapped train step for config.parallel.mode.
+def build_trainer(parallel_config: Any, models: state_lib.Models, info: DatasetInfo,
+                  devices=None, *, global_batch: int, model_config: Any,
+                  step_fn: Callable, init_fn: Callable[[], Any]) -> Trainer:
+  """Mesh + shardings + the wrapped train step for `parallel_config.mode`.
 
-  `step_fn` / `init_fn` replace `step.train_step` / `state.make_init_fn`'s
-  init for other tasks (e.g. `translation.trainer_hooks`); same signatures.
+  Args:
+    parallel_config: the `config.parallel` section.
+    models: networks and optimisers.
+    info: the dataset's DatasetInfo.
+    devices: the mesh's devices (default: all).
+    global_batch: `train.batch_size`, checked against the mesh.
+    model_config: the `config.model` section (read by the sequence-parallel checks).
+    step_fn: `(state, batch, rng, *, models, axis_name, with_r1) -> (state,
+      metrics)` with its settings bound (`step.trainer_hooks`,
+      `flow.trainer_hooks`, `translation.trainer_hooks`).
+    init_fn: pure `() -> state`.
   """
-  pcfg = config.parallel
+  pcfg = parallel_config
   devices = jax.devices() if devices is None else devices
-  validate(pcfg, config.train.batch_size, len(devices), model_config=config.model,
+  validate(pcfg, global_batch, len(devices), model_config=model_config,
            spatial_shape=tuple(info.spatial_shape))
   mesh = make_mesh(pcfg, devices)
-  init = init_fn or state_lib.make_init_fn(
-      models, info, latent_dim=config.model.latent_dim, seed=config.train.seed)
+  init = init_fn
   # Shapes first, then shardings, then a jitted init that lays the state out.
   abstract = jax.eval_shape(init)
   replicated = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   init_placed = jax.jit(init, out_shardings=state_sharding)
-  step = functools.partial(step_fn or step_lib.train_step,
-                           models=sequence_parallel_models(models, mesh, pcfg), config=config)
+  step = functools.partial(step_fn, models=sequence_parallel_models(models, mesh, pcfg))
   batch_sharding = NamedSharding(mesh, batch_partition_spec(pcfg))
 
   def put_global_batch(batch):

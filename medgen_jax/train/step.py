@@ -13,7 +13,8 @@ the single-device run only in distribution.)
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from medgen_jax import classifier
 from medgen_jax.train import augment as augment_lib
 from medgen_jax.train import ema as ema_lib
 from medgen_jax.train import losses
+from medgen_jax.train import state as state_lib
 from medgen_jax.train.state import Models, TrainState
 
 Batch = dict[str, jax.Array]
@@ -95,7 +97,8 @@ def r1_due(loss_config: Any, step: int) -> bool:
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
-               models: Models, config: Any, axis_name: str | None = None,
+               models: Models, loss_config: Any, latent_dim: int,
+               axis_name: str | None = None,
                with_r1: bool | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One D update (with lazy R1 on steps divisible by r1_every), one G update, EMA.
 
@@ -105,7 +108,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
       `[batch]`; the per-device part under pmap/shard_map.
     rng: step key; None uses fold_in(state.rng, state.step).
     models: networks and optimisers (static).
-    config: the experiment ConfigDict (static; reads model.latent_dim and loss).
+    loss_config: the `config.loss` section (static).
+    latent_dim: the generator's noise size (`model.latent_dim`; static).
     axis_name: mesh axis the batch is split over, or None under jit.
     with_r1: static switch of the lazy penalties, R1 and R2 together (see
       `r1_due`); None decides from `state.step`
@@ -121,7 +125,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
     with `loss.teacher_weight` > 0 also g_teacher (the frozen condition
     classifier's loss on the generated images, `classifier.condition_loss`).
   """
-  lcfg = config.loss
+  lcfg = loss_config
   gan = losses.get_gan_loss(lcfg.gan)
   policy = lcfg.augment
   if rng is None:
@@ -134,7 +138,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
   G, D = models.generator, models.discriminator
 
   # Global draws, then this device's rows: identical results in every mode.
-  z_d, z_g = (jax.random.normal(k, (global_b, config.model.latent_dim)) for k in keys[:2])
+  z_d, z_g = (jax.random.normal(k, (global_b, latent_dim)) for k in keys[:2])
   aug = [augment_lib.sample_params(k, policy, global_b, spatial) for k in keys[2:5]]
   z_d, z_g, aug_real, aug_fake_d, aug_fake_g = _local_slice(
       (z_d, z_g, *aug), axis_name, local_b)
@@ -199,6 +203,15 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array | None = None, *,
                      g_state=g_state, d_params=d_params, d_state=d_state,
                      d_opt_state=d_opt_state, d_grad=d_grad,
                      metrics=dict(d_metrics, **g_metrics))
+
+
+def trainer_hooks(config: Any, models: Models, info: Any) -> dict[str, Callable]:
+  """kwargs for `parallel.build_trainer`: the GAN step on its loss section
+  and the TrainState init."""
+  return dict(step_fn=functools.partial(train_step, loss_config=config.loss,
+                                        latent_dim=config.model.latent_dim),
+              init_fn=state_lib.make_init_fn(models, info, latent_dim=config.model.latent_dim,
+                                             seed=config.train.seed))
 
 
 def teacher_field_losses(teacher_model, images: jax.Array, cond: dict[str, jax.Array]

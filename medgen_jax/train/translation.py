@@ -12,7 +12,7 @@ config names which are sources and which the target. One step:
 Augmentation is applied to the concatenated pair, so source and target move
 together. The step reuses `medgen_jax.train.step`'s parameter threading and
 cross-device helpers, so it runs under jit / pmap / shard_map through
-`parallel.build_trainer(..., step_fn=translation_step, init_fn=...)`.
+`parallel.build_trainer` (`trainer_hooks`).
 """
 from __future__ import annotations
 
@@ -34,15 +34,15 @@ from medgen_jax.train import step as step_lib
 TASKS = ("generation", "translation")
 
 
-def split_pair(images: jax.Array, config: Any, info: DatasetInfo
+def split_pair(images: jax.Array, model_config: Any, info: DatasetInfo
                ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
   """Splits `[B, *spatial, C]` into sources and target.
 
   Returns:
     (sources {name: [B, *spatial, 1]}, stacked sources [B, *spatial, S],
-    target [B, *spatial, T]), channels in config.model order.
+    target [B, *spatial, T]), channels in `model_config`'s order.
   """
-  src, tgt = source_target_names(config.model, info)
+  src, tgt = source_target_names(model_config, info)
   sources = split_modalities(images, info.modalities, src)
   target = jnp.concatenate(
       list(split_modalities(images, info.modalities, tgt).values()), -1)
@@ -65,7 +65,7 @@ def make_init_fn(models: state_lib.Models, info: DatasetInfo,
   """Pure () -> TrainState for a translator G and a pair discriminator D."""
   cond = state_lib.dummy_conditions(info, 1)
   images = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-  sources, src, tgt = split_pair(images, config, info)
+  sources, src, tgt = split_pair(images, config.model, info)
   pair = jnp.concatenate([src, tgt], -1)
   return state_lib.make_init_fn(
       models, info, latent_dim=0, seed=config.train.seed,
@@ -74,7 +74,7 @@ def make_init_fn(models: state_lib.Models, info: DatasetInfo,
 
 def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
                      rng: jax.Array | None = None, *, models: state_lib.Models,
-                     config: Any, info: DatasetInfo,
+                     loss_config: Any, model_config: Any, info: DatasetInfo,
                      axis_name: str | None = None, with_r1: bool | None = None
                      ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One pair-D update (lazy R1), one G update (GAN + L1), EMA.
@@ -84,7 +84,8 @@ def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
     batch: 'image' `[batch, *spatial, C]` with source and target channels,
       plus condition arrays `[batch]`.
     rng: step key; None uses fold_in(state.rng, state.step).
-    models, config, info: static.
+    models, loss_config (`config.loss`), model_config (`config.model`:
+      which channels are sources and target), info: static.
     axis_name: mesh axis of the batch, or None under jit.
     with_r1: static R1 switch, as in `step.train_step`.
 
@@ -92,13 +93,13 @@ def translation_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
     (new state, metrics): d_loss, g_loss (adversarial part), recon_l1, r1,
     d_real, d_fake, d_grad_norm, g_grad_norm, is_finite.
   """
-  lcfg = config.loss
+  lcfg = loss_config
   gan = losses.get_gan_loss(lcfg.gan)
   policy = lcfg.augment
   recon_weight = float(lcfg.recon_weight)
   if rng is None:
     rng = jax.random.fold_in(state.rng, state.step)
-  sources, src, target = split_pair(batch["image"], config, info)
+  sources, src, target = split_pair(batch["image"], model_config, info)
   cond = step_lib.conditions_of(batch)
   local_b, spatial = src.shape[0], src.shape[1:-1]
   global_b = local_b * (1 if axis_name is None else lax.axis_size(axis_name))
@@ -148,7 +149,8 @@ def trainer_hooks(config: Any, models: state_lib.Models,
                   info: DatasetInfo) -> dict[str, Any]:
   """kwargs for `parallel.build_trainer`: the translation step and init."""
   validate_translation_config(config, info)
-  return dict(step_fn=functools.partial(translation_step, info=info),
+  return dict(step_fn=functools.partial(translation_step, loss_config=config.loss,
+                                        model_config=config.model, info=info),
               init_fn=make_init_fn(models, info, config))
 
 
@@ -166,7 +168,7 @@ def make_sample_fn(generator, config: Any, info: DatasetInfo, num: int = 8
 
   @jax.jit
   def translate(params, model_state, images, cond):
-    sources, _, _ = split_pair(images, config, info)
+    sources, _, _ = split_pair(images, config.model, info)
     fake = generator.apply({"params": params, **model_state}, sources, cond,
                            train=False)
     return images.at[..., jnp.asarray(target_idx)].set(fake)
