@@ -75,8 +75,9 @@ def _to_model_fn(info: DatasetInfo, hidden: tuple = (), kept: Mapping[str, Any] 
       out["lesion_diameter_mm"] = np.asarray(example["lesion_diameter_mm"], np.float32)
     if not hidden:
       return out
+    # grain passes the index of the repeated stream: stored index = index mod size.
     return hidden_labels.hide(out, hidden, info,
-                              kept={f: m[index] for f, m in (kept or {}).items()})
+                              kept={f: m[index % len(m)] for f, m in (kept or {}).items()})
 
   return to_model
 
