@@ -106,6 +106,20 @@ def make_tiny_step(config, spectral_norm=True):
   return models, hooks["init_fn"](), jax.jit(functools.partial(hooks["step_fn"], models=models))
 
 
+def flow_shapes(g, info, n):
+  """(variables, velocity, sampled images) of FlowGenerator `g` as shapes, for
+  `n` dummy requests: the velocity call at t = 1 and the sampler's call."""
+  cond = state_lib.dummy_conditions(info, n)
+  x = jnp.zeros((n,) + info.image_shape)
+  variables = jax.eval_shape(lambda: g.init(jax.random.PRNGKey(0), x, jnp.ones(n), cond,
+                                            train=False, method="velocity"))
+  v = jax.eval_shape(lambda p: g.apply(p, x, jnp.ones(n), cond, train=False,
+                                       method="velocity"), variables)
+  images = jax.eval_shape(lambda p: g.apply(p, jnp.zeros((n, g.latent_dim)), cond,
+                                            train=False), variables)
+  return variables, v, images
+
+
 def tiny_examples(n=24, nan_at=None):
   """In-memory examples in the data layer's format ('image' [8, 8, 1], 'lesion')."""
   rng = np.random.default_rng(0)

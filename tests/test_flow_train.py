@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import phantom_flow
-from conftest import INFO, tiny_iterator
+from conftest import INFO, flow_shapes, tiny_iterator
 from medgen_jax import models
 from medgen_jax.data.info import ConditionField, DatasetInfo, IntensityTransform
 from medgen_jax.models.layers import pixel_shuffle, space_to_depth
@@ -48,13 +48,7 @@ def test_velocity_and_sampler_shapes(info, attention, token_grid):
   g = models.build_generator(config.model, info)
   n = 3
   cond = state_lib.dummy_conditions(info, n)
-  x = jnp.zeros((n,) + info.image_shape)
-  variables = jax.eval_shape(lambda: g.init(jax.random.PRNGKey(0), x, jnp.ones(n), cond,
-                                            train=False, method="velocity"))
-  v = jax.eval_shape(lambda p: g.apply(p, x, jnp.ones(n), cond, train=False,
-                                       method="velocity"), variables)
-  images = jax.eval_shape(lambda p: g.apply(p, jnp.zeros((n, g.latent_dim)), cond,
-                                            train=False), variables)
+  variables, v, images = flow_shapes(g, info, n)
   assert v.shape == images.shape == (n,) + info.image_shape
   # The sampler's init creates exactly the velocity network's parameters.
   by_call = jax.eval_shape(lambda: g.init(jax.random.PRNGKey(0), jnp.zeros((n, g.latent_dim)),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import phantom_flow_hdit
-from conftest import INFO, tiny_batch
+from conftest import INFO, flow_shapes, tiny_batch
 from medgen_jax import models
 from medgen_jax.data.info import ConditionField, DatasetInfo, IntensityTransform
 from medgen_jax.models import hourglass as hg
@@ -132,14 +132,7 @@ def hdit_config(info):
 def test_flow_velocity_and_sampler_shapes_2d_and_3d(info):
   g = models.build_generator(hdit_config(info).model, info)
   n = 2
-  cond = state_lib.dummy_conditions(info, n)
-  x = jnp.zeros((n,) + info.image_shape)
-  variables = jax.eval_shape(lambda: g.init(jax.random.PRNGKey(0), x, jnp.ones(n), cond,
-                                            train=False, method="velocity"))
-  v = jax.eval_shape(lambda p: g.apply(p, x, jnp.ones(n), cond, train=False,
-                                       method="velocity"), variables)
-  images = jax.eval_shape(lambda p: g.apply(p, jnp.zeros((n, g.latent_dim)), cond,
-                                            train=False), variables)
+  variables, v, images = flow_shapes(g, info, n)
   assert v.shape == images.shape == (n,) + info.image_shape
   assert set(variables["params"]) == {"condition_embedding", "mapping", "hourglass"}
 
