@@ -82,7 +82,8 @@ SPEC_2D = hg.HourglassSpec(widths=(8, 16, 16), depths=(2, 1, 1), patch=2, head_d
 
 @pytest.mark.parametrize("spec,shape", [
     (SPEC_2D, (2, 16, 16, 1)),
-    (dataclasses.replace(SPEC_2D, skip="lerp", attention="axial"), (2, 16, 16, 1)),
+    pytest.param(dataclasses.replace(SPEC_2D, skip="lerp", attention="axial"), (2, 16, 16, 1),
+                 marks=pytest.mark.slow),
     (hg.HourglassSpec(widths=(8, 16), depths=(1, 1), patch=1, head_dim=8, window_size=2),
      (1, 4, 4, 4, 2))])
 def test_hourglass_is_the_composition_of_its_levels_and_uses_its_skips(spec, shape):
