@@ -9,9 +9,10 @@ by the config's `experiment`.
       --workdir runs/downstream_cross_site
 
 The config is checked first; then every generator the experiment uses
-(`downstream.generator_runs`) whose workdir has no checkpoint is trained;
-then the experiment runs and writes
-workdir/results.json and its figure.
+(`downstream.generator_runs`) that has not reached its `train.num_steps` is
+trained (an interrupted one resumes from its newest checkpoint); then the
+experiment runs and writes workdir/results.json and its figure. A generator
+run that is preempted stops the experiment before any classifier is trained.
 """
 import json
 
@@ -35,10 +36,18 @@ EXPERIMENTS = {"augmentation": (downstream.check_config, downstream.run_downstre
 
 def train_missing_generators(config) -> None:
   """Trains every generator of the experiment (`downstream.generator_runs`:
-  per real-set size under the leak-free protocol) whose workdir has no checkpoint."""
+  per real-set size under the leak-free protocol) that is not finished.
+
+  A workdir whose newest checkpoint is short of `train.num_steps` resumes
+  there; a preempted run raises, so no study reads a half-trained generator.
+  """
   for workdir, generator_config in downstream.generator_runs(config).values():
-    if ckpt_lib.latest_step(workdir) is None:
-      train_and_evaluate(generator_config, workdir)
+    if (ckpt_lib.latest_step(workdir) or 0) >= generator_config.train.num_steps:
+      continue
+    if train_and_evaluate(generator_config, workdir)["preempted"]:
+      raise SystemExit(f"generator run {workdir} was preempted before "
+                       f"{generator_config.train.num_steps} steps; run the "
+                       "experiment again to resume it")
 
 
 def headline(results) -> dict:

@@ -202,3 +202,28 @@ def test_each_config_names_an_experiment_of_the_entry_point():
   for config in (downstream_lesion.get_config(), downstream_cross_site.get_config()):
     check, run = entry.EXPERIMENTS[config.experiment]
     assert run.__module__ == check.__module__
+
+
+def test_unfinished_generators_resume_and_a_preempted_one_stops_the_study(monkeypatch):
+  from experiments import downstream as entry
+  config = downstream_lesion.get_config("quick")
+  runs = downstream.generator_runs(config)
+  (first, first_config), (second, _) = list(runs.values())
+  steps = first_config.train.num_steps
+  done = {first: steps - 1, second: steps}  # interrupted, finished
+  trained = []
+
+  def train(generator_config, workdir):
+    trained.append(workdir)
+    return {"preempted": False}
+
+  monkeypatch.setattr(entry.ckpt_lib, "latest_step", done.get)
+  monkeypatch.setattr(entry, "train_and_evaluate", train)
+  entry.train_missing_generators(config)
+  assert trained == [first]
+  done.update({first: steps, second: None})  # finished, never started
+  entry.train_missing_generators(config)
+  assert trained == [first, second]
+  monkeypatch.setattr(entry, "train_and_evaluate", lambda c, w: {"preempted": True})
+  with pytest.raises(SystemExit, match="preempted"):
+    entry.train_missing_generators(config)
