@@ -81,13 +81,28 @@ def keep_rule(field: str, num: int, seed: int, classes) -> str:
   return f"{field}:keep={int(num)},seed={int(seed)},of={'|'.join(str(c) for c in classes)}"
 
 
+def _condition(item: str, name: str, info: DatasetInfo, *, categorical_to: str = ""):
+  """The condition `name` of a rule `item`; with `categorical_to` (what the
+  rule does with it) it must be categorical.
+
+  Raises:
+    ValueError: the dataset has no such condition, or it is not categorical.
+  """
+  names = [f.name for f in info.conditions]
+  if name not in names:
+    raise ValueError(f"data.hide_labels rule {item!r}: dataset {info.name!r} has no "
+                     f"condition {name!r}; it has {names}")
+  condition = info.condition(name)
+  if categorical_to and condition.kind != CATEGORICAL:
+    raise ValueError(f"data.hide_labels rule {item!r}: {name!r} must be categorical "
+                     f"{categorical_to}")
+  return condition
+
+
 def _parse_keep(item: str, field: str, spec: str, info: DatasetInfo) -> KeepLabels:
   """'keep=100,seed=0,of=none|large' (after 'field:') -> KeepLabels."""
   parts = dict(p.strip().partition("=")[::2] for p in spec.split(","))
-  target = info.condition(field)
-  if target.kind != CATEGORICAL:
-    raise ValueError(f"data.hide_labels rule {item!r}: {field!r} must be categorical "
-                     f"to keep some of its labels")
+  target = _condition(item, field, info, categorical_to="to keep some of its labels")
   unknown = sorted(set(parts) - {"keep", "seed", "of"})
   try:
     num, seed = int(parts["keep"]), int(parts.get("seed", "0"))
@@ -113,16 +128,12 @@ def parse_hidden_labels(text: str | None, info: DatasetInfo
       not categorical, or an unknown class (one message naming it).
   """
   rules = []
-  names = [f.name for f in info.conditions]
   for item in (text or "").split(";"):
     item = item.strip()
     if not item:
       continue
     field, sep, where = item.partition(":")
     if sep and where.strip().startswith("keep="):
-      if field.strip() not in names:
-        raise ValueError(f"data.hide_labels rule {item!r}: dataset {info.name!r} has no "
-                         f"condition {field.strip()!r}; it has {names}")
       rules.append(_parse_keep(item, field.strip(), where.strip(), info))
       continue
     where_field, eq, value = where.partition("=")
@@ -130,14 +141,8 @@ def parse_hidden_labels(text: str | None, info: DatasetInfo
     if not (sep and eq and field and where_field and value):
       raise ValueError(f"data.hide_labels rule {item!r} must look like "
                        f"'field:other_field=class' (e.g. 'lesion:site=3')")
-    for name in (field, where_field):
-      if name not in names:
-        raise ValueError(f"data.hide_labels rule {item!r}: dataset {info.name!r} has no "
-                         f"condition {name!r}; it has {names}")
-    selector = info.condition(where_field)
-    if selector.kind != CATEGORICAL:
-      raise ValueError(f"data.hide_labels rule {item!r}: {where_field!r} must be "
-                       f"categorical to select examples")
+    _condition(item, field, info)
+    selector = _condition(item, where_field, info, categorical_to="to select examples")
     rules.append(HiddenLabel(field, where_field, int(selector.parse(value))))
   return tuple(rules)
 
