@@ -90,14 +90,21 @@ def hidden_for(data_config, info: DatasetInfo, split: str) -> tuple:
 
 def _kept(source, rules: tuple) -> dict[str, np.ndarray]:
   """Per KeepLabels rule's field: bool `[len(source)]`, True where its label is
-  kept (`hidden_labels.keep_indices` over the stored labels)."""
+  kept (`hidden_labels.keep_indices` over the stored labels).
+
+  The split is decoded once, whatever the number of rules, and only when a
+  KeepLabels rule needs it.
+  """
+  keep = [r for r in rules if isinstance(r, hidden_labels.KeepLabels)]
+  if not keep:
+    return {}
+  examples = [source[i] for i in range(len(source))]
   out = {}
-  for rule in rules:
-    if isinstance(rule, hidden_labels.KeepLabels):
-      values = np.array([int(source[i][rule.field]) for i in range(len(source))])
-      mask = np.zeros(len(source), bool)
-      mask[hidden_labels.keep_indices(values, rule)] = True
-      out[rule.field] = mask
+  for rule in keep:
+    values = np.array([int(example[rule.field]) for example in examples])
+    mask = np.zeros(len(source), bool)
+    mask[hidden_labels.keep_indices(values, rule)] = True
+    out[rule.field] = mask
   return out
 
 
