@@ -236,22 +236,24 @@ def run_downstream(config: Any, workdir: str, *,
                    for g in generators}
   per_n = {g: (fns if isinstance(fns, Mapping) else {n: fns for n in sizes})
            for g, fns in generators.items()}
+  # Each distinct generate function draws one set per seed, of the largest size
+  # it serves; the smaller arms are its prefixes.
+  largest = {}
+  for fns in per_n.values():
+    for n in sizes:
+      largest[fns[n]] = max(largest.get(fns[n], n), n)
   runs: list[dict[str, Any]] = []
   recipe = classifier.from_section(config.classifier)
   for seed in (int(s) for s in config.seeds):
     order = real_order(config, task, train, seed)
-    synthetic = {}  # one set per distinct generate function, of the largest size it serves
-    for g, fns in per_n.items():
-      for n in sizes:
-        largest = max(m for m in sizes if fns[m] is fns[n])
-        if id(fns[n]) not in synthetic:
-          synthetic[id(fns[n])] = synthetic_set(
-              fns[n], task, info, train, int(round(ratios[-1] * largest)), seed=seed)
+    synthetic = {fn: synthetic_set(fn, task, info, train, int(round(ratios[-1] * n)),
+                                   seed=seed)
+                 for fn, n in largest.items()}
     for n in sizes:
       real = order[:n]
       sets = {"real": (train["image"][real], train["label"][real])}
       for g, fns in per_n.items():
-        fake = synthetic[id(fns[n])]
+        fake = synthetic[fns[n]]
         for r in ratios:
           m = int(round(r * n))
           sets[arm_name(g, r)] = (np.concatenate([train["image"][real], fake["image"][:m]]),
