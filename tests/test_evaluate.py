@@ -176,6 +176,9 @@ def test_bad_settings():
   config.eval = {"num_samples": 1}
   with pytest.raises(ValueError, match="num_samples"):
     eval_settings_lib.eval_settings(config)
+  config.eval = {"condition_effect_samples": -1}
+  with pytest.raises(ValueError, match="condition_effect_samples"):
+    eval_settings_lib.eval_settings(config)
 
 
 def test_the_judge_is_never_the_teacher():
@@ -245,6 +248,10 @@ def test_evaluate_end_to_end_on_trained_quick_run(tmp_path_factory):
     assert saved[key] is not None and np.isfinite(saved[key]), key
   assert saved["num_samples"] == 9 and saved["checkpoint_step"] == 3
   assert saved["extractor_reused"] is False
+  # Every condition's effect, from min(32, 9 requests) redrawn.
+  for field in ("lesion", "site", "age"):
+    assert np.isfinite(saved[f"condition_effect_{field}_ratio"]), field
+  assert saved["condition_effect_noise"] > 0
   for key in [k for k in saved if k.startswith("figure_")]:
     assert os.path.exists(os.path.join(workdir, "eval", saved[key]))
   m2 = ev.evaluate(config, workdir)

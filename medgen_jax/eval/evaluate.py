@@ -19,7 +19,9 @@ One evaluation run:
    generator (`medgen_jax.inference.sample`);
 5. scores the generated set against the real TRAIN split, and scores the real
    TEST split against the real train split in exactly the same way
-   (`scoring.evaluate_images`);
+   (`scoring.evaluate_images`); redraws some requests with one condition
+   switched to see whether the images follow it at all
+   (`condition_effect`, `eval.condition_effect_samples`);
 6. writes `workdir/eval/metrics.json` (`output.write_metrics`) and the
    figures (`medgen_jax.eval.report`).
 
@@ -38,7 +40,7 @@ from medgen_jax import classifier
 from medgen_jax.classifier import judge as judge_lib
 from medgen_jax.data.info import DatasetInfo
 from medgen_jax.eval import baseline as baseline_lib
-from medgen_jax.eval import output, reference, scoring, translation
+from medgen_jax.eval import condition_effect, output, reference, scoring, translation
 from medgen_jax.eval import settings as settings_lib
 from medgen_jax.inference import sample, selection
 from medgen_jax.train import checkpoint as ckpt_lib
@@ -100,6 +102,10 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                     params=params, settings=s,
                                     figures_dir=os.path.join(out_dir, "figures"),
                                     baseline=baseline, judge=judge)
+  if requested and int(s["condition_effect_samples"]):
+    metrics.update(condition_effect.condition_effect(
+        generate, requested, info, seed=int(s["seed"]),
+        num=min(int(s["condition_effect_samples"]), len(next(iter(requested.values()))))))
   metrics.update(checkpoint_step=int(gen_step if gen_step is not None else step),
                  extractor_path=meta["path"], extractor_reused=meta["reused"],
                  selector_candidates=candidates)

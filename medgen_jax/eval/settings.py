@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = dict(
     memorization_mad_k=4.0,
     memorization_min_fraction=0.1,
     num_pairs=8,
+    # At most this many requests are redrawn with one condition switched
+    # (`eval.condition_effect`); 0 turns the diagnosis off.
+    condition_effect_samples=32,
     grid_cols=8,
     figures=True,
 )
@@ -58,6 +61,9 @@ def eval_settings(config: Any) -> dict[str, Any]:
   for key in ("generate_batch_size", "prdc_k", "kid_subsets", "num_pairs", "grid_cols"):
     if int(s[key]) < 1:
       raise ValueError(f"eval.{key} must be >= 1, got {s[key]}")
+  if int(s["condition_effect_samples"]) < 0:
+    raise ValueError(f"eval.condition_effect_samples must be >= 0, got "
+                     f"{s['condition_effect_samples']}")
   if int(s["kid_subset_size"]) < 2:
     raise ValueError(f"eval.kid_subset_size must be >= 2, got {s['kid_subset_size']}")
   if float(s["memorization_mad_k"]) < 0.0:
