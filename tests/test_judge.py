@@ -113,6 +113,26 @@ def test_scoring_reports_the_judges_reading(config):
   assert not any(k.startswith("judge_") for k in plain)
 
 
+def test_probe_reads_the_real_test_split_as_the_reports_real_reference(config):
+  from medgen_jax.studies import probe
+  info = data_lib.load_info(config.data)
+  judge = judge_lib.get_judge(config.judge, config.data, info)
+  out = probe.probe_judge(config)
+  assert out["judge_reused"] and out["train_s"] == 0.0  # the cached judge
+  assert out["judge_kind"] == judge_lib.FRESH_RENDERS and out["judge_path"] == judge.meta["path"]
+  test = data_lib.load_arrays(config.data, split="test")
+  read = classifier.predict_conditions(judge.model, judge.params, test["image"])
+  assert out["num_test"] == len(test["lesion"])
+  np.testing.assert_allclose(out["lesion_accuracy"], np.mean(read["lesion"] == test["lesion"]))
+  np.testing.assert_allclose(out["site_accuracy"], np.mean(read["site"] == test["site"]))
+  np.testing.assert_allclose(out["age_mae"], np.mean(np.abs(read["age"] - test["age"])),
+                             rtol=1e-5)
+  without = config.copy_and_resolve_references()
+  del without["judge"]
+  with pytest.raises(ValueError, match="no judge section"):
+    probe.probe_judge(without)
+
+
 def test_judge_sharing_the_teachers_seed_fails_before_any_work(config, tmp_path):
   bad = config.copy_and_resolve_references()
   bad.judge.seed = bad.teacher.seed

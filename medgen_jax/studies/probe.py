@@ -1,4 +1,5 @@
-"""How well can an extractor architecture read each condition from real images?
+"""How well can an extractor architecture, or the evaluation's judge, read
+each condition from real images?
 
 `probe_extractor` trains `medgen_jax.classifier`'s `FeatureNet` on a dataset's real train split
 and scores it on the real test split (other subjects) with the same
@@ -6,6 +7,10 @@ and scores it on the real test split (other subjects) with the same
 That accuracy is the ceiling of every condition-fidelity number: a classifier
 at chance on real data cannot judge whether generated images follow a
 condition. Cheaper than a full evaluation, so architectures can be compared.
+
+`probe_judge` reads the real test split with a config's own judge
+(`config.judge`, trained on first use and cached): the numbers every
+evaluation report carries as `judge_*_real_reference`, without a run.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import time
 from typing import Any, Sequence
 
 from medgen_jax import data as data_lib
+from medgen_jax.classifier import judge as judge_lib
 from medgen_jax.classifier import training
 from medgen_jax.metrics import fidelity
 
@@ -53,3 +59,31 @@ def probe_extractor(data_config: Any, *, fields: Sequence[str] | None = None,
           "architecture": {k: getattr(model, k) for k in training.ARCHITECTURE_KEYS},
           "num_train": int(len(train["image"])), "num_test": int(len(test["image"])),
           **scores}
+
+
+def probe_judge(config: Any) -> dict[str, Any]:
+  """The judge of a generation config (`config.judge`) on the real test split.
+
+  Returns:
+    {'judge_kind', 'judge_path', 'judge_reused', 'train_s' (0 when reused),
+    'num_test'} plus the `condition_fidelity` scores of its readings.
+
+  Raises:
+    ValueError: the config has no judge section or the dataset no conditions.
+  """
+  if config.get("judge") is None:
+    raise ValueError("the config has no judge section (config.judge)")
+  info = data_lib.load_info(config.data)
+  if not info.conditions:
+    raise ValueError(f"dataset {info.name!r} has no condition fields to judge")
+  judge_lib.judge_recipe(config.judge)  # bad settings fail before any render
+  start = time.perf_counter()
+  judge = judge_lib.get_judge(config.judge, config.data, info)
+  train_s = 0.0 if judge.meta["reused"] else time.perf_counter() - start
+  test = data_lib.load_arrays(config.data, split="test")
+  predicted = training.predict_conditions(judge.model, judge.params, test["image"])
+  scores = fidelity.condition_fidelity(
+      predicted, {f.name: test[f.name] for f in info.conditions}, info.conditions)
+  return {"judge_kind": judge.kind, "judge_path": judge.meta["path"],
+          "judge_reused": bool(judge.meta["reused"]), "train_s": round(train_s, 1),
+          "num_test": int(len(test["image"])), **scores}
