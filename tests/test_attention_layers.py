@@ -120,19 +120,21 @@ def test_cross_modal_masks_missing_tokens():
 def test_transformer_block_identity_at_init_with_cond(attention="window_shifted"):
   x, cond = _x((2, 4, 4, 8)), _x((2, 6), seed=3)
   block = TransformerBlock(num_heads=2, mlp_ratio=2, attention=attention, window_size=2)
-  variables = block.init(KEY, x, cond, deterministic=True)
+  # Under jit: eager dispatch of every op costs seconds here.
+  variables = jax.jit(lambda k: block.init(k, x, cond, deterministic=True))(KEY)
   out = jax.jit(lambda v, x, c: block.apply(v, x, c, deterministic=True))(variables, x, cond)
   np.testing.assert_array_equal(out, x)
   # The gates get gradients, so training moves the block off the identity.
-  grads = jax.grad(lambda v: (block.apply(v, x, cond, deterministic=True) ** 2).sum())(variables)
+  grads = jax.jit(jax.grad(
+      lambda v: (block.apply(v, x, cond, deterministic=True) ** 2).sum()))(variables)
   assert float(jnp.abs(grads["params"]["gate_attention"]["Dense_0"]["kernel"]).max()) > 0
   # 'window_shifted' is the explicit shift = window // 2.
   if attention == "window_shifted":
     explicit = TransformerBlock(num_heads=2, mlp_ratio=2, attention="window", window_size=2,
                                 shift=1)
     trained = jax.tree_util.tree_map(lambda p: p + 0.1, variables)
-    np.testing.assert_allclose(explicit.apply(trained, x, cond, deterministic=True),
-                               block.apply(trained, x, cond, deterministic=True), rtol=1e-6)
+    apply = lambda m: jax.jit(lambda v: m.apply(v, x, cond, deterministic=True))(trained)
+    np.testing.assert_allclose(apply(explicit), apply(block), rtol=1e-6)
 
 
 def test_transformer_block_without_cond_dropout_and_bf16():

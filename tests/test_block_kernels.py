@@ -65,7 +65,10 @@ def merged_halves(name, q, k, v, dout, *, interpret):
           join(grads[0][1], grads[1][1]), join(grads[0][2], grads[1][2]))
 
 
-@pytest.mark.parametrize("name", block_kernels.BLOCK_KERNELS)
+# The interpreted TPU kernel costs ~9 s here: -m slow (the GPU one stays).
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n == "pallas_tpu" else n
+    for n in block_kernels.BLOCK_KERNELS])
 def test_two_blocks_merged_by_lse_equal_dense_attention(name):
   q, k, v, dout = _inputs()
   (ref_out, ref_lse), vjp = jax.vjp(lambda *a: dense(*a), q, k, v)

@@ -102,6 +102,7 @@ def test_refuses_a_generator_that_saw_the_target_labels(tmp_path, monkeypatch):
       cross_site.run_cross_site(config, str(tmp_path), generators={})
 
 
+@pytest.mark.slow  # builds a folder dataset and trains classifiers (~9 s); the phantom run stays
 def test_runs_on_a_multi_site_folder(tmp_path):
   """A researcher's folder with `site` and `dx` columns in its labels CSV."""
   src = tmp_path / "src"

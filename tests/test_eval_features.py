@@ -154,6 +154,7 @@ def test_recipe_reads_its_section_and_back():
     classifier.Recipe(steps=0)
 
 
+@pytest.mark.slow  # a subprocess on 8 simulated devices trains and saves (~15 s)
 def test_extractor_saved_on_another_device_topology_restores_here(tmp_path):
   # An extractor cached on an accelerator host must load on a CPU-only one.
   # Simulated: saved from a 2-device process with its params on device 1,

@@ -73,7 +73,10 @@ def flow_model():
   """A tiny FlowGenerator on conftest's 8x8 INFO with random (non-zero) parameters."""
   g = build_flow_generator(tiny_flow_model_config(), INFO)
   cond = {"lesion": jnp.array([0, 1, 2, -1], jnp.int32)}
-  params = g.init(jax.random.PRNGKey(0), jnp.zeros((4, 64)), cond, train=False)["params"]
+  # Only the shapes are used (the values are redrawn below): jit's init traces once
+  # instead of dispatching every op.
+  params = jax.jit(lambda key: g.init(key, jnp.zeros((4, 64)), cond, train=False))(
+      jax.random.PRNGKey(0))["params"]
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   params = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, l.shape)

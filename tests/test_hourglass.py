@@ -166,6 +166,7 @@ def test_bad_hourglass_configs_fail_before_tracing():
     models.build_generator(config.model, INFO)
 
 
+@pytest.mark.slow  # a real flow compilation (~13 s); tests/test_flow_train.py runs the loop
 def test_quick_hdit_flow_config_trains_a_few_steps():
   config = hdit_config(INFO)
   config.train.batch_size = 8

@@ -178,6 +178,7 @@ def test_bad_config_errors(overrides, match):
     models.build_discriminator(_r3gan_config(**overrides), _info())
 
 
+@pytest.mark.slow  # a real GAN compilation (~35 s); the default suite trains one in test_attention_registry
 def test_quick_config_trains(tmp_path):
   config = phantom_gan.get_config("quick")
   config.model.discriminator = "r3gan"

@@ -56,6 +56,7 @@ def test_meter_pools_real_batches_before_dividing():
   np.testing.assert_allclose(out["variety_ratio"], out["variety_ema"] / want_real, rtol=1e-9)
 
 
+@pytest.mark.slow  # the loop around the measure (~15 s); the measure itself is checked above
 def test_loop_logs_variety_on_sample_steps(tmp_path):
   config = tiny_loop_config(num_steps=4, sample_every=2, checkpoint_every=4)
   summary = run_training(config, str(tmp_path), info=INFO, generator=TinyG(),
