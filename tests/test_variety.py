@@ -3,6 +3,7 @@ import itertools
 import json
 
 import numpy as np
+import pytest
 
 from medgen_jax.train import variety
 from medgen_jax.train.loop import run_training
