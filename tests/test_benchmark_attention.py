@@ -72,6 +72,7 @@ def test_quick_benchmark_writes_results(tmp_path):
   assert (peer["ms"] > 0) if saved["torch_swin_block_ms"] is not None else peer["reason"]
 
 
+@pytest.mark.slow  # a second benchmark run; test_quick_benchmark_writes_results stays
 def test_gpu_config_and_its_quick_cpu_analogue(tmp_path):
   gpu = bench_config.get_config("gpu")
   assert gpu.dtype == "bfloat16" and (gpu.num_heads, gpu.head_dim) == (8, 64)

@@ -126,6 +126,7 @@ def test_window_shifted_alternates_shift():
   assert seen == [("block_0_0", "window_shifted", 0), ("block_0_1", "window_shifted", 2)]
 
 
+@pytest.mark.slow  # a bf16 gradient of the whole generator (~10 s); tests/test_mixed_precision.py keeps bf16
 def test_generator_gradient_reaches_condition_and_bf16():
   info = _info()
   model = models.build_generator(_config(dtype="bfloat16"), info)
@@ -222,6 +223,7 @@ def test_discriminator_condition_heads_by_hand():
                                         with_predictions=True))
 
 
+@pytest.mark.slow  # the whole ResNet D's gradient with its power-iteration state (~8 s)
 def test_discriminator_spectral_norm_state_and_grad():
   info = _info()
   model = models.build_discriminator(_config(), info)

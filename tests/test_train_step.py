@@ -59,6 +59,7 @@ def test_lazy_r1_only_on_multiples_and_state_threads(tiny_step):
     assert bool(m["is_finite"]) and float(m["g_grad_norm"]) > 0
 
 
+@pytest.mark.slow  # compiles the step both ways (~6 s)
 def test_static_r1_switch_equals_on_device_cond(tiny_step):
   """with_r1=True/False (the Trainer's two executables) == the lax.cond path."""
   models, state, cond_step = tiny_step
