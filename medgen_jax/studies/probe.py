@@ -52,9 +52,7 @@ def probe_extractor(data_config: Any, *, fields: Sequence[str] | None = None,
       train["image"], {f.name: train[f.name] for f in chosen}, chosen,
       steps=steps, batch_size=batch_size, seed=seed, lr=lr, **architecture)
   train_s = time.perf_counter() - start
-  predicted = training.predict_conditions(model, params, test["image"])
-  scores = fidelity.condition_fidelity(
-      predicted, {f.name: test[f.name] for f in chosen}, chosen)
+  scores = _read_test_split(model, params, test, chosen)
   return {"steps": int(steps), "train_s": round(train_s, 1),
           "architecture": {k: getattr(model, k) for k in training.ARCHITECTURE_KEYS},
           "num_train": int(len(train["image"])), "num_test": int(len(test["image"])),
@@ -76,14 +74,19 @@ def probe_judge(config: Any) -> dict[str, Any]:
   info = data_lib.load_info(config.data)
   if not info.conditions:
     raise ValueError(f"dataset {info.name!r} has no condition fields to judge")
-  judge_lib.judge_recipe(config.judge)  # bad settings fail before any render
-  start = time.perf_counter()
+  start = time.perf_counter()  # get_judge checks its section before any render
   judge = judge_lib.get_judge(config.judge, config.data, info)
   train_s = 0.0 if judge.meta["reused"] else time.perf_counter() - start
   test = data_lib.load_arrays(config.data, split="test")
-  predicted = training.predict_conditions(judge.model, judge.params, test["image"])
-  scores = fidelity.condition_fidelity(
-      predicted, {f.name: test[f.name] for f in info.conditions}, info.conditions)
+  scores = _read_test_split(judge.model, judge.params, test, info.conditions)
   return {"judge_kind": judge.kind, "judge_path": judge.meta["path"],
           "judge_reused": bool(judge.meta["reused"]), "train_s": round(train_s, 1),
           "num_test": int(len(test["image"])), **scores}
+
+
+def _read_test_split(model, params, test: dict, fields) -> dict[str, float]:
+  """`condition_fidelity` of a classifier's readings of the real test split's
+  images against their stored `fields`."""
+  predicted = training.predict_conditions(model, params, test["image"])
+  return fidelity.condition_fidelity(
+      predicted, {f.name: test[f.name] for f in fields}, fields)
