@@ -161,6 +161,12 @@ def plain_tiny_step():
 
 # ---- checkpoints in the training loop's layout ----
 
+def perturbed(params, scale=0.3, seed=0):
+  """Every parameter plus host-side noise, so zero-initialised heads and gates act."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + scale * rng.normal(size=p.shape).astype(p.dtype), params)
+
+
 def random_generator_params(generator, info, latent_dim, batch_size, *, scale=0.1, seed=0):
   """Generator params drawn N(0, scale) (gates and heads included, so every
   branch is active): a stand-in for trained weights in precision tests."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import phantom_gan
+from conftest import perturbed
 from medgen_jax import attention
 from medgen_jax.attention import (ATTENTION_VARIANTS, AttentionVariant, MultiHeadAttention,
                                   check_window, get_attention, register_attention, registry)
@@ -190,10 +191,7 @@ def test_quick_gan_generator_runs_a_registered_toy_variant_as_full(toy, tmp_path
   params = full_g.init(jax.random.PRNGKey(1), z, conditions, train=False)
   # Zero-initialised gates and projections hide attention at init: perturb
   # every parameter so the attention output reaches the image.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-  params = jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+  params = perturbed(params, scale=0.1, seed=2)
 
   images = lambda g: jax.jit(lambda p: g.apply(p, z, conditions, train=False))(params)
   toy_images = images(toy_g)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import phantom_flow_hdit
-from conftest import INFO, flow_shapes, tiny_batch
+from conftest import INFO, flow_shapes, perturbed, tiny_batch
 from medgen_jax import models
 from medgen_jax.data.info import ConditionField, DatasetInfo, IntensityTransform
 from medgen_jax.models import hourglass as hg
@@ -47,12 +47,6 @@ def test_token_merge_and_split_are_inverse_and_match_a_brute_force_reference(sha
   np.testing.assert_array_equal(pixel_shuffle(merged, factor), x)
   y = np.random.default_rng(1).normal(size=merged.shape).astype(np.float32)
   np.testing.assert_array_equal(space_to_depth(pixel_shuffle(jnp.asarray(y), factor), factor), y)
-
-
-def perturbed(params, scale=0.3, seed=0):
-  """Every parameter plus noise, so zero-initialised heads and gates act."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: p + scale * rng.normal(size=p.shape).astype(p.dtype), params)
 
 
 def reference_forward(spec, out_channels, params, x, style, *, skip_scale=1.0):
